@@ -1,0 +1,66 @@
+"""The registry's settings: one frozen value, each field checked when it is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["RegistryConfig"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegistryConfig:
+    """Lease, sweep, self-preservation and watch settings; seconds unless named otherwise."""
+
+    ttl_default: float = 10.0
+    ttl_min: float = 1.0
+    ttl_max: float = 300.0
+    sweep_interval: float = 1.0
+    # Second stage of expiry: how long a lapsed instance stays listed as unhealthy.
+    removal_grace: float = 10.0
+    # Self-preservation: entered when more than `preservation_share` of instances lapse
+    # within `preservation_window`; left when heartbeats return or after `preservation_max`.
+    preservation_share: float = 0.5
+    preservation_window: float = 15.0
+    preservation_max: float = 60.0
+    preservation_min_instances: int = 3
+    # A heartbeat that only changes the load report publishes it at most this often.
+    load_publish_interval: float = 1.0
+    watch_progress_interval: float = 5.0
+    watch_queue_size: int = 4096
+    history_size: int = 100_000
+    max_message_bytes: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        positive = {
+            "ttl_default": self.ttl_default,
+            "ttl_min": self.ttl_min,
+            "ttl_max": self.ttl_max,
+            "sweep_interval": self.sweep_interval,
+            "preservation_window": self.preservation_window,
+            "preservation_max": self.preservation_max,
+            "watch_progress_interval": self.watch_progress_interval,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if not self.ttl_min <= self.ttl_default <= self.ttl_max:
+            raise ValueError(
+                f"ttl_default {self.ttl_default} must lie in ttl_min..ttl_max "
+                f"({self.ttl_min}..{self.ttl_max})"
+            )
+        if self.removal_grace < 0 or self.load_publish_interval < 0:
+            raise ValueError("removal_grace and load_publish_interval must be >= 0")
+        if not 0.0 < self.preservation_share <= 1.0:
+            raise ValueError(f"preservation_share must be in (0, 1], got {self.preservation_share}")
+        if self.preservation_min_instances < 1:
+            raise ValueError("preservation_min_instances must be >= 1")
+        if self.watch_queue_size < 16 or self.history_size < 16:
+            raise ValueError("watch_queue_size and history_size must be >= 16")
+        if self.max_message_bytes < 4096:
+            raise ValueError("max_message_bytes must be >= 4096")
+
+    def clamp_ttl(self, requested: float) -> float:
+        """The TTL granted for a request: the default for 0, else clamped to min..max."""
+        if requested <= 0:
+            return self.ttl_default
+        return min(max(requested, self.ttl_min), self.ttl_max)

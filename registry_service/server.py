@@ -1,0 +1,125 @@
+"""The registry server's lifecycle: gRPC server, sweeper task, metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import grpc
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from protos import registry_pb2 as pb
+from protos import registry_pb2_grpc as pb_grpc
+from registry_service.config import RegistryConfig
+from registry_service.servicer import RegistryServicer
+from registry_service.store import RegistryStore
+from shoal_core.grpc_server import GrpcServer
+from shoal_core.metrics import MetricsEndpoint
+
+__all__ = ["RegistryServer"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Registry"].full_name
+
+
+class _StoreCollector(Collector):
+    """Reads the store's counters at scrape time instead of updating metrics on the hot path."""
+
+    def __init__(self, server: RegistryServer) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        store = self._server.store
+        stats = store.stats
+        for name, value, doc in (
+            ("registrations", stats.registrations, "Register calls granted"),
+            ("heartbeats", stats.heartbeats, "Heartbeats that renewed a lease"),
+            ("heartbeats_not_found", stats.heartbeats_not_found, "Heartbeats for unknown leases"),
+            ("deregistrations", stats.deregistrations, "Deregister calls"),
+            ("lapses", stats.lapses, "Leases that lapsed (marked unhealthy)"),
+            ("removals", stats.removals, "Lapsed instances removed after the grace"),
+            (
+                "self_preservation_entered",
+                store.preservation.entered_total,
+                "Times self-preservation was entered",
+            ),
+        ):
+            yield CounterMetricFamily(f"shoal_registry_{name}", doc, value=value)
+        everyone = store.instances()
+        yield GaugeMetricFamily("shoal_registry_instances", "Registered instances", len(everyone))
+        yield GaugeMetricFamily(
+            "shoal_registry_instances_healthy",
+            "Instances with a live lease that are SERVING",
+            sum(1 for inst in everyone if inst.healthy),
+        )
+        yield GaugeMetricFamily(
+            "shoal_registry_watchers", "Open watch streams", self._server.servicer.hub.watchers
+        )
+        yield GaugeMetricFamily(
+            "shoal_registry_self_preservation",
+            "1 while evictions are held",
+            int(store.preservation.active),
+        )
+
+
+class RegistryServer(GrpcServer):
+    """A registry on ``listen``; ``port`` tells the bound port when ``listen`` ends in :0."""
+
+    def __init__(
+        self,
+        listen: str,
+        config: RegistryConfig | None = None,
+        *,
+        metrics_listen: str | None = None,
+    ) -> None:
+        self.config = config or RegistryConfig()
+        super().__init__(listen, max_message_bytes=self.config.max_message_bytes)
+        self.store = RegistryStore(self.config)
+        self.servicer = RegistryServicer(
+            self.store,
+            progress_interval=self.config.watch_progress_interval,
+            queue_size=self.config.watch_queue_size,
+        )
+        self.metrics = CollectorRegistry()
+        self.metrics.register(_StoreCollector(self))
+        self._metrics_endpoint = (
+            MetricsEndpoint(metrics_listen, self.metrics) if metrics_listen else None
+        )
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
+        pb_grpc.add_RegistryServicer_to_server(self.servicer, server)
+        return [SERVICE_NAME]
+
+    async def start(self) -> None:
+        await super().start()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="registry-sweeper")
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.start()
+
+    async def _sweep_forever(self) -> None:
+        interval = self.config.sweep_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.store.sweep()
+            except Exception:  # a sweep bug must not stop expiry for good
+                logger.exception("registry sweep failed")
+
+    async def _before_stop(self) -> None:
+        watchers = self.servicer.hub.watchers
+        if watchers:
+            logger.info("ending %d watch stream(s)", watchers)
+        self.servicer.hub.close_all()
+
+    async def _after_stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()

@@ -1,0 +1,208 @@
+"""The Registry gRPC service: wire messages in, domain calls, wire messages out.
+
+Domain errors become status codes here and only here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from functools import wraps
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from protos import registry_pb2 as pb
+from protos import registry_pb2_grpc as pb_grpc
+from registry_service.errors import AlreadyExists, InvalidArgument, LeaseNotFound, RegistryError
+from registry_service.model import Instance
+from registry_service.store import RegistryStore
+from registry_service.validation import MAX_TTL_MS, check_lease_id, check_service_name
+from registry_service.watch import WatchHub
+from registry_service.wire import InstanceRenderer, load_from_pb, spec_from_pb, status_from_pb
+
+__all__ = ["RegistryServicer"]
+
+logger = logging.getLogger(__name__)
+
+_CODES: dict[type[RegistryError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    LeaseNotFound: grpc.StatusCode.NOT_FOUND,
+}
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Coroutine[Any, Any, Resp]]
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: RegistryError) -> NoReturn:
+    await context.abort(_CODES.get(type(exc), grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+    raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+
+
+def _mapped(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    @wraps(handler)
+    async def run(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except RegistryError as exc:
+            await _abort(context, exc)
+
+    return run
+
+
+class RegistryServicer(pb_grpc.RegistryServicer):
+    """Maps Registry RPCs onto a ``RegistryStore`` and a ``WatchHub``."""
+
+    def __init__(self, store: RegistryStore, *, progress_interval: float, queue_size: int) -> None:
+        self._store = store
+        self._render = InstanceRenderer()
+        store.subscribe(self._render.on_event)
+        self._hub: WatchHub[pb.WatchEvent] = WatchHub(
+            store, lambda e: self._render.event(e, store.epoch), queue_size
+        )
+        self._progress_interval = progress_interval
+
+    @property
+    def hub(self) -> WatchHub[pb.WatchEvent]:
+        return self._hub
+
+    @_mapped
+    async def Register(
+        self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RegisterResponse:
+        if not request.HasField("instance"):
+            raise InvalidArgument("instance", "is required")
+        spec = spec_from_pb(request.instance)
+        status = status_from_pb("instance.status", request.instance.status)
+        if request.ttl_ms > MAX_TTL_MS:
+            raise InvalidArgument("ttl_ms", f"{request.ttl_ms} is out of range 0..{MAX_TTL_MS}")
+        inst = self._store.register(spec, request.ttl_ms / 1000, status)
+        ttl_ms = round(inst.ttl * 1000)
+        return pb.RegisterResponse(
+            lease_id=inst.lease_id,
+            ttl_ms=ttl_ms,
+            revision=inst.revision,
+            heartbeat_interval_ms=max(1, ttl_ms // 3),
+        )
+
+    @_mapped
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HeartbeatResponse:
+        lease_id = check_lease_id(request.lease_id)
+        status = status_from_pb("status", request.status)
+        load = load_from_pb("load", request.load)
+        inst = self._store.heartbeat(lease_id, status, load)
+        return pb.HeartbeatResponse(ttl_ms=round(inst.ttl * 1000), revision=self._store.revision)
+
+    @_mapped
+    async def Deregister(
+        self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DeregisterResponse:
+        self._store.deregister(check_lease_id(request.lease_id))
+        return pb.DeregisterResponse(revision=self._store.revision)
+
+    @_mapped
+    async def Discover(
+        self, request: pb.DiscoverRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DiscoverResponse:
+        if request.service:
+            check_service_name("service", request.service)
+        found = self._store.discover(
+            request.service, request.grpc_service, request.include_unhealthy
+        )
+        reply = pb.DiscoverResponse(
+            revision=self._store.revision, self_preservation=self._store.preservation.active
+        )
+        self._fill(reply.instances, found)
+        return reply
+
+    async def Watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchEvent]:
+        service = request.service
+        if service:
+            try:
+                check_service_name("service", service)
+            except InvalidArgument as exc:
+                await _abort(context, exc)
+        store = self._store
+        # Subscribing and reading the snapshot happen with no await between them, so no
+        # event can fall in the gap; any duplicate is dropped by the revision check below.
+        sub = self._hub.open(service)
+        try:
+            backlog = (
+                store.events_since(request.since_revision, service)
+                if request.since_revision
+                else None
+            )
+            if backlog is None:
+                yield self._snapshot(service)
+            else:
+                for event in backlog:
+                    yield self._render.event(event, store.epoch)
+            sent = store.revision
+            while not sub.closed:
+                if not await sub.wait(self._progress_interval):
+                    yield pb.WatchEvent(
+                        type=pb.WatchEvent.PROGRESS,
+                        revision=store.revision,
+                        registry_epoch=store.epoch,
+                    )
+                    sent = store.revision
+                    continue
+                if sub.overflowed:
+                    sub.overflowed = False
+                    sub.drain()
+                    logger.warning(
+                        "watcher of %r fell behind; sending a fresh snapshot", service or "*"
+                    )
+                    yield self._snapshot(service)
+                    sent = store.revision
+                    continue
+                for revision, msg in sub.drain():
+                    if revision > sent:
+                        sent = revision
+                        yield msg
+        finally:
+            self._hub.release(sub)
+
+    async def ListServices(
+        self, request: pb.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListServicesResponse:
+        store = self._store
+        everyone = store.instances()
+        reply = pb.ListServicesResponse(
+            revision=store.revision,
+            state=pb.RegistryState(
+                self_preservation=store.preservation.active,
+                self_preservation_reason=store.preservation.reason,
+                self_preservation_seconds=store.preservation.seconds_active(store.now()),
+                instances_total=len(everyone),
+                instances_healthy=sum(1 for inst in everyone if inst.healthy),
+                watchers=self._hub.watchers,
+                registry_epoch=store.epoch,
+            ),
+        )
+        for summary in store.services():
+            reply.services.add(
+                name=summary.name,
+                instances=summary.instances,
+                healthy=summary.healthy,
+                grpc_services=summary.grpc_services,
+            )
+        return reply
+
+    def _fill(self, out: Any, instances: list[Instance]) -> None:
+        for inst in instances:
+            self._render.add_to(out, inst, self._store.lease_age(inst.spec.instance_id))
+
+    def _snapshot(self, service: str) -> pb.WatchEvent:
+        store = self._store
+        msg = pb.WatchEvent(
+            type=pb.WatchEvent.SNAPSHOT, revision=store.revision, registry_epoch=store.epoch
+        )
+        self._fill(msg.instances, store.instances(service))
+        return msg

@@ -1,0 +1,252 @@
+"""The registry's state: instances, their leases, revisions and change history.
+
+Everything runs on one event loop, so there are no locks: each method runs to
+completion. Every change bumps the revision by one and yields exactly one
+``Event``, which is kept in a bounded history (for watchers resuming from a
+revision) and handed to listeners (the watch hub). Revisions start at the
+wall-clock microsecond, so a restarted registry never reuses an old revision.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from registry_service.config import RegistryConfig
+from registry_service.errors import AlreadyExists, LeaseNotFound
+from registry_service.model import (
+    Event,
+    EventKind,
+    Instance,
+    InstanceSpec,
+    LoadReport,
+    ServingStatus,
+)
+from registry_service.preservation import SelfPreservation
+
+__all__ = ["RegistryStore", "ServiceSummary", "StoreStats"]
+
+Listener = Callable[[Event], None]
+
+
+@dataclass(slots=True)
+class _Lease:
+    lease_id: str
+    instance_id: str
+    ttl: float
+    renewed_at: float
+    load_published_at: float
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Counters since start, read by the metrics collector."""
+
+    registrations: int = 0
+    heartbeats: int = 0
+    heartbeats_not_found: int = 0
+    deregistrations: int = 0
+    lapses: int = 0
+    removals: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSummary:
+    name: str
+    instances: int
+    healthy: int
+    grpc_services: tuple[str, ...]
+
+
+class RegistryStore:
+    """Instances by id, indexed by service and by gRPC service name."""
+
+    def __init__(
+        self, config: RegistryConfig, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._instances: dict[str, Instance] = {}
+        self._leases: dict[str, _Lease] = {}
+        self._lease_by_instance: dict[str, _Lease] = {}
+        self._lapsed_at: dict[str, float] = {}
+        self._by_service: dict[str, set[str]] = collections.defaultdict(set)
+        self._by_grpc: dict[str, set[str]] = collections.defaultdict(set)
+        self._revision = time.time_ns() // 1000
+        self._history: collections.deque[Event] = collections.deque(maxlen=config.history_size)
+        self._listeners: list[Listener] = []
+        self.epoch = uuid.uuid4().hex[:12]
+        self.stats = StoreStats()
+        self.preservation = SelfPreservation(
+            share=config.preservation_share,
+            window=config.preservation_window,
+            max_duration=config.preservation_max,
+            min_instances=config.preservation_min_instances,
+        )
+
+    # -- reading -------------------------------------------------------------
+
+    def now(self) -> float:
+        return self._clock()
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    def __len__(self) -> int:
+        return len(self._instances)
+
+    def get(self, instance_id: str) -> Instance | None:
+        return self._instances.get(instance_id)
+
+    def lease_age(self, instance_id: str) -> float:
+        lease = self._lease_by_instance.get(instance_id)
+        if lease is None:
+            lapsed = self._lapsed_at.get(instance_id)
+            return 0.0 if lapsed is None else self._clock() - lapsed
+        return self._clock() - lease.renewed_at
+
+    def instances(self, service: str = "") -> list[Instance]:
+        if not service:
+            return list(self._instances.values())
+        return [self._instances[i] for i in self._by_service.get(service, ())]
+
+    def discover(self, service: str, grpc_service: str, include_unhealthy: bool) -> list[Instance]:
+        """Instances of ``service`` and/or serving ``grpc_service``; healthy ones unless asked."""
+        if grpc_service:
+            ids: Iterable[str] = self._by_grpc.get(grpc_service, ())
+            found = [self._instances[i] for i in ids]
+            if service:
+                found = [inst for inst in found if inst.spec.service == service]
+        else:
+            found = self.instances(service)
+        if not include_unhealthy:
+            found = [inst for inst in found if inst.healthy]
+        return found
+
+    def events_since(self, revision: int, service: str = "") -> list[Event] | None:
+        """Events after ``revision`` in order, or None when history cannot bridge the gap."""
+        if revision > self._revision:
+            return None  # from another run of the registry, or made up
+        if revision == self._revision:
+            return []
+        if not self._history or revision + 1 < self._history[0].revision:
+            return None
+        events = itertools.islice(self._history, revision + 1 - self._history[0].revision, None)
+        if service:
+            return [e for e in events if e.instance.spec.service == service]
+        return list(events)
+
+    def services(self) -> list[ServiceSummary]:
+        out = []
+        for name in sorted(self._by_service):
+            members = [self._instances[i] for i in self._by_service[name]]
+            grpc_names = sorted({g for inst in members for g in inst.spec.grpc_services})
+            healthy = sum(1 for inst in members if inst.healthy)
+            out.append(ServiceSummary(name, len(members), healthy, tuple(grpc_names)))
+        return out
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    # -- changing ------------------------------------------------------------
+
+    def register(self, spec: InstanceSpec, ttl_requested: float, status: ServingStatus) -> Instance:
+        """Grant a new lease; re-registering from the same address replaces the old lease."""
+        now = self._clock()
+        old = self._instances.get(spec.instance_id)
+        if old is not None:
+            if old.spec.address != spec.address and old.lease_ok:
+                raise AlreadyExists(
+                    f"instance {spec.instance_id!r} is registered from {old.spec.address} "
+                    f"with a live lease; {spec.address} cannot take it over"
+                )
+            self._drop(old, publish=old.spec.service != spec.service)
+        ttl = self.config.clamp_ttl(ttl_requested)
+        lease = _Lease(uuid.uuid4().hex, spec.instance_id, ttl, now, now)
+        self._leases[lease.lease_id] = lease
+        self._lease_by_instance[spec.instance_id] = lease
+        self._by_service[spec.service].add(spec.instance_id)
+        for name in spec.grpc_services:
+            self._by_grpc[name].add(spec.instance_id)
+        self.stats.registrations += 1
+        return self._publish(EventKind.UPSERT, Instance(spec, lease.lease_id, ttl, status))
+
+    def heartbeat(self, lease_id: str, status: ServingStatus, load: LoadReport) -> Instance:
+        """Renew a lease; publish a change of status at once and of load at most every interval."""
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            self.stats.heartbeats_not_found += 1
+            raise LeaseNotFound(f"lease {lease_id!r} is unknown or expired; register again")
+        now = self._clock()
+        lease.renewed_at = now
+        self.stats.heartbeats += 1
+        inst = self._instances[lease.instance_id]
+        if status is not inst.status or (
+            load != inst.load and now - lease.load_published_at >= self.config.load_publish_interval
+        ):
+            lease.load_published_at = now
+            return self._publish(EventKind.UPSERT, replace(inst, status=status, load=load))
+        return inst
+
+    def deregister(self, lease_id: str) -> None:
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            raise LeaseNotFound(f"lease {lease_id!r} is unknown or expired")
+        self.stats.deregistrations += 1
+        self._drop(self._instances[lease.instance_id], publish=True)
+
+    def sweep(self) -> None:
+        """Mark lapsed leases unhealthy, then remove those lapsed longer than the grace."""
+        now = self._clock()
+        overdue = [lease for lease in self._leases.values() if now - lease.renewed_at > lease.ttl]
+        if not self.preservation.allow_evictions(now, len(overdue), len(self._instances)):
+            return
+        for lease in overdue:
+            del self._leases[lease.lease_id]
+            del self._lease_by_instance[lease.instance_id]
+            self._lapsed_at[lease.instance_id] = now
+            self.stats.lapses += 1
+            inst = self._instances[lease.instance_id]
+            self._publish(EventKind.UPSERT, replace(inst, lease_ok=False))
+        grace = self.config.removal_grace
+        expired = [i for i, at in self._lapsed_at.items() if now - at >= grace]
+        for instance_id in expired:
+            self.stats.removals += 1
+            self._drop(self._instances[instance_id], publish=True)
+
+    # -- internals -----------------------------------------------------------
+
+    def _drop(self, inst: Instance, *, publish: bool) -> None:
+        spec = inst.spec
+        lease = self._lease_by_instance.pop(spec.instance_id, None)
+        if lease is not None:
+            del self._leases[lease.lease_id]
+        self._lapsed_at.pop(spec.instance_id, None)
+        del self._instances[spec.instance_id]
+        members = self._by_service[spec.service]
+        members.discard(spec.instance_id)
+        if not members:
+            del self._by_service[spec.service]
+        for name in spec.grpc_services:
+            ids = self._by_grpc[name]
+            ids.discard(spec.instance_id)
+            if not ids:
+                del self._by_grpc[name]
+        if publish:
+            self._publish(EventKind.REMOVE, inst)
+
+    def _publish(self, kind: EventKind, inst: Instance) -> Instance:
+        self._revision += 1
+        inst = replace(inst, revision=self._revision)
+        if kind is EventKind.UPSERT:
+            self._instances[inst.spec.instance_id] = inst
+        event = Event(kind, self._revision, inst)
+        self._history.append(event)
+        for listener in self._listeners:
+            listener(event)
+        return inst

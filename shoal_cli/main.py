@@ -1,0 +1,43 @@
+"""Entry point of the ``shoal`` console script.
+
+Every option can also come from an environment variable named
+``SHOAL_<COMMAND>_<OPTION>`` (for example ``SHOAL_REGISTRY_LISTEN``); a flag on
+the command line wins over the environment. User mistakes print one line and
+exit with status 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from shoal_cli.errors import run_guarded
+from shoal_cli.probe_cmd import health
+from shoal_cli.registry_cmd import registry, registry_demo
+
+__all__ = ["cli", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="shoal")
+def cli() -> None:
+    """Shoal: a service mesh for Python on gRPC."""
+
+
+cli.add_command(registry)
+cli.add_command(registry_demo)
+cli.add_command(health)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the process exit status."""
+    return run_guarded(
+        lambda: cli.main(
+            args=argv, prog_name="shoal", auto_envvar_prefix="SHOAL", standalone_mode=False
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""``shoal registry``: run a registry; ``shoal registry-demo``: watch one at work."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+
+from registry_service import RegistryConfig, RegistryServer
+from shoal_cli.errors import UserError
+from shoal_cli.options import LISTEN
+from shoal_core.lifecycle import serve
+from shoal_core.logs import setup_logging
+
+__all__ = ["registry", "registry_demo"]
+
+_SECONDS = click.FloatRange(min=0.0, min_open=True)
+
+
+@click.command()
+@click.option(
+    "--listen",
+    type=LISTEN,
+    default="127.0.0.1:7700",
+    show_default=True,
+    help="Address for the gRPC API (port 0 picks a free one).",
+)
+@click.option(
+    "--metrics",
+    "metrics_listen",
+    type=LISTEN,
+    default=None,
+    help="Serve Prometheus metrics over HTTP on this address.",
+)
+@click.option(
+    "--ttl-default",
+    type=_SECONDS,
+    default=10.0,
+    show_default=True,
+    help="Lease TTL in seconds when a caller asks for none.",
+)
+@click.option("--ttl-min", type=_SECONDS, default=1.0, show_default=True)
+@click.option("--ttl-max", type=_SECONDS, default=300.0, show_default=True)
+@click.option(
+    "--sweep-interval",
+    type=_SECONDS,
+    default=1.0,
+    show_default=True,
+    help="Seconds between expiry sweeps.",
+)
+@click.option(
+    "--removal-grace",
+    type=click.FloatRange(min=0.0),
+    default=10.0,
+    show_default=True,
+    help="Seconds a lapsed instance stays listed as unhealthy before removal.",
+)
+@click.option(
+    "--preservation-share",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Share of instances lapsing within one window that holds evictions.",
+)
+@click.option("--preservation-window", type=_SECONDS, default=15.0, show_default=True)
+@click.option(
+    "--preservation-max",
+    type=_SECONDS,
+    default=60.0,
+    show_default=True,
+    help="Longest time evictions stay held.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0.0),
+    default=5.0,
+    show_default=True,
+    help="Seconds to drain on SIGTERM/SIGINT before forcing.",
+)
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
+def registry(
+    listen: str,
+    metrics_listen: str | None,
+    ttl_default: float,
+    ttl_min: float,
+    ttl_max: float,
+    sweep_interval: float,
+    removal_grace: float,
+    preservation_share: float,
+    preservation_window: float,
+    preservation_max: float,
+    grace: float,
+    log_level: str | None,
+) -> None:
+    """Run the service registry."""
+    try:
+        setup_logging(log_level)
+        config = RegistryConfig(
+            ttl_default=ttl_default,
+            ttl_min=ttl_min,
+            ttl_max=ttl_max,
+            sweep_interval=sweep_interval,
+            removal_grace=removal_grace,
+            preservation_share=preservation_share,
+            preservation_window=preservation_window,
+            preservation_max=preservation_max,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    server = RegistryServer(listen, config, metrics_listen=metrics_listen)
+
+    def ready() -> None:
+        click.echo(f"shoal registry serving on {server.address}", nl=True)
+
+    asyncio.run(serve(server, grace=grace, on_started=ready))
+
+
+@click.command("registry-demo")
+def registry_demo() -> None:
+    """Start a registry, register instances, and narrate leases, watch and expiry."""
+    from shoal_cli.demo import run_registry_demo
+
+    setup_logging("WARNING")
+    asyncio.run(run_registry_demo(click.echo))

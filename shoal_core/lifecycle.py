@@ -1,0 +1,79 @@
+"""Running a service until it is told to stop, the same way in every Shoal process.
+
+The first SIGTERM or SIGINT starts a graceful close bounded by a grace period;
+a second one forces the close at once. Whatever was still running when the
+grace ran out is logged by the service's own ``close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from typing import Protocol
+
+__all__ = ["Service", "serve"]
+
+logger = logging.getLogger(__name__)
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Service(Protocol):
+    """What ``serve`` drives: every Shoal server has this shape."""
+
+    async def start(self) -> None: ...
+
+    async def close(self, grace: float | None = None) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+async def serve(
+    service: Service,
+    *,
+    grace: float,
+    on_started: Callable[[], None] | None = None,
+) -> None:
+    """Start ``service`` and run it until a signal asks it to stop or it closes itself."""
+    loop = asyncio.get_running_loop()
+    drain = asyncio.Event()
+    force = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not drain.is_set():
+            logger.info("%s: draining for up to %.1fs (send again to force)", sig.name, grace)
+            drain.set()
+        else:
+            logger.warning("%s again: forcing shutdown now", sig.name)
+            force.set()
+
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    tasks: list[asyncio.Task[object]] = []
+    try:
+        await service.start()
+        if on_started is not None:
+            on_started()
+        closed = asyncio.ensure_future(service.wait_closed())
+        drained = asyncio.ensure_future(drain.wait())
+        tasks += [closed, drained]
+        await asyncio.wait({closed, drained}, return_when=asyncio.FIRST_COMPLETED)
+        if closed.done():
+            return
+        closing = asyncio.ensure_future(service.close(grace))
+        forced = asyncio.ensure_future(force.wait())
+        tasks += [closing, forced]
+        await asyncio.wait({closing, forced}, return_when=asyncio.FIRST_COMPLETED)
+        if not closing.done():
+            await service.close(0)
+            await closing
+    finally:
+        for sig in _STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
