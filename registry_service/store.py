@@ -40,6 +40,8 @@ class _Lease:
     ttl: float
     renewed_at: float
     load_published_at: float
+    # A load report that arrived too soon after the last one published; the sweep sends it.
+    pending_load: LoadReport | None = None
 
 
 @dataclass(slots=True)
@@ -167,7 +169,7 @@ class RegistryStore:
                 )
             self._drop(old, publish=old.spec.service != spec.service)
         ttl = self.config.clamp_ttl(ttl_requested)
-        lease = _Lease(uuid.uuid4().hex, spec.instance_id, ttl, now, now)
+        lease = _Lease(uuid.uuid4().hex, spec.instance_id, ttl, now, float("-inf"))
         self._leases[lease.lease_id] = lease
         self._lease_by_instance[spec.instance_id] = lease
         self._by_service[spec.service].add(spec.instance_id)
@@ -190,7 +192,9 @@ class RegistryStore:
             load != inst.load and now - lease.load_published_at >= self.config.load_publish_interval
         ):
             lease.load_published_at = now
+            lease.pending_load = None
             return self._publish(EventKind.UPSERT, replace(inst, status=status, load=load))
+        lease.pending_load = load if load != inst.load else None
         return inst
 
     def deregister(self, lease_id: str) -> None:
@@ -203,7 +207,13 @@ class RegistryStore:
     def sweep(self) -> None:
         """Mark lapsed leases unhealthy, then remove those lapsed longer than the grace."""
         now = self._clock()
-        overdue = [lease for lease in self._leases.values() if now - lease.renewed_at > lease.ttl]
+        overdue = []
+        due = now - self.config.load_publish_interval
+        for lease in list(self._leases.values()):
+            if now - lease.renewed_at > lease.ttl:
+                overdue.append(lease)
+            elif lease.pending_load is not None and lease.load_published_at <= due:
+                self._publish_load(lease, lease.pending_load, now)
         if not self.preservation.allow_evictions(now, len(overdue), len(self._instances)):
             return
         for lease in overdue:
@@ -220,6 +230,12 @@ class RegistryStore:
             self._drop(self._instances[instance_id], publish=True)
 
     # -- internals -----------------------------------------------------------
+
+    def _publish_load(self, lease: _Lease, load: LoadReport, now: float) -> None:
+        lease.load_published_at = now
+        lease.pending_load = None
+        inst = self._instances[lease.instance_id]
+        self._publish(EventKind.UPSERT, replace(inst, load=load))
 
     def _drop(self, inst: Instance, *, publish: bool) -> None:
         spec = inst.spec

@@ -8,13 +8,18 @@ exit with status 2; they never show a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
-import click
+# gRPC core prints its own copy of errors we already report in one clear line; a user
+# who wants its logs can still set GRPC_VERBOSITY. Must happen before grpc is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from shoal_cli.errors import run_guarded
-from shoal_cli.probe_cmd import health
-from shoal_cli.registry_cmd import registry, registry_demo
+import click  # noqa: E402
+
+from shoal_cli.errors import run_guarded  # noqa: E402
+from shoal_cli.probe_cmd import health  # noqa: E402
+from shoal_cli.registry_cmd import registry, registry_demo  # noqa: E402
 
 __all__ = ["cli", "main"]
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import socket
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,6 +20,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from shoal_core.addresses import parse_address
+from shoal_core.decoding import StrictDecodingServer
 
 __all__ = ["GrpcServer", "ServerStartError"]
 
@@ -29,6 +31,22 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 class ServerStartError(RuntimeError):
     """The server could not bind its listen address."""
+
+
+def _why_unbindable(listen: str) -> str:
+    """gRPC only says binding failed; a plain bind tells the user why."""
+    address = parse_address(listen, allow_port_zero=True)
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot resolve {address.host!r} ({exc.strerror})"
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            return (exc.strerror or str(exc)).lower()
+    return "the address was refused"
 
 
 class GrpcServer(abc.ABC):
@@ -63,7 +81,11 @@ class GrpcServer(abc.ABC):
 
     @abc.abstractmethod
     def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
-        """Add this service's servicers; return their full names for health and reflection."""
+        """Add this service's servicers; return their full names for health and reflection.
+
+        ``server`` only takes handlers (the generated ``add_*_to_server`` functions):
+        each request that fails to decode is answered INVALID_ARGUMENT.
+        """
 
     async def _before_stop(self) -> None:
         """End long-lived streams before the server stops accepting calls."""
@@ -90,7 +112,8 @@ class GrpcServer(abc.ABC):
 
     async def start(self) -> None:
         server = grpc.aio.server(options=self._options)
-        names = list(self._add_servicers(server))
+        # Generated add_*_to_server functions only call the two methods the proxy has.
+        names = list(self._add_servicers(cast(grpc.aio.Server, StrictDecodingServer(server))))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [
@@ -104,10 +127,12 @@ class GrpcServer(abc.ABC):
             self._port = server.add_insecure_port(self._listen)
         except RuntimeError as exc:
             raise ServerStartError(
-                f"cannot listen on {self._listen}: address in use or invalid"
+                f"cannot listen on {self._listen}: {_why_unbindable(self._listen)}"
             ) from exc
         if self._port == 0:
-            raise ServerStartError(f"cannot listen on {self._listen}")
+            raise ServerStartError(
+                f"cannot listen on {self._listen}: {_why_unbindable(self._listen)}"
+            )
         await server.start()
         self._server = server
         serving = health_pb2.HealthCheckResponse.SERVING

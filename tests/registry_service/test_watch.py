@@ -1,0 +1,161 @@
+"""Watch: snapshot then ordered deltas, resume without loss, progress, fan-out, overflow."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc.aio import EOF  # type: ignore[attr-defined]
+
+from protos import registry_pb2 as pb
+from protos import registry_pb2_grpc as pb_grpc
+from registry_service import RegistryConfig, RegistryServer
+from registry_service.model import InstanceSpec, ServingStatus
+from tests.registry_service.conftest import StartRegistry, instance, read
+
+if TYPE_CHECKING:
+    from protos.registry_pb2_grpc import RegistryAsyncStub as Stub
+
+SNAPSHOT, UPSERT, REMOVE, PROGRESS = (
+    pb.WatchEvent.SNAPSHOT,
+    pb.WatchEvent.UPSERT,
+    pb.WatchEvent.REMOVE,
+    pb.WatchEvent.PROGRESS,
+)
+
+
+async def read_until(call: Any, stop: int) -> list[pb.WatchEvent]:
+    """Read events, skipping progress, until one reaches revision ``stop``."""
+    events: list[pb.WatchEvent] = []
+    while not events or events[-1].revision < stop:
+        event = await read(call)
+        if event.type != PROGRESS:
+            events.append(event)
+    return events
+
+
+async def test_snapshot_then_deltas_with_strictly_increasing_revisions(stub: Stub) -> None:
+    first = await stub.Register(pb.RegisterRequest(instance=instance(1)))
+    call = stub.Watch(pb.WatchRequest(service="echo"))
+    snapshot = await read(call)
+    assert snapshot.type == SNAPSHOT and [i.instance_id for i in snapshot.instances] == ["echo-1"]
+    second = await stub.Register(pb.RegisterRequest(instance=instance(2)))
+    await stub.Register(pb.RegisterRequest(instance=instance(1, service="other")))  # not watched
+    await stub.Heartbeat(pb.HeartbeatRequest(lease_id=second.lease_id, status=pb.DRAINING))
+    last = await stub.Deregister(pb.DeregisterRequest(lease_id=first.lease_id))
+    events = await read_until(call, last.revision)
+    call.cancel()
+    assert [(e.type, e.instances[0].instance_id) for e in events] == [
+        (UPSERT, "echo-2"),
+        (UPSERT, "echo-2"),
+        (REMOVE, "echo-1"),
+    ]
+    assert events[1].instances[0].status == pb.DRAINING
+    revisions = [snapshot.revision] + [e.revision for e in events]
+    assert revisions == sorted(set(revisions)), "revisions must strictly increase"
+    assert all(e.registry_epoch == snapshot.registry_epoch for e in events)
+
+
+async def test_resume_after_reconnect_loses_nothing(stub: Stub) -> None:
+    call = stub.Watch(pb.WatchRequest())
+    seen = [await read(call)]
+    await stub.Register(pb.RegisterRequest(instance=instance(1)))
+    seen += await read_until(call, seen[0].revision + 1)
+    call.cancel()  # the watcher drops off ...
+    changes = []
+    for n in range(2, 6):  # ... and misses these
+        changes.append((await stub.Register(pb.RegisterRequest(instance=instance(n)))).revision)
+    resumed = stub.Watch(pb.WatchRequest(since_revision=seen[-1].revision))
+    missed = await read_until(resumed, changes[-1])
+    resumed.cancel()
+    assert [e.type for e in missed] == [UPSERT] * 4
+    assert [e.revision for e in missed] == changes
+    assert [e.instances[0].instance_id for e in missed] == [f"echo-{n}" for n in range(2, 6)]
+
+
+async def test_resume_from_a_revision_too_old_or_unknown_gets_a_snapshot(
+    start_registry: StartRegistry,
+) -> None:
+    server = await start_registry(RegistryConfig(history_size=16, preservation_share=1.0))
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub: Stub = pb_grpc.RegistryStub(channel)
+        start = (await stub.Discover(pb.DiscoverRequest())).revision
+        for n in range(30):
+            await stub.Register(pb.RegisterRequest(instance=instance(n)))
+        for since in (start, start + 1, server.store.revision + 1000):
+            call = stub.Watch(pb.WatchRequest(since_revision=since))
+            event = await read(call)
+            call.cancel()
+            assert event.type == SNAPSHOT and len(event.instances) == 30
+            assert event.revision == server.store.revision
+
+
+async def test_idle_streams_get_progress(stub: Stub) -> None:
+    call = stub.Watch(pb.WatchRequest(service="quiet"))
+    snapshot = await read(call)
+    progress = await read(call)
+    call.cancel()
+    assert progress.type == PROGRESS and progress.revision >= snapshot.revision
+
+
+async def test_many_watchers_share_one_fan_out(registry: RegistryServer, stub: Stub) -> None:
+    calls = [stub.Watch(pb.WatchRequest(service="echo")) for _ in range(50)]
+    for call in calls:
+        assert (await read(call)).type == SNAPSHOT
+    assert registry.servicer.hub.watchers == 50
+    rendered = 0
+    original = registry.servicer._render.event
+
+    def counting(*args: object) -> pb.WatchEvent:
+        nonlocal rendered
+        rendered += 1
+        return original(*args)  # type: ignore[arg-type]
+
+    registry.servicer._render.event = counting  # type: ignore[method-assign, assignment]
+    last = (await stub.Register(pb.RegisterRequest(instance=instance(1)))).revision
+    for call in calls:
+        events = await read_until(call, last)
+        assert [e.revision for e in events] == [last]
+        call.cancel()
+    assert rendered == 1, "one change must be rendered once, whatever the number of watchers"
+
+
+async def test_watcher_that_falls_behind_gets_a_fresh_snapshot(
+    start_registry: StartRegistry,
+) -> None:
+    server = await start_registry(RegistryConfig(watch_queue_size=16, preservation_share=1.0))
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub: Stub = pb_grpc.RegistryStub(channel)
+        call = stub.Watch(pb.WatchRequest())
+        assert (await read(call)).type == SNAPSHOT
+        # 100 changes in one go, with no chance for the stream to drain its queue.
+        for n in range(100):
+            spec = InstanceSpec(instance_id=f"i{n}", service="bulk", address=f"10.0.0.1:{n + 1}")
+            server.store.register(spec, 5.0, ServingStatus.SERVING)
+        event = await read(call)
+        while event.type == PROGRESS:
+            event = await read(call)
+        assert event.type == SNAPSHOT and len(event.instances) == 100
+        assert event.revision == server.store.revision
+        await stub.Register(pb.RegisterRequest(instance=instance(1)))
+        after = await read_until(call, server.store.revision)
+        assert after[-1].revision > event.revision and after[-1].type == UPSERT
+        call.cancel()
+
+
+async def test_shutdown_ends_watch_streams_cleanly(start_registry: StartRegistry) -> None:
+    server = await start_registry()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub: Stub = pb_grpc.RegistryStub(channel)
+        call = stub.Watch(pb.WatchRequest())
+        await read(call)
+        closing = asyncio.create_task(server.close(grace=5.0))
+
+        async def drain() -> None:
+            while await call.read() is not EOF:
+                pass
+
+        await asyncio.wait_for(drain(), timeout=3)  # ends well before the 5 s grace
+        assert await call.code() == grpc.StatusCode.OK
+        await closing
