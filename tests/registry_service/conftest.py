@@ -58,6 +58,16 @@ def stub(channel: grpc.aio.Channel) -> pb_grpc.RegistryAsyncStub:
     return pb_grpc.RegistryStub(channel)
 
 
+class Clock:
+    """A hand-driven clock for the store's timing rules (pure logic, so a fake is fine)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def read(call: Any, timeout: float = 5.0) -> pb.WatchEvent:
     """The next message of a watch stream; fails if the stream ends or stalls."""
     event = await asyncio.wait_for(call.read(), timeout)

@@ -8,16 +8,9 @@ from registry_service import RegistryConfig
 from registry_service.model import InstanceSpec, LoadReport, ServingStatus
 from registry_service.preservation import SelfPreservation
 from registry_service.store import RegistryStore
+from tests.registry_service.conftest import Clock
 
 SERVING = ServingStatus.SERVING
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def fleet(clock: Clock, n: int = 10, **overrides: float) -> tuple[RegistryStore, list[str]]:

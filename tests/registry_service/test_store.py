@@ -8,16 +8,9 @@ from registry_service import RegistryConfig
 from registry_service.errors import AlreadyExists, LeaseNotFound
 from registry_service.model import Event, EventKind, InstanceSpec, LoadReport, ServingStatus
 from registry_service.store import RegistryStore
+from tests.registry_service.conftest import Clock
 
 SERVING = ServingStatus.SERVING
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def spec(n: int = 1, address: str | None = None, service: str = "echo") -> InstanceSpec:
