@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable
 from typing import Protocol
@@ -19,6 +20,16 @@ __all__ = ["Service", "serve"]
 logger = logging.getLogger(__name__)
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PARENT_ENV = "SHOAL_PARENT_PID"
+_PARENT_POLL = 1.0
+
+
+async def _parent_gone(parent: int, drain: asyncio.Event, grace: float) -> None:
+    """Drain once the process that started us is gone (we were re-parented)."""
+    while os.getppid() == parent:
+        await asyncio.sleep(_PARENT_POLL)
+    logger.warning("supervisor (pid %d) is gone: draining for up to %.1fs", parent, grace)
+    drain.set()
 
 
 class Service(Protocol):
@@ -60,6 +71,10 @@ async def serve(
         closed = asyncio.ensure_future(service.wait_closed())
         drained = asyncio.ensure_future(drain.wait())
         tasks += [closed, drained]
+        # A supervisor (`shoal up`) names itself; if it dies without stopping us, drain.
+        parent = os.environ.get(PARENT_ENV, "")
+        if parent.isdigit() and int(parent) == os.getppid():
+            tasks.append(asyncio.ensure_future(_parent_gone(int(parent), drain, grace)))
         await asyncio.wait({closed, drained}, return_when=asyncio.FIRST_COMPLETED)
         if closed.done():
             return

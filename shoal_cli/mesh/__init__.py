@@ -1,0 +1,1 @@
+"""Running a whole mesh locally: mesh config, child supervision, `shoal up`."""
