@@ -17,6 +17,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import click  # noqa: E402
 
+from shoal_cli.config_cmd import config  # noqa: E402
 from shoal_cli.errors import run_guarded  # noqa: E402
 from shoal_cli.probe_cmd import health  # noqa: E402
 from shoal_cli.registry_cmd import registry, registry_demo  # noqa: E402
@@ -33,6 +34,7 @@ def cli() -> None:
 cli.add_command(registry)
 cli.add_command(registry_demo)
 cli.add_command(health)
+cli.add_command(config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import click
 
 from registry_service import RegistryConfig, RegistryServer
 from shoal_cli.errors import UserError
+from shoal_cli.mesh.config import config_option
 from shoal_cli.options import LISTEN
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
@@ -18,6 +19,7 @@ _SECONDS = click.FloatRange(min=0.0, min_open=True)
 
 
 @click.command()
+@config_option()
 @click.option(
     "--listen",
     type=LISTEN,

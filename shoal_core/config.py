@@ -28,9 +28,13 @@ class ConfigError(ValueError):
 
 
 class StrictModel(pydantic.BaseModel):
-    """Base for config sections: unknown keys are errors and values are immutable."""
+    """Base for config sections: unknown keys are errors and values are immutable.
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    Strict types, because YAML already types its scalars: ``no`` is a boolean and
+    must not quietly become the number 0.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def _line_index(

@@ -1,0 +1,33 @@
+"""``shoal config check``: validate a mesh file and point at each problem."""
+
+from __future__ import annotations
+
+import click
+
+from shoal_cli.errors import USER_ERROR
+from shoal_cli.mesh.config import load_mesh_file
+from shoal_core.config import ConfigError
+
+__all__ = ["config"]
+
+
+@click.group()
+def config() -> None:
+    """Work with mesh files."""
+
+
+@config.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+def check(file: str) -> int:
+    """Validate FILE; print FILE:LINE: field: problem for each error."""
+    try:
+        mesh = load_mesh_file(file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            where, sep, rest = problem.partition(": ")
+            line = where.removeprefix("line ") if sep and where.startswith("line ") else ""
+            click.echo(f"{file}:{line}: {rest}" if line else f"{file}: {problem}", err=True)
+        return USER_ERROR
+    sections = [name for name, values in mesh.default_map().items() if values]
+    click.echo(f"{file}: ok ({', '.join(sections) or 'no sections set'})")
+    return 0

@@ -1,0 +1,113 @@
+"""The mesh file: validation with lines, and flag > env > file > default."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protos import registry_pb2 as pb
+from protos import registry_pb2_grpc as pb_grpc
+
+SHOAL = [sys.executable, "-m", "shoal_cli.main"]
+
+
+def granted_default_ttl(args: list[str], env: dict[str, str]) -> int:
+    """Start `shoal registry`, register with no TTL, return the TTL it granted (ms)."""
+    proc = subprocess.Popen(
+        [*SHOAL, "registry", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "SHOAL_LOG_LEVEL": "WARNING", **env},
+    )
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().rsplit(" ", 1)[1].strip()
+        with grpc.insecure_channel(address) as channel:
+            reply = pb_grpc.RegistryStub(channel).Register(
+                pb.RegisterRequest(
+                    instance=pb.Instance(instance_id="a", service="s", address="127.0.0.1:1")
+                )
+            )
+        return reply.ttl_ms
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_precedence_is_flag_then_env_then_file_then_default(tmp_path: Path) -> None:
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("registry:\n  listen: 127.0.0.1:0\n  ttl_default: 4\n")
+    listen = ["--listen", "127.0.0.1:0"]
+    env = {"SHOAL_REGISTRY_TTL_DEFAULT": "5"}
+    assert granted_default_ttl(listen, {}) == 10_000
+    assert granted_default_ttl(["--config", str(mesh)], {}) == 4000
+    assert granted_default_ttl(["--config", str(mesh)], env) == 5000
+    assert granted_default_ttl(["--config", str(mesh), "--ttl-default", "6"], env) == 6000
+    # SHOAL_CONFIG names the file when --config is not given.
+    assert granted_default_ttl([], {"SHOAL_CONFIG": str(mesh)}) == 4000
+
+
+def test_check_points_at_each_error_line(tmp_path: Path) -> None:
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("registry:\n  listen: nowhere\n  ttl_default: -3\n  sweep_intreval: 1\n")
+    result = subprocess.run(
+        [*SHOAL, "config", "check", str(mesh)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{mesh}:2: registry.listen: Value error, address 'nowhere' must be host:port "
+        "(got 'nowhere')",
+        f"{mesh}:3: registry.ttl_default: Input should be greater than 0 (got -3)",
+        f"{mesh}:4: registry.sweep_intreval: Extra inputs are not permitted (got 1)",
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("registry: [1, 2]\n", "registry: Input should be a valid dictionary"),
+        ("registry:\n  ttl_default: [\n", "not valid YAML"),
+        ("unknown_section: {}\n", "unknown_section: Extra inputs are not permitted"),
+    ],
+)
+def test_check_rejects_malformed_files(tmp_path: Path, text: str, message: str) -> None:
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(text)
+    result = subprocess.run(
+        [*SHOAL, "config", "check", str(mesh)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_check_accepts_a_good_file_and_commands_refuse_a_bad_one(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("registry:\n  ttl_default: 4\n")
+    result = subprocess.run(
+        [*SHOAL, "config", "check", str(good)], capture_output=True, text=True, timeout=30
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, f"{good}: ok (registry)")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("registry:\n  ttl_default: no\n")
+    result = subprocess.run(
+        [*SHOAL, "registry", "--config", str(bad)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"shoal: error: {bad}: line 2: registry.ttl_default: Input should be a valid number "
+        "(got False)"
+    ]
+    missing = subprocess.run(
+        [*SHOAL, "config", "check", str(tmp_path / "none.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert missing.returncode == 2 and "cannot read file" in missing.stderr
