@@ -8,8 +8,9 @@ documented precedence: flag > environment (``SHOAL_*``) > file > built-in defaul
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import click
 from pydantic import AfterValidator, Field
@@ -29,6 +30,8 @@ def _listen(value: str) -> str:
     parse_address(value, allow_port_zero=True)
     return value
 
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 Address = Annotated[str, AfterValidator(_address)]
 Listen = Annotated[str, AfterValidator(_listen)]
@@ -81,7 +84,7 @@ def _apply(ctx: click.Context, _param: click.Parameter, value: str | None) -> st
     return value
 
 
-def config_option() -> Any:
+def config_option() -> Callable[[F], F]:
     """``--config FILE`` for a command: read first, so its section becomes the defaults."""
     return click.option(
         "--config",
