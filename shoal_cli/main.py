@@ -21,6 +21,7 @@ from shoal_cli.config_cmd import config  # noqa: E402
 from shoal_cli.errors import run_guarded  # noqa: E402
 from shoal_cli.probe_cmd import health  # noqa: E402
 from shoal_cli.registry_cmd import registry, registry_demo  # noqa: E402
+from shoal_cli.registry_ops import ls, watch  # noqa: E402
 
 __all__ = ["cli", "main"]
 
@@ -35,6 +36,8 @@ cli.add_command(registry)
 cli.add_command(registry_demo)
 cli.add_command(health)
 cli.add_command(config)
+cli.add_command(ls)
+cli.add_command(watch)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import click
 
 from shoal_core.addresses import AddressError, parse_address
 
-__all__ = ["ADDRESS", "LISTEN"]
+__all__ = ["ADDRESS", "LISTEN", "F"]
+
+# What click's option decorators take and return; naming it keeps commands typed.
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Address(click.ParamType[str]):

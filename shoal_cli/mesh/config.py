@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import click
 from pydantic import AfterValidator, Field
 
+from shoal_cli.options import F
 from shoal_core.addresses import parse_address
 from shoal_core.config import StrictModel, load_yaml
 
@@ -30,8 +31,6 @@ def _listen(value: str) -> str:
     parse_address(value, allow_port_zero=True)
     return value
 
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 Address = Annotated[str, AfterValidator(_address)]
 Listen = Annotated[str, AfterValidator(_listen)]

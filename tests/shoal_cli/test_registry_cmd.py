@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import grpc
 import psutil
@@ -18,33 +16,6 @@ from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 
 SHOAL = [sys.executable, "-m", "shoal_cli.main"]
-
-
-@pytest.fixture
-def registry_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    env = {**os.environ, "SHOAL_REGISTRY_LISTEN": "127.0.0.1:0", "SHOAL_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen(
-        [*SHOAL, "registry", "--sweep-interval", "0.2", "--grace", "3"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("shoal registry serving on "), (
-            line,
-            proc.stderr.read() if proc.stderr else "",
-        )
-        yield proc, line.rsplit(" ", 1)[1].strip()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def test_serves_health_and_stops_cleanly_on_sigterm(

@@ -1,0 +1,95 @@
+"""`shoal ls` and `shoal watch` against a running registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import grpc
+
+from protos import registry_pb2 as pb
+from protos import registry_pb2_grpc as pb_grpc
+from tests.shoal_cli.conftest import SHOAL
+
+Registry = tuple[subprocess.Popen[str], str]
+
+
+def populate(address: str) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.RegistryStub(channel)
+        for n in range(2):
+            reply = stub.Register(
+                pb.RegisterRequest(
+                    instance=pb.Instance(
+                        instance_id=f"w{n}",
+                        service="worker",
+                        address=f"127.0.0.1:{8000 + n}",
+                        grpc_services=["shoal.worker.v1.Worker"],
+                        zone="a",
+                    ),
+                    ttl_ms=60_000,
+                )
+            )
+        stub.Heartbeat(
+            pb.HeartbeatRequest(
+                lease_id=reply.lease_id,
+                status=pb.DRAINING,
+                load=pb.LoadReport(in_flight=3, cpu_percent=40),
+            )
+        )
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SHOAL, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_ls_plain_text_when_piped(registry_process: Registry) -> None:
+    _, address = registry_process
+    populate(address)
+    result = run("ls", "--registry", address)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split("\t") == [
+        "SERVICE",
+        "INSTANCE",
+        "ADDRESS",
+        "HEALTH",
+        "LOAD",
+        "ZONE",
+        "WEIGHT",
+        "LEASE AGE",
+    ]
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [r[:4] for r in rows] == [
+        ["worker", "w0", "127.0.0.1:8000", "healthy/SERVING"],
+        ["worker", "w1", "127.0.0.1:8001", "healthy/DRAINING"],
+    ]
+    assert rows[1][4] == "3 in flight, 0 queued, 40% cpu"
+
+
+def test_ls_json(registry_process: Registry) -> None:
+    _, address = registry_process
+    populate(address)
+    result = run("ls", "--registry", address, "--json")
+    data = json.loads(result.stdout)
+    assert [i["instance_id"] for i in data["instances"]] == ["w0", "w1"]
+    assert data["services"][0]["name"] == "worker"
+    assert data["state"]["instances_total"] == 2
+
+
+def test_watch_prints_snapshot_then_changes(registry_process: Registry) -> None:
+    _, address = registry_process
+    populate(address)
+    result = run("watch", "--registry", address, "--count", "2", "--seconds", "10", "--json")
+    first, second = (json.loads(line) for line in result.stdout.splitlines())
+    assert first["type"] == "SNAPSHOT" and len(first["instances"]) == 2
+    assert second["type"] == "PROGRESS"  # nothing changed meanwhile: the registry says so
+    assert int(second["revision"]) >= int(first["revision"])
+
+
+def test_unreachable_registry_is_one_line() -> None:
+    for args in (["ls"], ["watch", "--count", "1"]):
+        result = run(*args, "--registry", "127.0.0.1:1")
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("shoal: error: registry 127.0.0.1:1 is")
