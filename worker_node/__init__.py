@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from worker_node.config import WorkerConfig, load_config
+    from worker_node.server import WorkerServer
 
-__all__ = ["WorkerConfig", "load_config"]
+__all__ = ["WorkerConfig", "WorkerServer", "load_config"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,4 +22,8 @@ def __getattr__(name: str) -> Any:
         from worker_node import config
 
         return getattr(config, name)
+    if name == "WorkerServer":
+        from worker_node import server
+
+        return server.WorkerServer
     raise AttributeError(f"module 'worker_node' has no attribute {name!r}")

@@ -181,6 +181,8 @@ class WorkerConfig(StrictModel):
     max_message_bytes: int = Field(default=8 * MIB, ge=4096)
     max_payload_bytes: int = Field(default=4 * MIB, ge=1)
     max_result_bytes: int = Field(default=4 * MIB, ge=1)
+    # CallStream items in flight per stream; past it the stream stops reading.
+    stream_window: int = Field(default=256, ge=1, le=100_000)
     pools: dict[str, PoolConfig] = Field(default_factory=lambda: {"default": PoolConfig()})
     functions: dict[str, FunctionConfig] = Field(default_factory=dict)
     commands: dict[str, CommandConfig] = Field(default_factory=dict)
