@@ -1,0 +1,71 @@
+"""``shoal worker``: run a worker node (process pool, commands, response cache)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+
+from shoal_cli.errors import UserError
+from shoal_cli.options import LISTEN
+from shoal_core.lifecycle import serve
+from shoal_core.logs import setup_logging
+
+__all__ = ["worker"]
+
+
+@click.command()
+@click.option(
+    "--listen",
+    type=LISTEN,
+    default="127.0.0.1:7800",
+    show_default=True,
+    help="Address for the gRPC API (port 0 picks a free one).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML allowlist of commands, functions and pools (default: Echo and demo functions).",
+)
+@click.option(
+    "--metrics",
+    "metrics_listen",
+    type=LISTEN,
+    default=None,
+    help="Serve Prometheus metrics over HTTP on this address.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0.0),
+    default=10.0,
+    show_default=True,
+    help="Seconds in-flight work may run on SIGTERM/SIGINT before it is stopped.",
+)
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
+def worker(
+    listen: str,
+    config_path: str | None,
+    metrics_listen: str | None,
+    grace: float,
+    log_level: str | None,
+) -> None:
+    """Run a worker node."""
+    from worker_node import WorkerServer, load_config
+    from worker_node.poolproc import PoolStartError
+
+    try:
+        setup_logging(log_level)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    config = load_config(config_path)
+    server = WorkerServer(listen, config, metrics_listen=metrics_listen)
+
+    def ready() -> None:
+        click.echo(f"shoal worker serving on {server.address}")
+
+    try:
+        asyncio.run(serve(server, grace=grace, on_started=ready))
+    except PoolStartError as exc:
+        raise UserError(str(exc)) from exc

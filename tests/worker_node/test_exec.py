@@ -1,0 +1,124 @@
+"""Exec and ExecStream through a real worker server."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import grpc
+import pytest
+
+from protos import worker_pb2 as pb
+from tests.worker_node.conftest import config, running
+
+PY = sys.executable
+TEXT = f"""
+functions:
+  upper: {{target: "worker_node.demo_tasks:upper"}}
+commands:
+  say: {{argv: ["echo"], allow_args: true, cacheable: true}}
+  fixed: {{argv: ["echo", "fixed"]}}
+  cat: {{argv: ["cat"]}}
+  env: {{argv: ["env"], inherit_env: false, env: {{A: one}}, allow_env: [B]}}
+  ghost: {{argv: ["no-such-program-shoal"]}}
+  slow:
+    argv: ["{PY}", "-u", "-c", "import time; print('started', flush=True); time.sleep(30)"]
+    timeout: 1
+  flaky:
+    argv: ["{PY}", "-c", "import sys; sys.exit(3)"]
+    restart: on-failure
+    max_restarts: 2
+  spin:
+    argv: ["{PY}", "-c", "while True: pass"]
+    limits: {{cpu_seconds: 1}}
+"""
+
+
+@pytest.fixture
+async def execs():
+    async with running(config(TEXT)) as pair:
+        yield pair[1]
+
+
+async def test_exec_runs_argv_with_args_and_stdin(execs):
+    reply = await execs.Exec(pb.ExecRequest(command="say", args=["hello", "$HOME;", "|x"]))
+    assert (reply.exit_code, reply.stdout, reply.attempts) == (0, b"hello $HOME; |x\n", 1)
+    assert reply.pid > 0 and reply.duration_seconds > 0
+    cat = await execs.Exec(pb.ExecRequest(command="cat", stdin=b"piped in"))
+    assert cat.stdout == b"piped in"
+    env = await execs.Exec(pb.ExecRequest(command="env", env={"B": "two"}))
+    assert sorted(env.stdout.decode().split()) == ["A=one", "B=two"]
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "text"),
+    [
+        (pb.ExecRequest(command="rm"), grpc.StatusCode.NOT_FOUND, "'rm' is not in"),
+        (pb.ExecRequest(command="fixed", args=["x"]), grpc.StatusCode.PERMISSION_DENIED, "args"),
+        (
+            pb.ExecRequest(command="env", env={"PATH": "/"}),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "PATH",
+        ),
+        (pb.ExecRequest(command="cat", cwd="/tmp"), grpc.StatusCode.PERMISSION_DENIED, "cwd"),
+        (
+            pb.ExecRequest(command="ghost"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "'no-such-program-shoal'",
+        ),
+    ],
+)
+async def test_exec_refusals_are_clear(execs, request_, code, text):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await execs.Exec(request_)
+    assert err.value.code() == code
+    assert text in str(err.value.details())
+
+
+async def test_exec_timeout_gives_partial_output_and_kills_the_group(execs):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await execs.Exec(pb.ExecRequest(command="slow"))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "ran past its timeout of 1s" in str(err.value.details())
+    trailers: dict[str, Any] = dict(err.value.trailing_metadata() or ())  # type: ignore[arg-type]
+    assert trailers["shoal-partial-stdout-bin"] == b"started\n"
+
+
+async def test_exec_stream_sends_chunks_then_status(execs):
+    chunks = [c async for c in execs.ExecStream(pb.ExecRequest(command="say", args=["hi"]))]
+    assert chunks[0].stdout == b"hi\n"
+    assert chunks[-1].WhichOneof("kind") == "exit" and chunks[-1].exit.exit_code == 0
+    got = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for chunk in execs.ExecStream(pb.ExecRequest(command="slow")):
+            got.append(chunk)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert b"".join(c.stdout for c in got) == b"started\n"
+
+
+async def test_restart_policy_reruns_a_failing_command(execs):
+    reply = await execs.Exec(pb.ExecRequest(command="flaky"))
+    assert (reply.exit_code, reply.attempts) == (3, 3)
+
+
+async def test_cpu_rlimit_ends_a_runaway_command(execs):
+    reply = await execs.Exec(pb.ExecRequest(command="spin", timeout_ms=20_000))
+    assert reply.exit_code in (-24, -9)  # SIGXCPU at the soft limit, SIGKILL at the hard one
+
+
+async def test_cacheable_exec_says_hit_in_trailing_metadata(execs):
+    first = execs.Exec(pb.ExecRequest(command="say", args=["cached"]))
+    assert (await first).stdout == b"cached\n"
+    assert dict(await first.trailing_metadata())["shoal-cache"] == "miss"
+    second = execs.Exec(pb.ExecRequest(command="say", args=["cached"]))
+    assert (await second).pid == (await first).pid
+    assert dict(await second.trailing_metadata())["shoal-cache"] == "hit"
+
+
+async def test_a_vanishing_client_kills_its_command(execs):
+    call = execs.ExecStream(pb.ExecRequest(command="slow"))
+    async for _ in call:
+        break
+    call.cancel()
+    reply = await execs.Exec(pb.ExecRequest(command="say", args=["still here"]))
+    assert reply.stdout == b"still here\n"

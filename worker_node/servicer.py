@@ -1,0 +1,284 @@
+"""The Worker gRPC service: wire messages in, domain calls, wire messages out.
+
+Domain errors become status codes here and only here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from functools import wraps
+from typing import Any, NoReturn, TypeVar, cast
+
+import grpc
+
+from protos import worker_pb2 as pb
+from protos import worker_pb2_grpc as pb_grpc
+from worker_node import errors
+from worker_node.cache import ResponseCache
+from worker_node.config import WorkerConfig
+from worker_node.execs import ExecResult, ExecRunner, Output, Prepared
+from worker_node.gate import Gate
+from worker_node.pool import Pool
+from worker_node.poolproc import TaskOutcome
+from worker_node.procs import CpuSampler
+from worker_node.protocol import Status
+from worker_node.stats import WorkerStats
+from worker_node.streams import run_call_stream
+from worker_node.wire import list_processes, stats_reply
+
+__all__ = ["CODES", "WorkerServicer", "status_of"]
+
+logger = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+CODES: dict[type[errors.WorkerError], grpc.StatusCode] = {
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    errors.TaskError: grpc.StatusCode.UNKNOWN,
+    errors.TaskTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.ProcessDied: grpc.StatusCode.ABORTED,
+    errors.MissingExecutable: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResultTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+# Partial output of a timed-out Exec travels in trailing metadata, which peers cap at ~8 KiB.
+PARTIAL_TAIL = 2048
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, Context], Coroutine[Any, Any, Resp]]
+
+
+def status_of(exc: errors.WorkerError) -> grpc.StatusCode:
+    return CODES.get(type(exc), grpc.StatusCode.FAILED_PRECONDITION)
+
+
+async def _abort(context: Context, exc: errors.WorkerError) -> NoReturn:
+    trailers: tuple[tuple[str, str | bytes], ...] = ()
+    if isinstance(exc, errors.TaskTimeout):
+        trailers = (
+            ("shoal-partial-stdout-bin", exc.stdout[-PARTIAL_TAIL:]),
+            ("shoal-partial-stderr-bin", exc.stderr[-PARTIAL_TAIL:]),
+        )
+    await context.abort(status_of(exc), str(exc), trailers)
+    raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+
+
+def _tracked(method: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
+    def wrap(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
+        @wraps(handler)
+        async def run(self: WorkerServicer, request: Req, context: Context) -> Resp:
+            started = time.perf_counter()
+            ok = False
+            try:
+                reply = await handler(self, request, context)
+                ok = True
+                return reply
+            except errors.WorkerError as exc:
+                await _abort(context, exc)
+            finally:
+                self.stats.record(method, time.perf_counter() - started, ok)
+
+        return run
+
+    return wrap
+
+
+def outcome_reply(function: str, outcome: TaskOutcome) -> pb.CallReply:
+    """A pool outcome as a reply, or the error it stands for."""
+    if outcome.status is Status.OK:
+        return pb.CallReply(result=outcome.body, pid=outcome.pid, run_seconds=outcome.seconds)
+    text = outcome.body.decode(errors="replace")
+    if outcome.status is Status.TOO_LARGE:
+        raise errors.ResultTooLarge(f"function {function!r}: {text}")
+    raise errors.TaskError(f"function {function!r} failed: {text}")
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    """Maps Worker RPCs onto the pools, the command runner and the cache."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        pools: Mapping[str, Pool],
+        runner: ExecRunner,
+        cache: ResponseCache[Any],
+        stats: WorkerStats,
+    ) -> None:
+        self.config = config
+        self.stats = stats
+        self._pools = dict(pools)
+        self._pool_of = {fn: pools[cfg.pool] for fn, cfg in config.functions.items()}
+        self._runner = runner
+        self._cache = cache
+        self._gate = Gate(config.exec.max_concurrent, config.exec.queue, "command execution")
+        self._sampler = CpuSampler()
+
+    @property
+    def exec_running(self) -> int:
+        return self._gate.holders
+
+    async def Echo(self, request: pb.EchoRequest, context: Context) -> pb.EchoReply:
+        self.stats.echo_total += 1
+        return pb.EchoReply(payload=request.payload)
+
+    @_tracked("Call")
+    async def Call(self, request: pb.CallRequest, context: Context) -> pb.CallReply:
+        name = request.function
+        pool = self._pool_of.get(name)
+        if pool is None:
+            raise errors.NotFound(f"function {name!r} is not in this worker's allowlist")
+        self._check_payload("payload", len(request.payload))
+
+        async def run() -> tuple[pb.CallReply, int]:
+            outcome = await pool.run(name, request.payload, request.timeout_ms / 1000)
+            reply = outcome_reply(name, outcome)
+            return reply, reply.ByteSize()
+
+        if not self.config.functions[name].cacheable:
+            return (await run())[0]
+        return await self._cached(
+            b"Call\0" + request.SerializeToString(deterministic=True), run, context
+        )
+
+    @_tracked("Exec")
+    async def Exec(self, request: pb.ExecRequest, context: Context) -> pb.ExecReply:
+        job = self._prepare(request)
+
+        async def run() -> tuple[pb.ExecReply, int]:
+            limit = self.config.exec.max_output_bytes
+            out = {1: bytearray(), 2: bytearray()}
+            truncated = False
+            async with self._gate:
+                try:
+                    async for item in self._runner.stream(job, request.stdin):
+                        if isinstance(item, Output):
+                            buf = out[item.fd]
+                            room = limit - len(buf)
+                            truncated = truncated or len(item.data) > room
+                            buf += item.data[: max(0, room)]
+                        else:
+                            result = item
+                except errors.TaskTimeout as exc:
+                    exc.stdout, exc.stderr = bytes(out[1]), bytes(out[2])
+                    raise
+            reply = pb.ExecReply(
+                exit_code=result.exit_code,
+                stdout=bytes(out[1]),
+                stderr=bytes(out[2]),
+                duration_seconds=result.duration,
+                pid=result.pid,
+                truncated=truncated,
+                attempts=result.attempts,
+            )
+            return reply, reply.ByteSize()
+
+        if not job.config.cacheable:
+            return (await run())[0]
+        return await self._cached(
+            b"Exec\0" + request.SerializeToString(deterministic=True), run, context
+        )
+
+    async def ExecStream(
+        self, request: pb.ExecRequest, context: Context
+    ) -> AsyncIterator[pb.ExecChunk]:
+        started = time.perf_counter()
+        ok = False
+        try:
+            job = self._prepare(request)
+            async with self._gate:
+                async for item in self._runner.stream(job, request.stdin):
+                    if isinstance(item, Output):
+                        if item.fd == 1:
+                            yield pb.ExecChunk(stdout=item.data)
+                        else:
+                            yield pb.ExecChunk(stderr=item.data)
+                    else:
+                        yield pb.ExecChunk(exit=_exit(item))
+            ok = True
+        except errors.WorkerError as exc:
+            # Partial output has already been streamed; only the status is left to send.
+            await context.abort(status_of(exc), str(exc))
+        finally:
+            self.stats.record("ExecStream", time.perf_counter() - started, ok)
+
+    async def CallStream(
+        self, request_iterator: AsyncIterator[pb.CallBatch], context: Context
+    ) -> AsyncIterator[pb.CallResults]:
+        started = time.perf_counter()
+        ok = False
+        try:
+            async for finished in run_call_stream(
+                request_iterator,
+                self._pool_of,
+                self.config.max_payload_bytes,
+                self.config.stream_window,
+            ):
+                yield pb.CallResults(results=[_result(item, done) for item, done in finished])
+            ok = True
+        finally:
+            self.stats.record("CallStream", time.perf_counter() - started, ok)
+
+    @_tracked("Stats")
+    async def Stats(self, request: pb.StatsRequest, context: Context) -> pb.StatsReply:
+        return stats_reply(self.stats, self._pools.values(), self._cache, self.exec_running)
+
+    @_tracked("ListProcesses")
+    async def ListProcesses(
+        self, request: pb.ListProcessesRequest, context: Context
+    ) -> pb.ListProcessesReply:
+        found = list_processes(self._sampler, self._pools.values(), self._runner.running)
+        return pb.ListProcessesReply(processes=found)
+
+    @_tracked("GetProcess")
+    async def GetProcess(self, request: pb.GetProcessRequest, context: Context) -> pb.ProcessInfo:
+        for info in list_processes(self._sampler, self._pools.values(), self._runner.running):
+            if info.pid == request.pid:
+                return info
+        raise errors.NotFound(f"pid {request.pid} is not a process of this worker")
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _check_payload(self, field: str, size: int) -> None:
+        limit = self.config.max_payload_bytes
+        if size > limit:
+            raise errors.InvalidRequest(f"{field} is {size} bytes; the limit is {limit}")
+
+    def _prepare(self, request: pb.ExecRequest) -> Prepared:
+        self._check_payload("stdin", len(request.stdin))
+        return self._runner.prepare(
+            request.command, request.args, request.env, request.cwd, request.timeout_ms / 1000
+        )
+
+    async def _cached(
+        self, key: bytes, run: Callable[[], Awaitable[tuple[Resp, int]]], context: Context
+    ) -> Resp:
+        reply, lookup = await self._cache.get_or_run(key, run)
+        context.set_trailing_metadata((("shoal-cache", lookup),))
+        return cast(Resp, reply)
+
+
+def _result(item: pb.CallItem, done: TaskOutcome | errors.WorkerError) -> pb.CallResult:
+    if isinstance(done, TaskOutcome):
+        try:
+            reply = outcome_reply(item.function, done)
+        except errors.WorkerError as exc:
+            done = exc
+        else:
+            return pb.CallResult(
+                id=item.id, result=reply.result, pid=reply.pid, run_seconds=reply.run_seconds
+            )
+    return pb.CallResult(id=item.id, code=status_of(done).value[0], message=str(done))
+
+
+def _exit(result: ExecResult) -> pb.ExecExit:
+    return pb.ExecExit(
+        exit_code=result.exit_code,
+        duration_seconds=result.duration,
+        pid=result.pid,
+        attempts=result.attempts,
+    )
