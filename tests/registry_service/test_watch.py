@@ -159,3 +159,22 @@ async def test_shutdown_ends_watch_streams_cleanly(start_registry: StartRegistry
         await asyncio.wait_for(drain(), timeout=3)  # ends well before the 5 s grace
         assert await call.code() == grpc.StatusCode.OK
         await closing
+
+
+async def test_changes_made_while_a_message_is_being_sent_are_not_lost(
+    registry: RegistryServer,
+) -> None:
+    # Drive the stream handler directly: it is suspended at the yield of the snapshot,
+    # exactly where a slow network would hold it, while another change lands.
+    stream = registry.servicer.Watch(pb.WatchRequest(), context=None)  # type: ignore[arg-type]
+    snapshot = await anext(stream)
+    assert snapshot.type == SNAPSHOT and not snapshot.instances
+    late = registry.store.register(
+        InstanceSpec(instance_id="late", service="svc", address="10.0.0.2:1"),
+        30.0,
+        ServingStatus.SERVING,
+    )
+    event = await asyncio.wait_for(anext(stream), 5)
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert (event.type, event.revision) == (UPSERT, late.revision)
+    assert event.instances[0].instance_id == "late"
