@@ -138,20 +138,23 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                 if request.since_revision
                 else None
             )
+            # `sent` is the revision the watcher is complete up to. It is read before each
+            # yield: changes made while a yield waits are queued with higher revisions and
+            # must not be dropped as duplicates.
+            sent = store.revision
             if backlog is None:
                 yield self._snapshot(service)
             else:
                 for event in backlog:
                     yield self._render.event(event, store.epoch)
-            sent = store.revision
             while not sub.closed:
                 if not await sub.wait(self._progress_interval):
+                    # Nothing was queued, so nothing at or below this revision is pending.
                     yield pb.WatchEvent(
                         type=pb.WatchEvent.PROGRESS,
                         revision=store.revision,
                         registry_epoch=store.epoch,
                     )
-                    sent = store.revision
                     continue
                 if sub.overflowed:
                     sub.overflowed = False
@@ -159,8 +162,8 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                     logger.warning(
                         "watcher of %r fell behind; sending a fresh snapshot", service or "*"
                     )
-                    yield self._snapshot(service)
                     sent = store.revision
+                    yield self._snapshot(service)
                     continue
                 for revision, msg in sub.drain():
                     if revision > sent:
