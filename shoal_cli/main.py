@@ -15,6 +15,7 @@ import click
 from shoal_cli.errors import run_guarded
 from shoal_cli.probe_cmd import health
 from shoal_cli.registry_cmd import registry, registry_demo
+from shoal_cli.sidecar_cmd import sidecar
 
 __all__ = ["cli", "main"]
 
@@ -28,6 +29,7 @@ def cli() -> None:
 cli.add_command(registry)
 cli.add_command(registry_demo)
 cli.add_command(health)
+cli.add_command(sidecar)
 
 
 def main(argv: list[str] | None = None) -> int:
