@@ -67,10 +67,19 @@ class Membership:
         self.heartbeats = 0
 
     async def start(self) -> None:
-        """Find what the app serves, then keep it registered in the background."""
+        """Find what the app serves, register it, then keep it registered in the background.
+
+        A registry that cannot be reached now does not stop start-up: the background
+        task keeps trying.
+        """
         if not self.grpc_services:
             self.grpc_services = await self._reflect()
-        self._task = asyncio.create_task(self._run(), name="membership")
+        interval: float | None = None
+        try:
+            interval = await self._register()
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("cannot register %s yet: %s", self.instance_id, exc.details())
+        self._task = asyncio.create_task(self._run(interval), name="membership")
 
     async def _reflect(self) -> tuple[str, ...]:
         stub = reflection_pb2_grpc.ServerReflectionStub(self._app_channel)
@@ -137,9 +146,13 @@ class Membership:
         )
         return reply.heartbeat_interval_ms / 1000
 
-    async def _run(self) -> None:
+    async def _run(self, interval: float | None) -> None:
         failures = 0
         while True:
+            if interval is not None:
+                await self._heartbeat_until_lost(interval)
+                # The lease is gone: come back after a random share of the interval.
+                await asyncio.sleep(self._rng.uniform(0.0, interval))
             try:
                 interval = await self._register()
             except grpc.aio.AioRpcError as exc:
@@ -148,11 +161,9 @@ class Membership:
                     logger.warning("cannot register %s: %s", self.instance_id, exc.details())
                 ceiling = min(self._settings.ttl / 3, 0.2 * 2.0**failures)
                 await asyncio.sleep(self._rng.uniform(ceiling / 2, ceiling))
+                interval = None
                 continue
             failures = 0
-            await self._heartbeat_until_lost(interval)
-            # The lease is gone: come back after a random share of the interval.
-            await asyncio.sleep(self._rng.uniform(0.0, interval))
 
     async def _heartbeat_until_lost(self, interval: float) -> None:
         while True:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import click
+import pydantic
 
-from proxy_sidecar import SidecarServer, load_config
+from proxy_sidecar import SidecarConfig, SidecarServer, load_config
 from proxy_sidecar.errors import SidecarError
 from shoal_cli.errors import UserError
 from shoal_cli.options import ADDRESS, LISTEN
@@ -83,16 +84,17 @@ def sidecar(
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     config = load_config(config_path)
-    updates: dict[str, object] = {}
-    if lb is not None:
-        updates["lb"] = lb
-    if grpc_services:
-        membership = config.membership.model_validate(
-            {**config.membership.model_dump(), "grpc_services": grpc_services}
-        )
-        updates["membership"] = membership
-    if updates:
-        config = config.model_copy(update=updates)
+    if lb is not None or grpc_services:
+        data = config.model_dump()
+        if lb is not None:
+            data["lb"] = lb
+        if grpc_services:
+            data["membership"]["grpc_services"] = grpc_services
+        try:
+            config = SidecarConfig.model_validate(data)
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            raise UserError(f"--grpc-service: {first['msg']}") from None
     try:
         server = SidecarServer(
             listen,

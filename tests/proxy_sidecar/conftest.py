@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -36,14 +37,12 @@ def sidecar_config(**sections: object) -> SidecarConfig:
     return SidecarConfig.model_validate(base)
 
 
-async def wait_for(
-    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0, what: str = ""
-) -> None:
+async def wait_for(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
     """Poll ``condition`` until it holds; generous deadlines keep loaded machines green."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
-        if not isinstance(result, bool):
+        if inspect.isawaitable(result):
             result = await result
         if result:
             return
