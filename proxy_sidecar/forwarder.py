@@ -9,7 +9,7 @@ upstream that cancels gives the client CANCELLED.
 
 Retries go to another instance, only before the first response message (after
 that the response is committed), and only while the request messages sent so
-far are still buffered (``replay limit``). This is the one place route errors
+far are still buffered (see ``replay``). This is the one place route errors
 become status codes.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -27,6 +26,7 @@ from proxy_sidecar.cluster import Cluster
 from proxy_sidecar.endpoints import Endpoint
 from proxy_sidecar.errors import NoHealthyEndpoint, Overloaded, RouteError, UnknownService
 from proxy_sidecar.pool import ChannelPool
+from proxy_sidecar.replay import RequestStream
 from proxy_sidecar.resilience import backoff_delay
 from proxy_sidecar.routing import HOP_KEY, TARGET_KEY, Route, Router, parse_method
 
@@ -45,72 +45,10 @@ _CODES: dict[type[RouteError], grpc.StatusCode] = {
 # Headers the transport sets itself on the upstream call.
 _TRANSPORT_KEYS = frozenset({"user-agent", TARGET_KEY, HOP_KEY})
 _HOP_ITEM = (HOP_KEY, "1")
-# Request bytes kept for replaying on a retry; a bigger request is not retried.
-REPLAY_LIMIT = 1024 * 1024
 # Below this much time left, a retry could not finish: give the caller the failure.
 _MIN_RETRY_TIME = 0.005
 _MAX_CACHED_HANDLERS = 4096
-
-
-class _Requests:
-    """The client's request stream, replayable for retries until the call commits."""
-
-    __slots__ = ("_context", "_buffer", "_size", "_eof", "_reading", "_generation", "committed")
-
-    def __init__(self, context: Context) -> None:
-        self._context = context
-        self._buffer: list[bytes] = []
-        self._size = 0
-        self._eof = False
-        # One read from the client at a time, shared by the iterators of every try, so a
-        # try that ends mid-read loses nothing.
-        self._reading: asyncio.Task[None] | None = None
-        self._generation = 0
-        self.committed = False
-
-    def replay(self) -> AsyncIterator[bytes]:
-        """A fresh iterator: the messages so far, then new ones; stale iterators stop."""
-        self._generation += 1
-        return self._iterate(self._generation)
-
-    async def _iterate(self, generation: int) -> AsyncIterator[bytes]:
-        i = 0
-        while generation == self._generation:
-            if i < len(self._buffer):
-                i += 1
-                yield self._buffer[i - 1]
-            elif self._eof:
-                return
-            elif self.committed and self._reading is None:
-                message = await self._context.read()
-                if message is _EOF:
-                    self._eof = True
-                    return
-                yield message
-            else:
-                if self._reading is None:
-                    self._reading = asyncio.ensure_future(self._read_one())
-                await asyncio.shield(self._reading)
-
-    async def _read_one(self) -> None:
-        message = await self._context.read()
-        self._reading = None
-        if message is _EOF:
-            self._eof = True
-            return
-        self._buffer.append(message)
-        self._size += len(message)
-        if self._size > REPLAY_LIMIT:
-            self.committed = True
-
-    def commit(self) -> None:
-        """No more retries: stop keeping messages once the iterator has sent them."""
-        self.committed = True
-
-    def close(self) -> None:
-        if self._reading is not None:
-            self._reading.cancel()
-            self._reading = None
+_LOCAL_WRITE_FAILURE = "Internal error from Core"
 
 
 class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
@@ -192,7 +130,7 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         retry = cluster.retry
         cluster.requests += 1
         cluster.budget.record_request()
-        requests = _Requests(context)
+        requests = RequestStream(context)
         tried: list[Endpoint] = []
         try:
             while True:
@@ -214,7 +152,7 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     try:
                         first = await call.read()
                     except grpc.aio.AioRpcError as exc:
-                        code = exc.code()
+                        code = _code_of(exc)
                         left = None if deadline is None else deadline - loop.time()
                         try_timed_out = code is _DEADLINE and (left is None or left > 0.0)
                         cluster.record(
@@ -243,7 +181,7 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                                 cluster.retries += 1
                                 await asyncio.sleep(pause)
                                 continue
-                        await _relay_failure(context, exc)
+                        await _relay_failure(context, exc, code)
                         cluster.codes[code.name] += 1
                         return
                     cluster.record(endpoint, True, loop.time() - started)
@@ -262,8 +200,9 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     return
                 except grpc.aio.AioRpcError as exc:
                     # Failed after the response had begun: nothing can be retried now.
-                    await _relay_failure(context, exc, headers_sent=True)
-                    cluster.codes[exc.code().name] += 1
+                    code = _code_of(exc)
+                    await _relay_failure(context, exc, code, headers_sent=True)
+                    cluster.codes[code.name] += 1
                     return
                 finally:
                     endpoint.in_flight -= 1
@@ -271,6 +210,19 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                         call.cancel()
         finally:
             requests.close()
+
+
+def _code_of(exc: grpc.aio.AioRpcError) -> grpc.StatusCode:
+    """The call's status, with a local send failure on a broken connection as UNAVAILABLE.
+
+    grpc reports a request write that fails because the connection died (the
+    upstream was killed mid-call) as INTERNAL with this fixed text; it is a
+    transport failure, so it must be retried and count against the endpoint.
+    """
+    code = exc.code()
+    if code is grpc.StatusCode.INTERNAL and exc.details() == _LOCAL_WRITE_FAILURE:
+        return _UNAVAILABLE
+    return code
 
 
 def _pairs(metadata: Any) -> tuple[tuple[str, str | bytes], ...]:
@@ -283,7 +235,11 @@ def _fail(context: Context, code: grpc.StatusCode, details: str) -> None:
 
 
 async def _relay_failure(
-    context: Context, exc: grpc.aio.AioRpcError, *, headers_sent: bool = False
+    context: Context,
+    exc: grpc.aio.AioRpcError,
+    code: grpc.StatusCode,
+    *,
+    headers_sent: bool = False,
 ) -> None:
     if not headers_sent:
         initial = exc.initial_metadata()
@@ -292,4 +248,4 @@ async def _relay_failure(
     trailing = exc.trailing_metadata()
     if trailing:
         context.set_trailing_metadata(_pairs(trailing))
-    _fail(context, exc.code(), exc.details() or "")
+    _fail(context, code, exc.details() or "")
