@@ -22,6 +22,7 @@ from shoal_cli.errors import run_guarded  # noqa: E402
 from shoal_cli.probe_cmd import health  # noqa: E402
 from shoal_cli.registry_cmd import registry, registry_demo  # noqa: E402
 from shoal_cli.registry_ops import ls, watch  # noqa: E402
+from shoal_cli.sidecar_cmd import sidecar  # noqa: E402
 from shoal_cli.worker_cmd import worker  # noqa: E402
 
 __all__ = ["cli", "main"]
@@ -40,6 +41,7 @@ cli.add_command(config)
 cli.add_command(ls)
 cli.add_command(watch)
 cli.add_command(worker)
+cli.add_command(sidecar)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ so a misspelt key is an error rather than a silent default.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,13 +29,28 @@ class ConfigError(ValueError):
 
 
 class StrictModel(pydantic.BaseModel):
-    """Base for config sections: unknown keys are errors and values are immutable.
+    """Base for config sections: unknown keys are errors and values are immutable."""
 
-    Strict types, because YAML already types its scalars: ``no`` is a boolean and
-    must not quietly become the number 0.
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (as YAML 1.2 has it).
+
+    YAML 1.1 also reads yes/no/on/off as booleans, so ``ttl: no`` would quietly
+    become 0 and a country code ``NO`` would become False.
     """
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
 
 
 def _line_index(
@@ -63,8 +79,8 @@ def _locate(loc: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int])
 def parse_yaml(text: str, model: type[M], *, source: str = "<config>") -> M:
     """Validate YAML ``text`` against ``model``; raise ``ConfigError`` naming field and line."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data: Any = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_Loader)
+        data: Any = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""

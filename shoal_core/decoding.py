@@ -116,8 +116,29 @@ def _guard(
     )
 
 
+class _GuardedGeneric(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """Guards what a generic handler returns; handlers taking raw bytes pass untouched."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler[Any, Any]) -> None:
+        self._inner = inner
+        self._guarded: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        entry = self._guarded.get(method)
+        if entry is None or entry[0] is not handler:
+            entry = (handler, _guard(method, handler))
+            self._guarded[method] = entry
+        return entry[1]
+
+
 class StrictDecodingServer:
-    """Takes what generated ``add_*_to_server`` functions register; guards it for the server."""
+    """Takes what ``add_*_to_server`` functions register; guards it for the real server."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
@@ -125,16 +146,11 @@ class StrictDecodingServer:
     def add_generic_rpc_handlers(
         self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]
     ) -> None:
-        # Generated code registers the same methods again, as a mapping, right after this
-        # call; the guarded generic handler is built from that mapping instead.
-        del handlers
+        self._server.add_generic_rpc_handlers(tuple(_GuardedGeneric(h) for h in handlers))
 
     def add_registered_method_handlers(
         self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
         guarded = {name: _guard(f"/{service}/{name}", h) for name, h in handlers.items()}
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(service, guarded),)
-        )
         # Missing from the type stubs, present since grpcio 1.62.
         self._server.add_registered_method_handlers(service, guarded)  # type: ignore[attr-defined]

@@ -101,8 +101,8 @@ def test_check_accepts_a_good_file_and_commands_refuse_a_bad_one(tmp_path: Path)
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"shoal: error: {bad}: line 2: registry.ttl_default: Input should be a valid number "
-        "(got False)"
+        f"shoal: error: {bad}: line 2: registry.ttl_default: Input should be a valid number, "
+        "unable to parse string as a number (got 'no')"
     ]
     missing = subprocess.run(
         [*SHOAL, "config", "check", str(tmp_path / "none.yaml")],

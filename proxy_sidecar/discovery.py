@@ -1,0 +1,152 @@
+"""Endpoints from the registry's Watch stream, kept through registry outages.
+
+The stream gives a snapshot, then one event per change. When it breaks, the
+table keeps its last good set (fail-static) and the watch reconnects with
+exponential backoff and jitter, resuming after the last revision seen so the
+registry can replay what was missed (or send a fresh snapshot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+
+import grpc
+
+from protos import registry_pb2 as pb
+from protos import registry_pb2_grpc as pb_grpc
+from proxy_sidecar.config import DiscoverySettings
+from proxy_sidecar.endpoints import EndpointTable, InstanceInfo
+
+__all__ = ["Discovery", "info_from_pb"]
+
+logger = logging.getLogger(__name__)
+
+_ROUTABLE_STATUS = (pb.SERVING, pb.SERVING_STATUS_UNSPECIFIED)
+# How often held empty sets are re-examined when no event arrives.
+_TICK = 0.5
+
+
+def info_from_pb(msg: pb.Instance) -> InstanceInfo:
+    load = msg.load
+    return InstanceInfo(
+        instance_id=msg.instance_id,
+        address=msg.address,
+        grpc_services=tuple(msg.grpc_services),
+        weight=msg.weight or 100,
+        zone=msg.zone,
+        routable=msg.healthy and msg.status in _ROUTABLE_STATUS,
+        load_in_flight=load.in_flight,
+        load_queue_depth=load.queue_depth,
+        load_cpu_percent=load.cpu_percent,
+    )
+
+
+class Discovery:
+    """Consumes ``Registry.Watch`` into an ``EndpointTable``; owns its channel and task."""
+
+    def __init__(
+        self,
+        registry: str,
+        table: EndpointTable,
+        settings: DiscoverySettings,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._registry = registry
+        self._table = table
+        self._settings = settings
+        self._rng = rng or random.Random()
+        self._channel: grpc.aio.Channel | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._synced = asyncio.Event()
+        self.revision = 0
+        self.epoch = ""
+        self.connected = False
+        self.reconnects = 0
+        self.events = 0
+        self.last_event_at = 0.0
+
+    async def start(self) -> None:
+        """Start watching; wait up to ``initial_sync`` seconds for the first snapshot."""
+        self._channel = grpc.aio.insecure_channel(self._registry)
+        self._task = asyncio.create_task(self._run(), name="discovery-watch")
+        self._ticker = asyncio.create_task(self._tick(), name="discovery-tick")
+        try:
+            await asyncio.wait_for(self._synced.wait(), self._settings.initial_sync)
+        except TimeoutError:
+            logger.warning(
+                "no snapshot from the registry at %s yet; serving and retrying", self._registry
+            )
+
+    async def _run(self) -> None:
+        assert self._channel is not None
+        stub = pb_grpc.RegistryStub(self._channel)
+        failures = 0
+        while True:
+            try:
+                call = stub.Watch(pb.WatchRequest(since_revision=self.revision))
+                async for event in call:
+                    if not self.connected:
+                        self.connected = True
+                        if failures:
+                            logger.info("watching the registry at %s again", self._registry)
+                        failures = 0
+                    self._apply(event)
+                reason = "the registry ended the watch"
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+            if self.connected or failures == 0:
+                logger.warning(
+                    "watch of %s broke (%s); keeping the last %d endpoints",
+                    self._registry,
+                    reason,
+                    len(self._table.endpoints()),
+                )
+            self.connected = False
+            self.reconnects += 1
+            # Exponential backoff with "equal jitter": never zero, never in lock step.
+            ceiling = min(
+                self._settings.backoff_max, self._settings.backoff_initial * 2.0**failures
+            )
+            failures = min(failures + 1, 30)
+            await asyncio.sleep(ceiling / 2 + self._rng.uniform(0.0, ceiling / 2))
+
+    def _apply(self, event: pb.WatchEvent) -> None:
+        self.events += 1
+        self.last_event_at = time.monotonic()
+        if event.registry_epoch != self.epoch and self.epoch:
+            logger.info("the registry restarted (epoch %s)", event.registry_epoch)
+        self.epoch = event.registry_epoch
+        kind = event.type
+        if kind == pb.WatchEvent.SNAPSHOT:
+            self._table.replace(info_from_pb(i) for i in event.instances)
+            self._synced.set()
+        elif kind == pb.WatchEvent.UPSERT:
+            for inst in event.instances:
+                self._table.upsert(info_from_pb(inst))
+        elif kind == pb.WatchEvent.REMOVE:
+            for inst in event.instances:
+                self._table.remove(inst.instance_id)
+        if event.revision > self.revision:
+            self.revision = event.revision
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(_TICK)
+            self._table.tick()
+
+    async def close(self) -> None:
+        for task in (self._task, self._ticker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._ticker = None
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None

@@ -1,0 +1,207 @@
+"""Bringing the co-located app into the mesh: register, health-check, heartbeat, deregister.
+
+The app needs no Shoal code. Its gRPC services come from the settings or, when
+none are given, from the app's server reflection. Each heartbeat carries the
+app's grpc.health.v1 status and the load the sidecar sees going into it. When
+the registry has forgotten the lease (``NOT_FOUND``: it expired or the registry
+restarted) the sidecar registers again after a random pause, so a restarted
+registry is not hit by every instance at once. Draining deregisters first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from protos import registry_pb2 as pb
+from protos import registry_pb2_grpc as pb_grpc
+from proxy_sidecar.config import MembershipSettings
+from proxy_sidecar.errors import MembershipError
+
+__all__ = ["Membership"]
+
+logger = logging.getLogger(__name__)
+
+_RPC_TIMEOUT = 3.0
+_NOT_MESH = ("grpc.health.v1.", "grpc.reflection.")
+
+
+class Membership:
+    """Keeps one registration of the app alive; owns its channels and heartbeat task."""
+
+    def __init__(
+        self,
+        registry: str,
+        *,
+        service: str,
+        app: str,
+        advertise: str,
+        settings: MembershipSettings,
+        load: Callable[[], int],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._settings = settings
+        self._service = service
+        self._advertise = advertise
+        self._load = load
+        self._rng = rng or random.Random()
+        host_port = advertise.replace("[", "").replace("]", "")
+        self.instance_id = settings.instance_id or f"{service}@{host_port}"
+        self._registry_channel = grpc.aio.insecure_channel(registry)
+        self._app_channel = grpc.aio.insecure_channel(app)
+        self._registry = pb_grpc.RegistryStub(self._registry_channel)
+        self._health = health_pb2_grpc.HealthStub(self._app_channel)
+        self._app = app
+        self._task: asyncio.Task[None] | None = None
+        self.grpc_services: tuple[str, ...] = settings.grpc_services
+        self.lease_id = ""
+        self.status: pb.ServingStatus.ValueType = pb.NOT_SERVING
+        self.registrations = 0
+        self.heartbeats = 0
+
+    async def start(self) -> None:
+        """Find what the app serves, register it, then keep it registered in the background.
+
+        A registry that cannot be reached now does not stop start-up: the background
+        task keeps trying.
+        """
+        if not self.grpc_services:
+            self.grpc_services = await self._reflect()
+        interval: float | None = None
+        try:
+            interval = await self._register()
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("cannot register %s yet: %s", self.instance_id, exc.details())
+        self._task = asyncio.create_task(self._run(interval), name="membership")
+
+    async def _reflect(self) -> tuple[str, ...]:
+        stub = reflection_pb2_grpc.ServerReflectionStub(self._app_channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        try:
+            async for reply in stub.ServerReflectionInfo(iter([request]), timeout=_RPC_TIMEOUT):
+                names = [s.name for s in reply.list_services_response.service]
+                found = tuple(n for n in names if not n.startswith(_NOT_MESH))
+                if found:
+                    return found
+        except grpc.aio.AioRpcError as exc:
+            raise MembershipError(
+                f"cannot list the gRPC services of the app at {self._app} through server "
+                f"reflection ({exc.code().name}); name them with --grpc-service"
+            ) from None
+        raise MembershipError(
+            f"the app at {self._app} lists no gRPC services; name them with --grpc-service"
+        )
+
+    async def check_app(self) -> pb.ServingStatus.ValueType:
+        """The app's grpc.health.v1 status as a registry status."""
+        try:
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=self._settings.health_service),
+                timeout=_RPC_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as exc:
+            # An app without the health service is judged by being reachable.
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return pb.SERVING
+            return pb.NOT_SERVING
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return pb.SERVING
+        return pb.NOT_SERVING
+
+    def _load_report(self) -> pb.LoadReport:
+        return pb.LoadReport(in_flight=self._load())
+
+    async def _register(self) -> float:
+        self.status = await self.check_app()
+        instance = pb.Instance(
+            instance_id=self.instance_id,
+            service=self._service,
+            address=self._advertise,
+            grpc_services=self.grpc_services,
+            metadata=self._settings.metadata,
+            weight=self._settings.weight,
+            zone=self._settings.zone,
+            status=self.status,
+            load=self._load_report(),
+        )
+        reply = await self._registry.Register(
+            pb.RegisterRequest(instance=instance, ttl_ms=round(self._settings.ttl * 1000)),
+            timeout=_RPC_TIMEOUT,
+        )
+        self.lease_id = reply.lease_id
+        self.registrations += 1
+        logger.info(
+            "registered %s (%s) at %s, lease %d ms",
+            self.instance_id,
+            ", ".join(self.grpc_services),
+            self._advertise,
+            reply.ttl_ms,
+        )
+        return reply.heartbeat_interval_ms / 1000
+
+    async def _run(self, interval: float | None) -> None:
+        failures = 0
+        while True:
+            if interval is not None:
+                await self._heartbeat_until_lost(interval)
+                # The lease is gone: come back after a random share of the interval.
+                await asyncio.sleep(self._rng.uniform(0.0, interval))
+            try:
+                interval = await self._register()
+            except grpc.aio.AioRpcError as exc:
+                failures += 1
+                if failures == 1:
+                    logger.warning("cannot register %s: %s", self.instance_id, exc.details())
+                ceiling = min(self._settings.ttl / 3, 0.2 * 2.0**failures)
+                await asyncio.sleep(self._rng.uniform(ceiling / 2, ceiling))
+                interval = None
+                continue
+            failures = 0
+
+    async def _heartbeat_until_lost(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.status = await self.check_app()
+            try:
+                await self._registry.Heartbeat(
+                    pb.HeartbeatRequest(
+                        lease_id=self.lease_id, status=self.status, load=self._load_report()
+                    ),
+                    timeout=_RPC_TIMEOUT,
+                )
+                self.heartbeats += 1
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    logger.info("lease of %s is gone; registering again", self.instance_id)
+                    return
+                # Unreachable registry: keep trying; the lease may still be alive.
+                logger.debug("heartbeat failed: %s", exc.code().name)
+
+    async def drain(self) -> None:
+        """Stop heartbeating and deregister, so callers stop picking this instance."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.lease_id:
+            try:
+                await self._registry.Deregister(
+                    pb.DeregisterRequest(lease_id=self.lease_id), timeout=_RPC_TIMEOUT
+                )
+                logger.info("deregistered %s", self.instance_id)
+            except grpc.aio.AioRpcError as exc:
+                logger.warning("deregister of %s failed: %s", self.instance_id, exc.details())
+            self.lease_id = ""
+
+    async def close(self) -> None:
+        await self.drain()
+        await self._registry_channel.close(None)
+        await self._app_channel.close(None)

@@ -1,0 +1,192 @@
+"""The sidecar's lifecycle: discovery, the forwarding server, membership, admin, pool.
+
+Start-up order: watch the registry first (so the first calls find endpoints),
+then serve, then register the app (it is reachable through us only once we
+serve), then the admin endpoint. Draining reverses it: deregister first so
+callers stop picking this instance, then let running calls finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import grpc
+from prometheus_client.registry import CollectorRegistry
+
+from proxy_sidecar.admin import AdminEndpoint, Page, json_page
+from proxy_sidecar.balancers import balancer_class
+from proxy_sidecar.config import SidecarConfig
+from proxy_sidecar.discovery import Discovery
+from proxy_sidecar.endpoints import EndpointTable
+from proxy_sidecar.errors import PolicyError
+from proxy_sidecar.forwarder import Forwarder
+from proxy_sidecar.membership import Membership
+from proxy_sidecar.metrics import SidecarCollector
+from proxy_sidecar.pool import ChannelPool
+from proxy_sidecar.routing import Router
+from shoal_core.addresses import parse_address
+from shoal_core.grpc_server import GrpcServer
+from shoal_core.metrics import render
+
+__all__ = ["SidecarServer"]
+
+logger = logging.getLogger(__name__)
+
+
+class SidecarServer(GrpcServer):
+    """A sidecar on ``listen`` forwarding to the mesh found through ``registry``.
+
+    With ``service`` and ``app`` it also registers the app at ``app`` as an
+    instance of ``service``, reachable at ``advertise`` (default: this sidecar's
+    own address), and delivers calls from other sidecars to it.
+    """
+
+    def __init__(
+        self,
+        listen: str,
+        registry: str,
+        config: SidecarConfig | None = None,
+        *,
+        service: str | None = None,
+        app: str | None = None,
+        advertise: str | None = None,
+        admin: str | None = None,
+    ) -> None:
+        self.config = config = config or SidecarConfig()
+        if (service is None) != (app is None):
+            raise PolicyError("--service and --app go together: give both or neither")
+        for name in {config.lb, *(p.lb for p in config.services.values() if p.lb)}:
+            balancer_class(name)
+        parse_address(registry)
+        if app is not None:
+            parse_address(app)
+        if advertise is not None:
+            parse_address(advertise)
+        super().__init__(listen, max_message_bytes=config.pool.max_message_bytes)
+        self._registry_address = registry
+        self._service = service
+        self._app = app
+        self._advertise = advertise
+        self.table = EndpointTable(empty_hold=config.discovery.empty_set_hold)
+        self.router = Router(self.table, config, app=app)
+        self.pool = ChannelPool(
+            self.table,
+            self.router.local_table,
+            idle_timeout=config.pool.idle_timeout,
+            max_message_bytes=config.pool.max_message_bytes,
+        )
+        self.discovery = Discovery(registry, self.table, config.discovery)
+        self.membership: Membership | None = None
+        self.metrics = CollectorRegistry()
+        self.metrics.register(
+            SidecarCollector(self.router.clusters, self.discovery, lambda: self.pool.open_channels)
+        )
+        self._admin = (
+            AdminEndpoint(
+                admin,
+                {
+                    "/healthz": self._healthz,
+                    "/endpoints": self._endpoints,
+                    "/metrics": self._metrics,
+                },
+            )
+            if admin
+            else None
+        )
+        self._draining = False
+
+    @property
+    def admin_port(self) -> int:
+        return 0 if self._admin is None else self._admin.port
+
+    def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
+        server.add_generic_rpc_handlers([Forwarder(self.router, self.pool)])
+        return []
+
+    def _local_in_flight(self) -> int:
+        local = self.router.local
+        return 0 if local is None else local.breaker.in_flight
+
+    async def start(self) -> None:
+        self.pool.start()
+        try:
+            await self.discovery.start()
+            await super().start()
+        except BaseException:
+            await self.discovery.close()
+            await self.pool.close()
+            raise
+        if self._service is not None and self._app is not None:
+            self.membership = Membership(
+                self._registry_address,
+                service=self._service,
+                app=self._app,
+                advertise=self._advertise or self.address,
+                settings=self.config.membership,
+                load=self._local_in_flight,
+            )
+            try:
+                await self.membership.start()
+            except BaseException:
+                await self.close(0)
+                raise
+        if self._admin is not None:
+            self._admin.start()
+
+    async def _before_stop(self) -> None:
+        self._draining = True
+        if self.membership is not None:
+            await self.membership.drain()
+
+    async def _after_stop(self) -> None:
+        if self.membership is not None:
+            await self.membership.close()
+        await self.discovery.close()
+        await self.pool.close()
+        if self._admin is not None:
+            await asyncio.to_thread(self._admin.close)
+
+    def _healthz(self) -> Page:
+        body = {
+            "status": "draining" if self._draining else "serving",
+            "registry_connected": self.discovery.connected,
+            "registry_synced": self.table.synced,
+            "endpoints": len(self.table.endpoints()),
+        }
+        if self.membership is not None:
+            body["app_registered"] = bool(self.membership.lease_id)
+            body["instance_id"] = self.membership.instance_id
+        return json_page(body, 503 if self._draining else 200)
+
+    def _endpoints(self) -> Page:
+        services = {name: c.snapshot() for name, c in sorted(self.router.clusters().items())}
+        if self.router.local is not None:
+            services["(local app)"] = self.router.local.snapshot()
+        unrouted = sorted(
+            {s for e in self.table.endpoints() for s in e.info.grpc_services} - set(services)
+        )
+        for name in unrouted:
+            services[name] = {
+                "endpoints": [
+                    {"instance_id": e.instance_id, "address": e.address, "state": e.state}
+                    for e in self.table.endpoints()
+                    if name in e.info.grpc_services
+                ],
+                "note": "no call routed yet",
+            }
+        return json_page(
+            {
+                "registry": {
+                    "address": self._registry_address,
+                    "connected": self.discovery.connected,
+                    "revision": self.discovery.revision,
+                    "held_empty": sorted(self.table.held()),
+                },
+                "services": services,
+            }
+        )
+
+    def _metrics(self) -> Page:
+        return 200, "text/plain; version=0.0.4; charset=utf-8", render(self.metrics)

@@ -1,0 +1,120 @@
+"""``shoal sidecar``: run a sidecar proxy beside an app."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+import pydantic
+
+from proxy_sidecar import SidecarConfig, SidecarServer, load_config
+from proxy_sidecar.errors import SidecarError
+from shoal_cli.errors import UserError
+from shoal_cli.options import ADDRESS, LISTEN
+from shoal_core.lifecycle import serve
+from shoal_core.logs import setup_logging
+
+__all__ = ["sidecar"]
+
+
+@click.command()
+@click.option(
+    "--listen",
+    type=LISTEN,
+    default="127.0.0.1:7800",
+    show_default=True,
+    help="Address the app (and other sidecars) call (port 0 picks a free one).",
+)
+@click.option(
+    "--registry",
+    type=ADDRESS,
+    default="127.0.0.1:7700",
+    show_default=True,
+    help="The registry to watch and register with.",
+)
+@click.option("--service", default=None, help="Mesh service name of the co-located app.")
+@click.option("--app", type=ADDRESS, default=None, help="Address of the co-located app.")
+@click.option(
+    "--grpc-service",
+    "grpc_services",
+    multiple=True,
+    help="gRPC service the app serves (repeatable); default: ask the app's reflection.",
+)
+@click.option(
+    "--advertise",
+    type=ADDRESS,
+    default=None,
+    help="Address other sidecars reach this one at (default: the listen address).",
+)
+@click.option("--lb", default=None, help="Default load balancer (e.g. round_robin, peak_ewma).")
+@click.option(
+    "--admin", type=LISTEN, default=None, help="Serve /healthz, /endpoints and /metrics here."
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML file with balancing, retry, outlier and membership settings.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0.0),
+    default=5.0,
+    show_default=True,
+    help="Seconds to drain on SIGTERM/SIGINT before forcing.",
+)
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
+def sidecar(
+    listen: str,
+    registry: str,
+    service: str | None,
+    app: str | None,
+    grpc_services: tuple[str, ...],
+    advertise: str | None,
+    lb: str | None,
+    admin: str | None,
+    config_path: str | None,
+    grace: float,
+    log_level: str | None,
+) -> None:
+    """Forward the app's gRPC calls into the mesh; with --service/--app, register the app."""
+    try:
+        setup_logging(log_level)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    config = load_config(config_path)
+    if lb is not None or grpc_services:
+        data = config.model_dump()
+        if lb is not None:
+            data["lb"] = lb
+        if grpc_services:
+            data["membership"]["grpc_services"] = grpc_services
+        try:
+            config = SidecarConfig.model_validate(data)
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            raise UserError(f"--grpc-service: {first['msg']}") from None
+    try:
+        server = SidecarServer(
+            listen,
+            registry,
+            config,
+            service=service,
+            app=app,
+            advertise=advertise,
+            admin=admin,
+        )
+    except SidecarError as exc:
+        raise UserError(str(exc)) from exc
+
+    def ready() -> None:
+        line = f"shoal sidecar serving on {server.address}"
+        if server.admin_port:
+            line += f" (admin on port {server.admin_port})"
+        click.echo(line)
+
+    try:
+        asyncio.run(serve(server, grace=grace, on_started=ready))
+    except SidecarError as exc:
+        raise UserError(str(exc)) from exc

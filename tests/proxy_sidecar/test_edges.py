@@ -1,0 +1,93 @@
+"""Bad input and the admin endpoint: the sidecar answers clearly and stays up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from typing import Any
+
+import grpc
+import pytest
+
+from proxy_sidecar import SidecarServer
+from tests.proxy_sidecar.conftest import sidecar_config
+
+
+async def _get(port, path):
+    def fetch():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read()
+
+    return await asyncio.to_thread(fetch)
+
+
+async def test_garbage_and_bad_calls_do_not_hurt(make_mesh):
+    mesh = await make_mesh()
+    host, port = mesh.client.address.rsplit(":", 1)
+    for junk in (
+        b"\x00" * 64,
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff" * 9,
+    ):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(junk)
+        await writer.drain()
+        await asyncio.wait_for(reader.read(1024), 10)
+        writer.close()
+        await writer.wait_closed()
+    assert mesh.channel is not None
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await mesh.channel.unary_unary("/bad path")(b"")
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await mesh.echo.unary(b"x" * (5 * 1024 * 1024))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # A client that vanishes mid-stream.
+    channel: Any = grpc.aio.insecure_channel(mesh.client.address)
+    call = channel.stream_stream("/test.Echo/Bidi")()
+    await call.write(b"a")
+    await call.read()
+    await channel.close()
+    assert (await mesh.echo.unary(b"still")).endswith(b":still")
+
+
+async def test_no_healthy_instance_is_unavailable(make_mesh):
+    mesh = await make_mesh()
+    for sidecar in mesh.sidecars:
+        await sidecar.close(0)
+    from tests.proxy_sidecar.conftest import wait_for
+
+    async def unavailable():
+        try:
+            await mesh.echo.unary(b"x", timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAVAILABLE
+        return False
+
+    await wait_for(unavailable, what="UNAVAILABLE once every instance is gone")
+
+
+async def test_admin_endpoints(make_mesh):
+    mesh = await make_mesh(admin=True)
+    for i in range(5):
+        await mesh.echo.unary(b"%d" % i)
+    port = mesh.client.admin_port
+    status, body = await _get(port, "/healthz")
+    assert status == 200 and json.loads(body)["registry_connected"] is True
+    status, body = await _get(port, "/endpoints")
+    data = json.loads(body)["services"]["test.Echo"]
+    assert data["lb"] == "round_robin" and len(data["endpoints"]) == 3
+    assert {"state", "in_flight", "ewma_ms", "ejected"} <= set(data["endpoints"][0])
+    assert data["codes"]["OK"] == 5
+    status, body = await _get(port, "/metrics")
+    assert b'shoal_sidecar_calls_total{code="OK",service="test.Echo"} 5.0' in body
+
+
+def test_bad_settings_are_refused(registry):
+    from proxy_sidecar.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="unknown load balancer"):
+        SidecarServer("127.0.0.1:0", registry.address, sidecar_config(lb="fastest"))
+    with pytest.raises(PolicyError, match="go together"):
+        SidecarServer("127.0.0.1:0", registry.address, service="echo")
