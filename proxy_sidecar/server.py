@@ -17,7 +17,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from proxy_sidecar.admin import AdminEndpoint, Page, json_page
 from proxy_sidecar.balancers import balancer_class
-from proxy_sidecar.config import SidecarConfig
+from proxy_sidecar.config import MembershipSettings, SidecarConfig
 from proxy_sidecar.discovery import Discovery
 from proxy_sidecar.endpoints import EndpointTable
 from proxy_sidecar.errors import PolicyError
@@ -26,13 +26,16 @@ from proxy_sidecar.membership import Membership
 from proxy_sidecar.metrics import SidecarCollector
 from proxy_sidecar.pool import ChannelPool
 from proxy_sidecar.routing import Router
-from shoal_core.addresses import parse_address
+from shoal_core.addresses import HostPort, parse_address
 from shoal_core.grpc_server import GrpcServer
 from shoal_core.metrics import render
 
 __all__ = ["SidecarServer"]
 
 logger = logging.getLogger(__name__)
+
+# Instance metadata keys: where the app itself and this sidecar's admin page listen.
+APP_KEY, ADMIN_KEY = "shoal.app", "shoal.admin"
 
 
 class SidecarServer(GrpcServer):
@@ -95,6 +98,7 @@ class SidecarServer(GrpcServer):
             if admin
             else None
         )
+        self._admin_listen = admin
         self._draining = False
 
     @property
@@ -118,13 +122,16 @@ class SidecarServer(GrpcServer):
             await self.discovery.close()
             await self.pool.close()
             raise
+        if self._admin is not None:
+            self._admin.start()
         if self._service is not None and self._app is not None:
+            advertise = self._advertise or self.address
             self.membership = Membership(
                 self._registry_address,
                 service=self._service,
                 app=self._app,
-                advertise=self._advertise or self.address,
-                settings=self.config.membership,
+                advertise=advertise,
+                settings=self._membership_settings(advertise),
                 load=self._local_in_flight,
             )
             try:
@@ -132,8 +139,21 @@ class SidecarServer(GrpcServer):
             except BaseException:
                 await self.close(0)
                 raise
-        if self._admin is not None:
-            self._admin.start()
+
+    def _membership_settings(self, advertise: str) -> MembershipSettings:
+        """The configured settings plus where operators find the app and this admin page.
+
+        ``shoal stats`` reads these from the registry to ask every worker and sidecar.
+        """
+        assert self._app is not None
+        found = {APP_KEY: self._app}
+        if self._admin is not None and self._admin_listen is not None:
+            host = parse_address(self._admin_listen, allow_port_zero=True).host
+            if host in ("0.0.0.0", "::"):
+                host = parse_address(advertise).host
+            found[ADMIN_KEY] = str(HostPort(host, self._admin.port))
+        settings = self.config.membership
+        return settings.model_copy(update={"metadata": {**found, **settings.metadata}})
 
     async def _before_stop(self) -> None:
         self._draining = True

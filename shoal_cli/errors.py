@@ -11,13 +11,17 @@ from shoal_core.addresses import AddressError
 from shoal_core.config import ConfigError
 from shoal_core.grpc_server import ServerStartError
 
-__all__ = ["USER_ERROR", "UserError", "run_guarded"]
+__all__ = ["USER_ERROR", "UserError", "WorkFailed", "run_guarded"]
 
 USER_ERROR = 2
 
 
 class UserError(Exception):
     """Something the user can fix: a bad value, an unreachable address, a broken file."""
+
+
+class WorkFailed(Exception):
+    """The work itself ran and failed (timed out, raised, crashed): exit 1, not 2."""
 
 
 def _fail(message: str) -> int:
@@ -35,6 +39,9 @@ def run_guarded(run: Callable[[], object]) -> int:
         return _fail(exc.format_message().replace("\n", " "))
     except (UserError, AddressError, ConfigError, ServerStartError) as exc:
         return _fail(str(exc))
+    except WorkFailed as exc:
+        click.echo(f"shoal: {exc}", err=True)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -17,13 +17,17 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import click  # noqa: E402
 
+from shoal_cli.bench_cmd import bench  # noqa: E402
 from shoal_cli.config_cmd import config  # noqa: E402
 from shoal_cli.errors import run_guarded  # noqa: E402
 from shoal_cli.probe_cmd import health  # noqa: E402
 from shoal_cli.registry_cmd import registry, registry_demo  # noqa: E402
 from shoal_cli.registry_ops import ls, watch  # noqa: E402
 from shoal_cli.sidecar_cmd import sidecar  # noqa: E402
+from shoal_cli.stats_cmd import stats  # noqa: E402
+from shoal_cli.up_cmd import up  # noqa: E402
 from shoal_cli.worker_cmd import worker  # noqa: E402
+from shoal_cli.worker_ops import call, exec_  # noqa: E402
 
 __all__ = ["cli", "main"]
 
@@ -38,6 +42,11 @@ cli.add_command(registry)
 cli.add_command(registry_demo)
 cli.add_command(health)
 cli.add_command(config)
+cli.add_command(up)
+cli.add_command(exec_)
+cli.add_command(call)
+cli.add_command(stats)
+cli.add_command(bench)
 cli.add_command(ls)
 cli.add_command(watch)
 cli.add_command(worker)

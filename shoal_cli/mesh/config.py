@@ -55,10 +55,53 @@ class RegistrySection(StrictModel):
     log_level: LogLevel | None = None
 
 
+class WorkerSection(StrictModel):
+    """Options of ``shoal worker`` (each worker of ``shoal up`` gets them)."""
+
+    config: str | None = None
+    grace: Annotated[float, Field(ge=0)] | None = None
+    log_level: LogLevel | None = None
+
+
+class SidecarSection(StrictModel):
+    """Options of ``shoal sidecar`` (every sidecar of ``shoal up`` gets them)."""
+
+    config: str | None = None
+    lb: str | None = None
+    grace: Annotated[float, Field(ge=0)] | None = None
+    log_level: LogLevel | None = None
+
+
+class UpSection(StrictModel):
+    """Options of ``shoal up``."""
+
+    workers: Annotated[int, Field(ge=1, le=32)] | None = None
+    base_port: Annotated[int, Field(ge=0, le=65000)] | None = None
+    lb: str | None = None
+    restart: Literal["never", "always", "on-failure"] | None = None
+    run_dir: str | None = None
+
+
 class MeshFile(StrictModel):
     """The whole mesh file; every section is optional."""
 
     registry: RegistrySection = RegistrySection()
+    worker: WorkerSection = WorkerSection()
+    sidecar: SidecarSection = SidecarSection()
+    up: UpSection = UpSection()
+
+    def resolve_paths(self, base: Path) -> MeshFile:
+        """File paths inside the mesh file are relative to the file, not to the caller."""
+
+        def fix(value: str | None) -> str | None:
+            return None if value is None else str((base / value).resolve())
+
+        return self.model_copy(
+            update={
+                "worker": self.worker.model_copy(update={"config": fix(self.worker.config)}),
+                "sidecar": self.sidecar.model_copy(update={"config": fix(self.sidecar.config)}),
+            }
+        )
 
     def default_map(self) -> dict[str, dict[str, Any]]:
         return {
@@ -69,7 +112,7 @@ class MeshFile(StrictModel):
 
 
 def load_mesh_file(path: str | Path) -> MeshFile:
-    return load_yaml(path, MeshFile)
+    return load_yaml(path, MeshFile).resolve_paths(Path(path).resolve().parent)
 
 
 def _apply(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:

@@ -88,6 +88,16 @@ class Supervisor:
     def children(self) -> list[Child]:
         return list(self._children)
 
+    @property
+    def log_dir(self) -> Path:
+        return self._log_dir
+
+    def kill_all(self) -> None:
+        """Kill every child and its process group now: the forcing second Ctrl-C."""
+        self._stopping = True
+        for child in self._children:
+            _kill_group(child.proc.pid)
+
     async def start(self, spec: ChildSpec) -> Child:
         """Start ``spec`` and wait for its ready line; raise ``StartError`` if it never comes."""
         proc, address, log_path = await self._spawn(spec)
@@ -126,7 +136,8 @@ class Supervisor:
                 code = await proc.wait()
                 raise StartError(f"exited with status {code}")
             if READY_MARK in line:
-                return line.rsplit(READY_MARK, 1)[1].strip()
+                # "shoal sidecar serving on ADDR (admin on port N)": the address is one word.
+                return line.split(READY_MARK, 1)[1].split()[0]
 
     async def _watch(self, child: Child) -> None:
         """Drain the child's stdout, and restart it per policy when it exits."""

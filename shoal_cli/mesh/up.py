@@ -1,0 +1,141 @@
+"""``shoal up``: start a whole mesh on loopback, show it, supervise it, stop it in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+
+from protos import registry_pb2 as rpb
+from protos import registry_pb2_grpc as rpb_grpc
+from protos import worker_pb2 as wpb
+from protos import worker_pb2_grpc as wpb_grpc
+from shoal_cli.mesh.plan import WORKER_SERVICE, MeshPlan
+from shoal_cli.mesh.supervisor import Child, Supervisor
+
+if TYPE_CHECKING:
+    from protos.registry_pb2_grpc import RegistryAsyncStub
+    from protos.worker_pb2_grpc import WorkerAsyncStub
+
+__all__ = ["MeshNotReady", "RunningMesh", "run_mesh"]
+
+READY_TIMEOUT = 60.0
+
+
+class MeshNotReady(RuntimeError):
+    """The mesh started but did not become healthy in time."""
+
+
+class RunningMesh:
+    """The started children of a plan, by role."""
+
+    def __init__(self, plan: MeshPlan, supervisor: Supervisor) -> None:
+        self.plan = plan
+        self.supervisor = supervisor
+        self.by_name: dict[str, Child] = {}
+
+    async def start(self) -> None:
+        for spec in self.plan.start_order():
+            self.by_name[spec.name] = await self.supervisor.start(spec)
+
+    async def stop(self) -> None:
+        """Client side first, then sidecars (they drain and deregister), workers, registry."""
+        plan = self.plan
+        groups = [[plan.client], plan.sidecars, plan.workers, [plan.registry]]
+        await self.supervisor.stop(
+            [
+                [self.by_name[spec.name] for spec in group if spec.name in self.by_name]
+                for group in groups
+            ]
+        )
+
+    async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Until every worker is registered and healthy and a call through the client works."""
+        deadline = time.monotonic() + timeout
+        want = len(self.plan.workers)
+        async with (
+            grpc.aio.insecure_channel(self.plan.registry_address) as reg_channel,
+            grpc.aio.insecure_channel(self.plan.client_address) as client_channel,
+        ):
+            registry: RegistryAsyncStub = rpb_grpc.RegistryStub(reg_channel)
+            worker: WorkerAsyncStub = wpb_grpc.WorkerStub(client_channel)
+            healthy = 0
+            while time.monotonic() < deadline:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    found = await registry.Discover(
+                        rpb.DiscoverRequest(service=WORKER_SERVICE), timeout=2
+                    )
+                    healthy = len(found.instances)
+                    if healthy >= want:
+                        await worker.Echo(wpb.EchoRequest(payload=b"ready"), timeout=2)
+                        return
+                await asyncio.sleep(0.2)
+        raise MeshNotReady(
+            f"only {healthy} of {want} workers became healthy within {timeout:g}s; "
+            f"see the logs in {self.supervisor.log_dir}"
+        )
+
+
+async def run_mesh(
+    plan: MeshPlan,
+    log_dir: Path,
+    *,
+    on_event: Callable[[str], None],
+    on_ready: Callable[[RunningMesh], None],
+    while_running: Callable[[RunningMesh], asyncio.Future[None] | None] | None = None,
+) -> None:
+    """Start the mesh, call ``on_ready``, supervise until a signal, then stop it in order.
+
+    A second signal while stopping kills every child at once.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            on_event("stopping the mesh (again to force) ...")
+            stop.set()
+        else:
+            supervisor.kill_all()
+
+    supervisor = Supervisor(log_dir, on_event)
+    mesh = RunningMesh(plan, supervisor)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    extra: asyncio.Future[None] | None = None
+    try:
+        starting = asyncio.ensure_future(_start(mesh))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
+        starting.result()
+        on_ready(mesh)
+        if while_running is not None:
+            extra = while_running(mesh)
+        await stopped
+    finally:
+        if extra is not None:
+            extra.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await extra
+        await mesh.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _start(mesh: RunningMesh) -> None:
+    await mesh.start()
+    await mesh.wait_ready()

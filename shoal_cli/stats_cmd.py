@@ -1,0 +1,183 @@
+"""``shoal stats``: what every worker and sidecar of a running mesh reports about itself.
+
+Workers and sidecars are found through the registry: each sidecar registers its
+app with the app's own address (``shoal.app``) and its admin address
+(``shoal.admin``) in the instance metadata. More can be named with flags, such
+as the client sidecar's admin address, which is not registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from typing import TYPE_CHECKING, Any
+
+import click
+import grpc
+
+from protos import registry_pb2 as rpb
+from protos import registry_pb2_grpc as rpb_grpc
+from protos import worker_pb2 as wpb
+from protos import worker_pb2_grpc as wpb_grpc
+from proxy_sidecar.server import ADMIN_KEY, APP_KEY
+from shoal_cli.errors import UserError
+from shoal_cli.options import ADDRESS
+from shoal_cli.output import emit_json, emit_table
+from shoal_cli.registry_ops import as_dict, registry_option, unreachable
+
+if TYPE_CHECKING:
+    from protos.registry_pb2_grpc import RegistryAsyncStub
+    from protos.worker_pb2_grpc import WorkerAsyncStub
+
+__all__ = ["stats"]
+
+
+async def find_targets(registry: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(worker name -> app address, sidecar name -> admin address) from the registry."""
+    async with grpc.aio.insecure_channel(registry) as channel:
+        stub: RegistryAsyncStub = rpb_grpc.RegistryStub(channel)
+        try:
+            found = await stub.Discover(rpb.DiscoverRequest(include_unhealthy=True), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise unreachable("registry", registry, exc) from None
+    workers, admins = {}, {}
+    for inst in found.instances:
+        if APP_KEY in inst.metadata and inst.service == "worker":
+            workers[inst.instance_id] = inst.metadata[APP_KEY]
+        if ADMIN_KEY in inst.metadata:
+            admins[inst.instance_id] = inst.metadata[ADMIN_KEY]
+    return workers, admins
+
+
+async def _worker_stats(name: str, address: str) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub: WorkerAsyncStub = wpb_grpc.WorkerStub(channel)
+        try:
+            reply = await stub.Stats(wpb.StatsRequest(), timeout=3)
+        except grpc.aio.AioRpcError as exc:
+            return {"name": name, "address": address, "error": exc.code().name}
+    return {"name": name, "address": address, **as_dict(reply)}
+
+
+def _sidecar_stats(name: str, admin: str) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"http://{admin}/endpoints", timeout=3) as page:
+            data: dict[str, Any] = json.load(page)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return {"name": name, "admin": admin, "error": str(exc)}
+    return {"name": name, "admin": admin, **data}
+
+
+def _worker_row(w: dict[str, Any]) -> dict[str, Any]:
+    if "error" in w:
+        return {"name": w["name"], "address": w["address"], "requests": w["error"]}
+    methods = w.get("methods", [])
+    total = sum(int(m.get("total", 0)) for m in methods) + int(w.get("echo_total", 0))
+    failed = sum(int(m.get("failed", 0)) for m in methods)
+    pools = w.get("pools", [])
+    cache = w.get("cache", {})
+    slowest = max((float(m.get("p99_ms", 0)) for m in methods), default=0.0)
+    return {
+        "name": w["name"],
+        "address": w["address"],
+        "requests": total,
+        "failed": failed,
+        "running": w.get("tasks_running", 0),
+        "queued": w.get("tasks_queued", 0),
+        "pool": " ".join(f"{p['name']}:{p.get('busy', 0)}/{p.get('size', 0)}" for p in pools),
+        "cache": f"{cache.get('hits', 0)} hits / {cache.get('misses', 0)} misses",
+        "p99": f"{slowest:.2f} ms",
+        "uptime": f"{float(w.get('uptime_seconds', 0)):.0f}s",
+    }
+
+
+def _sidecar_rows(s: dict[str, Any]) -> list[dict[str, Any]]:
+    if "error" in s:
+        return [{"sidecar": s["name"], "service": "-", "endpoint": s["error"]}]
+    rows = []
+    for service, info in s.get("services", {}).items():
+        for e in info.get("endpoints", []):
+            rows.append(
+                {
+                    "sidecar": s["name"],
+                    "service": service,
+                    "endpoint": e.get("instance_id"),
+                    "state": e.get("state", "-"),
+                    "in_flight": e.get("in_flight", "-"),
+                    "ewma": f"{e.get('ewma_ms', 0)} ms",
+                    "requests": e.get("requests", "-"),
+                    "failures": e.get("failures", "-"),
+                    "ejected": e.get("ejected", "-"),
+                }
+            )
+    return rows
+
+
+@click.command()
+@registry_option()
+@click.option(
+    "--worker",
+    "extra_workers",
+    type=ADDRESS,
+    multiple=True,
+    help="Also a worker at this address (repeatable).",
+)
+@click.option(
+    "--sidecar-admin",
+    "extra_admins",
+    type=ADDRESS,
+    multiple=True,
+    help="Also the sidecar with this admin address, e.g. the client's (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(
+    registry: str, extra_workers: tuple[str, ...], extra_admins: tuple[str, ...], as_json: bool
+) -> None:
+    """Per-worker and per-sidecar statistics of a running mesh."""
+    workers, admins = asyncio.run(find_targets(registry))
+    workers.update({addr: addr for addr in extra_workers})
+    admins.update({addr: addr for addr in extra_admins})
+    if not workers and not admins:
+        raise UserError(f"registry {registry} lists no worker or sidecar to ask")
+
+    async def gather() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(_worker_stats(n, a) for n, a in workers.items())))
+
+    worker_stats = asyncio.run(gather()) if workers else []
+    sidecar_stats = [_sidecar_stats(n, a) for n, a in admins.items()]
+    if as_json:
+        emit_json({"workers": worker_stats, "sidecars": sidecar_stats})
+        return
+    emit_table(
+        "workers",
+        [
+            ("name", "WORKER"),
+            ("address", "ADDRESS"),
+            ("requests", "REQUESTS"),
+            ("failed", "FAILED"),
+            ("running", "RUNNING"),
+            ("queued", "QUEUED"),
+            ("pool", "POOL busy/size"),
+            ("cache", "CACHE"),
+            ("p99", "p99"),
+            ("uptime", "UP"),
+        ],
+        [_worker_row(w) for w in worker_stats],
+    )
+    emit_table(
+        "sidecars",
+        [
+            ("sidecar", "SIDECAR"),
+            ("service", "ROUTES TO"),
+            ("endpoint", "ENDPOINT"),
+            ("state", "STATE"),
+            ("in_flight", "IN FLIGHT"),
+            ("ewma", "EWMA"),
+            ("requests", "REQUESTS"),
+            ("failures", "FAILURES"),
+            ("ejected", "EJECTED"),
+        ],
+        [row for s in sidecar_stats for row in _sidecar_rows(s)],
+    )

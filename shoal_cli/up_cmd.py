@@ -1,0 +1,143 @@
+"""``shoal up``: a whole mesh on this machine with one command."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from shoal_cli.errors import UserError
+from shoal_cli.mesh.config import MeshFile, config_option
+from shoal_cli.mesh.plan import MeshPlan, PortInUse, plan_mesh
+from shoal_cli.mesh.supervisor import Restart, StartError
+from shoal_cli.mesh.up import MeshNotReady, RunningMesh, run_mesh
+from shoal_cli.output import emit_table
+
+__all__ = ["up"]
+
+
+def _say(message: str) -> None:
+    click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+
+
+def _show(mesh: RunningMesh) -> None:
+    plan = mesh.plan
+    rows: list[dict[str, Any]] = []
+    roles = [
+        ("registry", [plan.registry]),
+        ("worker", plan.workers),
+        ("sidecar", plan.sidecars),
+        ("client sidecar", [plan.client]),
+    ]
+    for role, specs in roles:
+        for spec in specs:
+            child = mesh.by_name[spec.name]
+            rows.append(
+                {
+                    "role": role,
+                    "name": spec.name,
+                    "address": child.address,
+                    "pid": child.pid,
+                    "log": str(child.log_path),
+                }
+            )
+    emit_table(
+        f"shoal mesh: {len(plan.workers)} workers, ready",
+        [
+            ("role", "ROLE"),
+            ("name", "NAME"),
+            ("address", "ADDRESS"),
+            ("pid", "PID"),
+            ("log", "LOG"),
+        ],
+        rows,
+    )
+    via, reg = plan.client_address, plan.registry_address
+    click.echo(f"""
+Call the mesh through the client sidecar at {via}, for example:
+  shoal call upper --data hello --via {via}
+  shoal exec --via {via} -- say hello from the mesh
+  shoal ls --registry {reg}        shoal watch --registry {reg}
+  shoal stats --registry {reg} --sidecar-admin {plan.client_admin}
+  shoal bench --via {via} --registry {reg}
+Any gRPC client can use {via} as the address of shoal.worker.v1.Worker.
+Press Ctrl-C to stop everything (sidecars drain and deregister first).""")
+
+
+@click.command()
+@config_option()
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 32),
+    default=3,
+    show_default=True,
+    help="How many workers, each behind its own sidecar.",
+)
+@click.option(
+    "--base-port",
+    type=click.IntRange(0, 65000),
+    default=7700,
+    show_default=True,
+    help="Registry port; the others follow it (0: free ports).",
+)
+@click.option("--lb", default=None, help="Load balancer of every sidecar (default: round_robin).")
+@click.option(
+    "--restart",
+    type=click.Choice([r.value for r in Restart]),
+    default="on-failure",
+    show_default=True,
+    help="Restart policy of every child.",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where child logs go (default: a new temporary folder).",
+)
+@click.option("--demo", is_flag=True, help="Send traffic and show live rates and spread.")
+@click.pass_context
+def up(
+    ctx: click.Context,
+    workers: int,
+    base_port: int,
+    lb: str | None,
+    restart: str,
+    run_dir: str | None,
+    demo: bool,
+) -> None:
+    """Run a registry, workers with their sidecars and a client sidecar on loopback."""
+    mesh_file: MeshFile | None = None
+    mesh_path: Path | None = None
+    if "shoal.mesh_file" in ctx.meta:
+        path_text, mesh_file = ctx.meta["shoal.mesh_file"]
+        mesh_path = Path(path_text).resolve()
+    sections = mesh_file.default_map() if mesh_file is not None else {}
+    try:
+        plan: MeshPlan = plan_mesh(
+            workers=workers,
+            base_port=base_port,
+            lb=lb,
+            restart=Restart(restart),
+            mesh_file=mesh_path,
+            sections=sections,
+        )
+    except PortInUse as exc:
+        raise UserError(str(exc)) from None
+    log_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="shoal-up-"))
+    _say(f"starting a mesh of {workers} workers; logs in {log_dir}")
+    while_running = None
+    if demo:
+        from shoal_cli.mesh.demo import start_demo
+
+        while_running = start_demo
+    try:
+        asyncio.run(
+            run_mesh(plan, log_dir, on_event=_say, on_ready=_show, while_running=while_running)
+        )
+    except (StartError, MeshNotReady) as exc:
+        raise UserError(str(exc)) from None
+    _say("mesh stopped; no process left running")

@@ -1,0 +1,146 @@
+"""``shoal exec`` and ``shoal call``: run work on a worker through a sidecar (or directly)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import click
+import grpc
+
+from protos import worker_pb2 as wpb
+from protos import worker_pb2_grpc as wpb_grpc
+from shoal_cli.errors import UserError, WorkFailed
+from shoal_cli.options import ADDRESS, F
+
+if TYPE_CHECKING:
+    from protos.worker_pb2_grpc import WorkerAsyncStub
+
+__all__ = ["call", "exec_", "via_option"]
+
+UPSTREAM_KEY = "shoal-upstream"
+
+
+def via_option() -> Callable[[F], F]:
+    return click.option(
+        "--via",
+        type=ADDRESS,
+        default="127.0.0.1:7701",
+        show_default=True,
+        envvar="SHOAL_VIA",
+        help="Sidecar (or worker) to call through (env SHOAL_VIA).",
+    )
+
+
+async def trailers(call: Any) -> dict[str, str]:
+    """A finished call's trailing metadata (text values only)."""
+    return {k: v for k, v in (await call.trailing_metadata() or ()) if isinstance(v, str)}
+
+
+def served_by(meta: dict[str, str]) -> str:
+    """Which instance served the call, as the client sidecar reports it."""
+    return meta.get(UPSTREAM_KEY, "an instance the reply does not name (called directly?)")
+
+
+def _failure(via: str, exc: grpc.aio.AioRpcError) -> UserError | WorkFailed:
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return UserError(f"{via} is unreachable or has no healthy worker ({exc.details()})")
+    if code in (
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNIMPLEMENTED,
+    ):
+        return UserError(f"{exc.details()} ({code.name})")
+    return WorkFailed(f"{code.name}: {exc.details()}")
+
+
+async def _exec(via: str, command: str, args: list[str], stdin: bytes, timeout: float) -> int:
+    async with grpc.aio.insecure_channel(via) as channel:
+        stub: WorkerAsyncStub = wpb_grpc.WorkerStub(channel)
+        rpc = stub.Exec(
+            wpb.ExecRequest(
+                command=command, args=args, stdin=stdin, timeout_ms=round(timeout * 1000)
+            ),
+            timeout=timeout + 5,
+        )
+        try:
+            reply = await rpc
+        except grpc.aio.AioRpcError as exc:
+            raise _failure(via, exc) from None
+        sys.stdout.buffer.write(reply.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(reply.stderr)
+        meta = await trailers(rpc)
+        click.echo(
+            f"shoal: exit {reply.exit_code} in {reply.duration_seconds:.3f}s on "
+            f"{served_by(meta)} (pid {reply.pid})",
+            err=True,
+        )
+        return reply.exit_code
+
+
+@click.command("exec")
+@via_option()
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds the command may run.",
+)
+@click.option(
+    "--stdin",
+    "stdin_file",
+    type=click.File("rb"),
+    default=None,
+    help="File to feed to the command's stdin ('-' for this stdin).",
+)
+@click.argument("argv", nargs=-1, required=True)
+def exec_(via: str, timeout: float, stdin_file: Any, argv: tuple[str, ...]) -> int:
+    """Run an allowlisted command on a worker: shoal exec -- COMMAND ARGS...
+
+    Prints its output, then (on stderr) its exit status and which worker ran it;
+    exits with the command's own status.
+    """
+    stdin = stdin_file.read() if stdin_file is not None else b""
+    return asyncio.run(_exec(via, argv[0], list(argv[1:]), stdin, timeout))
+
+
+async def _call(via: str, function: str, payload: bytes, timeout: float) -> None:
+    async with grpc.aio.insecure_channel(via) as channel:
+        stub: WorkerAsyncStub = wpb_grpc.WorkerStub(channel)
+        rpc = stub.Call(
+            wpb.CallRequest(function=function, payload=payload, timeout_ms=round(timeout * 1000)),
+            timeout=timeout + 5,
+        )
+        try:
+            reply = await rpc
+        except grpc.aio.AioRpcError as exc:
+            raise _failure(via, exc) from None
+        sys.stdout.buffer.write(reply.result)
+        if sys.stdout.isatty() and not reply.result.endswith(b"\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        meta = await trailers(rpc)
+        cached = " from cache" if meta.get("shoal-cache") == "hit" else ""
+        click.echo(
+            f"shoal: {function} ran in {reply.run_seconds * 1000:.2f} ms on "
+            f"{served_by(meta)} (pid {reply.pid}){cached}",
+            err=True,
+        )
+
+
+@click.command()
+@via_option()
+@click.option("--data", default=None, help="Payload as text (default: read stdin).")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True)
+@click.argument("function")
+def call(via: str, data: str | None, timeout: float, function: str) -> None:
+    """Call a worker's Python FUNCTION with a payload; print its result."""
+    payload = data.encode() if data is not None else sys.stdin.buffer.read()
+    asyncio.run(_call(via, function, payload, timeout))

@@ -1,0 +1,233 @@
+"""`shoal up` and the operator commands, driven as a user drives them: subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import psutil
+import pytest
+
+from tests.shoal_cli.conftest import SHOAL
+
+
+@dataclass
+class Mesh:
+    proc: subprocess.Popen[str]
+    rows: dict[str, dict[str, str]]
+    stderr_path: Path
+    stderr_file: IO[str]
+    pids: set[int] = field(default_factory=set)
+
+    def address(self, name: str) -> str:
+        return self.rows[name]["ADDRESS"].split()[0]
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+
+def start_mesh(tmp_path: Path, *args: str) -> Mesh:
+    err = tmp_path / "up.err"
+    err_file = err.open("w")
+    proc = subprocess.Popen(
+        [*SHOAL, "up", "--base-port", "0", "--run-dir", str(tmp_path / "run"), *args],
+        stdout=subprocess.PIPE,
+        stderr=err_file,
+        text=True,
+        env={**os.environ, "SHOAL_LOG_LEVEL": "INFO"},
+    )
+    assert proc.stdout is not None
+    header = proc.stdout.readline()
+    assert header.startswith("ROLE\t"), (header, err.read_text())
+    columns = header.rstrip("\n").split("\t")
+    rows = {}
+    while line := proc.stdout.readline().rstrip("\n"):
+        row = dict(zip(columns, line.split("\t"), strict=True))
+        rows[row["NAME"]] = row
+    mesh = Mesh(proc, rows, err, err_file)
+    mesh.pids = {int(r["PID"]) for r in rows.values()}
+    return mesh
+
+
+def stop_mesh(mesh: Mesh) -> None:
+    if mesh.proc.poll() is None:
+        mesh.proc.send_signal(signal.SIGINT)
+    try:
+        assert mesh.proc.wait(timeout=60) == 0, mesh.stderr()
+    finally:
+        if mesh.proc.poll() is None:
+            mesh.proc.kill()
+            mesh.proc.wait()
+        if mesh.proc.stdout is not None:
+            mesh.proc.stdout.close()
+        mesh.stderr_file.close()
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"}
+
+
+def shoal(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SHOAL, *args], capture_output=True, text=True, timeout=60, input=stdin)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    running = start_mesh(tmp_path_factory.mktemp("mesh"), "--workers", "2")
+    try:
+        yield running
+    finally:
+        stop_mesh(running)
+        assert not alive(running.pids)
+
+
+def test_up_lists_every_part(mesh: Mesh) -> None:
+    assert set(mesh.rows) == {
+        "registry",
+        "worker-1",
+        "worker-2",
+        "sidecar-1",
+        "sidecar-2",
+        "client-sidecar",
+    }
+    assert alive(mesh.pids) == mesh.pids
+
+
+def test_ls_shows_healthy_workers(mesh: Mesh) -> None:
+    result = shoal("ls", "--registry", mesh.address("registry"), "--json")
+    data = json.loads(result.stdout)
+    workers = [i for i in data["instances"] if i["service"] == "worker"]
+    assert len(workers) == 2 and all(i["healthy"] for i in workers)
+
+
+def test_call_and_exec_through_the_client_sidecar(mesh: Mesh) -> None:
+    via = mesh.address("client-sidecar")
+    result = shoal("call", "upper", "--data", "hello mesh", "--via", via)
+    assert (result.returncode, result.stdout) == (0, "HELLO MESH"), result.stderr
+    assert "upper ran in" in result.stderr and "pid" in result.stderr
+    result = shoal("call", "upper", "--via", via, stdin="from stdin")
+    assert result.stdout == "FROM STDIN"
+    result = shoal("exec", "--via", via, "--", "say", "hi", "there")
+    assert (result.returncode, result.stdout) == (0, "hi there\n"), result.stderr
+    assert result.stderr.startswith("shoal: exit 0 in ")
+    result = shoal("exec", "--via", via, "--stdin", "-", "--", "wc", stdin="12345")
+    assert result.stdout.strip() == "5"
+
+
+def test_work_failures_and_refusals(mesh: Mesh) -> None:
+    via = mesh.address("client-sidecar")
+    refused = shoal("exec", "--via", via, "--", "rm", "-rf", "/")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "shoal: error: command 'rm' is not in this worker's allowlist (NOT_FOUND)"
+    )
+    timed_out = shoal("call", "sleep", "--data", "5", "--timeout", "0.3", "--via", via)
+    assert timed_out.returncode == 1 and "DEADLINE_EXCEEDED" in timed_out.stderr
+    gone = shoal("call", "upper", "--data", "x", "--via", "127.0.0.1:1")
+    assert gone.returncode == 2 and "unreachable" in gone.stderr
+
+
+def test_stats_reports_workers_and_sidecars(mesh: Mesh) -> None:
+    shoal("call", "upper", "--data", "count me", "--via", mesh.address("client-sidecar"))
+    result = shoal("stats", "--registry", mesh.address("registry"), "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert len(data["workers"]) == 2 and all("uptime_seconds" in w for w in data["workers"])
+    assert len(data["sidecars"]) == 2
+    assert all("services" in s for s in data["sidecars"])
+
+
+def test_bench_measures_both_paths(mesh: Mesh) -> None:
+    result = shoal(
+        "bench",
+        "--via",
+        mesh.address("client-sidecar"),
+        "--registry",
+        mesh.address("registry"),
+        "--seconds",
+        "1",
+        "--concurrency",
+        "4",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) == {"through sidecar", "direct to worker"}
+    for figures in data.values():
+        assert figures["requests"] > 0 and figures["errors"] == 0
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+
+
+def test_a_killed_worker_is_restarted_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+    mesh = start_mesh(tmp_path, "--workers", "1")
+    try:
+        worker = int(mesh.rows["worker-1"]["PID"])
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "worker-1 restarted" not in mesh.stderr():
+            assert time.monotonic() < deadline, mesh.stderr()
+            time.sleep(0.2)
+        assert "worker-1 was killed by SIGKILL; restarting" in mesh.stderr()
+        deadline = time.monotonic() + 30
+        while (
+            shoal("call", "upper", "--data", "back", "--via", mesh.address("client-sidecar")).stdout
+            != "BACK"
+        ):
+            assert time.monotonic() < deadline, "the restarted worker never served"
+            time.sleep(0.5)
+        everything = {p.pid for p in psutil.Process(mesh.proc.pid).children(recursive=True)}
+    finally:
+        stop_mesh(mesh)
+    assert not alive(everything | mesh.pids)
+    assert "mesh stopped; no process left running" in mesh.stderr()
+
+
+def test_demo_shows_traffic_spread_over_workers(tmp_path: Path) -> None:
+    mesh = start_mesh(tmp_path, "--workers", "2", "--demo")
+    try:
+        deadline = time.monotonic() + 30
+        while mesh.stderr().count("demo: ") < 2:
+            assert time.monotonic() < deadline, mesh.stderr()
+            time.sleep(0.3)
+    finally:
+        stop_mesh(mesh)
+    line = [ln for ln in mesh.stderr().splitlines() if ln.startswith("demo: ")][-1]
+    counts = dict(part.split("=") for part in line.split("spread ")[1].split())
+    assert set(counts) == {"worker-1", "worker-2"}
+    assert all(int(n) > 0 for n in counts.values()), line
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["up", "--workers", "0"], "--workers"),
+        (["up", "--restart", "sometimes"], "--restart"),
+        (["up", "--config", "/nonexistent/mesh.yaml"], "cannot read file"),
+        (["exec", "--via", "nowhere"], "--via"),
+        (["call"], "FUNCTION"),
+        (["bench", "--seconds", "0"], "--seconds"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(args: list[str], message: str) -> None:
+    result = shoal(*args)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shoal: error:") and message in lines[0]
+
+
+def test_up_refuses_a_taken_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = shoal("up", "--base-port", str(port))
+    assert result.returncode == 2
+    assert f"port {port} on 127.0.0.1 is in use" in result.stderr
