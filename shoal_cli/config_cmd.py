@@ -16,17 +16,38 @@ def config() -> None:
     """Work with mesh files."""
 
 
+def _report(file: str, exc: ConfigError) -> None:
+    for problem in exc.problems:
+        where, sep, rest = problem.partition(": ")
+        line = where.removeprefix("line ") if sep and where.startswith("line ") else ""
+        click.echo(f"{file}:{line}: {rest}" if line else f"{file}: {problem}", err=True)
+
+
 @config.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 def check(file: str) -> int:
-    """Validate FILE; print FILE:LINE: field: problem for each error."""
+    """Validate FILE and the worker and sidecar files it names.
+
+    Prints FILE:LINE: field: problem for each error, and exits 2 if there is any.
+    """
     try:
         mesh = load_mesh_file(file)
     except ConfigError as exc:
-        for problem in exc.problems:
-            where, sep, rest = problem.partition(": ")
-            line = where.removeprefix("line ") if sep and where.startswith("line ") else ""
-            click.echo(f"{file}:{line}: {rest}" if line else f"{file}: {problem}", err=True)
+        _report(file, exc)
+        return USER_ERROR
+    from proxy_sidecar.config import load_config as load_sidecar
+    from worker_node.config import load_config as load_worker
+
+    ok = True
+    for named, loader in ((mesh.worker.config, load_worker), (mesh.sidecar.config, load_sidecar)):
+        if named is None:
+            continue
+        try:
+            loader(named)
+        except ConfigError as exc:
+            _report(exc.source, exc)
+            ok = False
+    if not ok:
         return USER_ERROR
     sections = [name for name, values in mesh.default_map().items() if values]
     click.echo(f"{file}: ok ({', '.join(sections) or 'no sections set'})")

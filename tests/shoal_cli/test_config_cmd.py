@@ -111,3 +111,23 @@ def test_check_accepts_a_good_file_and_commands_refuse_a_bad_one(tmp_path: Path)
         timeout=30,
     )
     assert missing.returncode == 2 and "cannot read file" in missing.stderr
+
+
+def test_check_follows_the_worker_and_sidecar_files_it_names(tmp_path: Path) -> None:
+    (tmp_path / "worker.yaml").write_text("functions:\n  up: {target: 42}\n")
+    (tmp_path / "sidecar.yaml").write_text("lb: round_robin\n")
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("worker:\n  config: worker.yaml\nsidecar:\n  config: sidecar.yaml\n")
+    result = subprocess.run(
+        [*SHOAL, "config", "check", str(mesh)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"{tmp_path / 'worker.yaml'}:2: functions.up.target:")
+    (tmp_path / "worker.yaml").write_text(
+        "functions:\n  up: {target: 'worker_node.demo_tasks:upper'}\n"
+    )
+    result = subprocess.run(
+        [*SHOAL, "config", "check", str(mesh)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{mesh}: ok (worker, sidecar)"

@@ -1,0 +1,144 @@
+"""The compose mesh, end to end: real containers on a compose network of our own.
+
+These tests need a Docker engine. Where there is none they are skipped, except
+under CI, where a machine is expected to have one and a skip would hide a broken
+set-up: there they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE_FILE = ["-f", str(ROOT / "docker-compose.yml")]
+# With the fourth worker's file too: `down` must remove what either file started.
+ALL_FILES = [*BASE_FILE, "-f", str(ROOT / "docker" / "compose" / "worker4.yml")]
+IMAGE = os.environ.get("SHOAL_IMAGE", "shoal:dev")
+
+
+def _docker_usable() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+
+
+def compose_command() -> list[str]:
+    """`docker compose` (v2) where the engine has it, else docker-compose 1.x."""
+    v2 = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+    if v2.returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    pytest.fail("a Docker engine is here but neither `docker compose` nor docker-compose is")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class ComposeMesh:
+    project: str
+    env: dict[str, str]
+    compose: list[str]
+    registry: str
+    client: str
+    client_admin: str
+
+    def run(
+        self, *args: str, check: bool = True, files: list[str] = BASE_FILE
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [*self.compose, "-p", self.project, *files, *args]
+        result = subprocess.run(
+            cmd, capture_output=True, text=True, env=self.env, timeout=300, cwd=ROOT
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def container(self, service: str) -> str:
+        """The container id of a compose service."""
+        cid = self.run("ps", "-q", service, files=ALL_FILES).stdout.strip()
+        assert cid, f"no container for {service}"
+        return cid
+
+    def network(self) -> str:
+        out = subprocess.run(
+            [
+                "docker",
+                "network",
+                "ls",
+                "-q",
+                "--filter",
+                f"label=com.docker.compose.project={self.project}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert len(out) == 1, out
+        return out[0]
+
+    def leftovers(self) -> list[str]:
+        """Containers, networks and volumes of this project that still exist."""
+        found = []
+        label = f"label=com.docker.compose.project={self.project}"
+        for kind in (["ps", "-a", "-q"], ["network", "ls", "-q"], ["volume", "ls", "-q"]):
+            out = subprocess.run(
+                ["docker", *kind, "--filter", label], capture_output=True, text=True, check=True
+            ).stdout.split()
+            found += [f"{kind[0]} {x}" for x in out]
+        return found
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    if not _docker_usable():
+        if os.environ.get("CI"):
+            pytest.fail("CI: this machine should have a Docker engine for the compose tests")
+        pytest.skip("no usable Docker engine")
+    started = time.monotonic()
+    build = subprocess.run(
+        [str(ROOT / "scripts" / "docker-build")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "SHOAL_IMAGE": IMAGE},
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    print(f"image {IMAGE} built in {time.monotonic() - started:.0f}s")
+    return IMAGE
+
+
+@pytest.fixture(scope="module")
+def compose_mesh(image: str) -> Iterator[ComposeMesh]:
+    ports = {
+        name: _free_port()
+        for name in ("SHOAL_REGISTRY_PORT", "SHOAL_CLIENT_PORT", "SHOAL_CLIENT_ADMIN_PORT")
+    }
+    env = {**os.environ, "SHOAL_IMAGE": image, **{k: str(v) for k, v in ports.items()}}
+    mesh = ComposeMesh(
+        project=f"shoale2e{uuid.uuid4().hex[:8]}",
+        env=env,
+        compose=compose_command(),
+        registry=f"127.0.0.1:{ports['SHOAL_REGISTRY_PORT']}",
+        client=f"127.0.0.1:{ports['SHOAL_CLIENT_PORT']}",
+        client_admin=f"127.0.0.1:{ports['SHOAL_CLIENT_ADMIN_PORT']}",
+    )
+    try:
+        mesh.run("up", "-d")
+        yield mesh
+    finally:
+        mesh.run("down", "-v", "--remove-orphans", "-t", "10", check=False, files=ALL_FILES)
