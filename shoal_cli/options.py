@@ -9,7 +9,7 @@ import click
 
 from shoal_core.addresses import AddressError, parse_address
 
-__all__ = ["ADDRESS", "LISTEN", "F"]
+__all__ = ["ADDRESS", "LISTEN", "F", "grace_option", "log_level_option"]
 
 # What click's option decorators take and return; naming it keeps commands typed.
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,3 +34,17 @@ class _Address(click.ParamType[str]):
 
 ADDRESS = _Address(listen=False)
 LISTEN = _Address(listen=True)
+
+
+def grace_option(
+    default: float, help: str = "Seconds to drain on SIGTERM/SIGINT before forcing."
+) -> Callable[[F], F]:
+    """``--grace``: how long a server drains on the first stop signal."""
+    return click.option(
+        "--grace", type=click.FloatRange(min=0.0), default=default, show_default=True, help=help
+    )
+
+
+def log_level_option() -> Callable[[F], F]:
+    """``--log-level`` (``SHOAL_LOG_LEVEL`` applies when it is not given)."""
+    return click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")

@@ -9,7 +9,7 @@ import click
 from registry_service import RegistryConfig, RegistryServer
 from shoal_cli.errors import UserError
 from shoal_cli.mesh.config import config_option
-from shoal_cli.options import LISTEN
+from shoal_cli.options import LISTEN, grace_option, log_level_option
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
 
@@ -72,14 +72,8 @@ _SECONDS = click.FloatRange(min=0.0, min_open=True)
     show_default=True,
     help="Longest time evictions stay held.",
 )
-@click.option(
-    "--grace",
-    type=click.FloatRange(min=0.0),
-    default=5.0,
-    show_default=True,
-    help="Seconds to drain on SIGTERM/SIGINT before forcing.",
-)
-@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
+@grace_option(5.0)
+@log_level_option()
 def registry(
     listen: str,
     metrics_listen: str | None,

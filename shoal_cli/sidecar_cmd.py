@@ -10,7 +10,7 @@ import pydantic
 from proxy_sidecar import SidecarConfig, SidecarServer, load_config
 from proxy_sidecar.errors import SidecarError
 from shoal_cli.errors import UserError
-from shoal_cli.options import ADDRESS, LISTEN
+from shoal_cli.options import ADDRESS, LISTEN, grace_option, log_level_option
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
 
@@ -57,14 +57,8 @@ __all__ = ["sidecar"]
     default=None,
     help="YAML file with balancing, retry, outlier and membership settings.",
 )
-@click.option(
-    "--grace",
-    type=click.FloatRange(min=0.0),
-    default=5.0,
-    show_default=True,
-    help="Seconds to drain on SIGTERM/SIGINT before forcing.",
-)
-@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
+@grace_option(5.0)
+@log_level_option()
 def sidecar(
     listen: str,
     registry: str,

@@ -7,7 +7,7 @@ import asyncio
 import click
 
 from shoal_cli.errors import UserError
-from shoal_cli.options import LISTEN
+from shoal_cli.options import LISTEN, grace_option, log_level_option
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
 
@@ -36,14 +36,8 @@ __all__ = ["worker"]
     default=None,
     help="Serve Prometheus metrics over HTTP on this address.",
 )
-@click.option(
-    "--grace",
-    type=click.FloatRange(min=0.0),
-    default=10.0,
-    show_default=True,
-    help="Seconds in-flight work may run on SIGTERM/SIGINT before it is stopped.",
-)
-@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
+@grace_option(10.0, "Seconds in-flight work may run on SIGTERM/SIGINT before it is stopped.")
+@log_level_option()
 def worker(
     listen: str,
     config_path: str | None,
