@@ -14,7 +14,8 @@ import pytest
 from tests.e2e.conftest import ALL_FILES, ComposeMesh
 from tests.e2e.load import Load, healthy_workers, served, wait_until
 
-pytestmark = pytest.mark.docker
+# Building the image (about 2 minutes on a fresh machine) counts towards the first test.
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
 WORKERS = {f"worker@worker{n}:7900" for n in (1, 2, 3)}
 TTL, SWEEP = 3.0, 0.5  # docker/compose/sidecar.yaml and docker-compose.yml
