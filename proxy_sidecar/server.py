@@ -132,6 +132,7 @@ class SidecarServer(GrpcServer):
             except BaseException:
                 await self.close(0)
                 raise
+            self.router.set_local_unary(self.membership.unary)
         if self._admin is not None:
             self._admin.start()
 
