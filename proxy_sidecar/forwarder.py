@@ -112,7 +112,8 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     key = item[1]
                     break
         remaining = context.time_remaining()
-        await cluster.breaker.acquire(remaining)
+        if not cluster.breaker.try_acquire():
+            await cluster.breaker.acquire(remaining)
         tries = Tries(cluster, route.method, key, remaining, outbound=outbound, rng=self._rng)
         return tries, tuple(outgoing)
 

@@ -147,6 +147,9 @@ def code_of(exc: grpc.aio.AioRpcError) -> grpc.StatusCode:
 
 
 def pairs(metadata: Any) -> Metadata:
+    """grpc.aio metadata as the tuple of pairs a servicer context takes."""
+    if not metadata:
+        return ()
     return tuple((key, value) for key, value in metadata)
 
 
