@@ -15,8 +15,8 @@ This is the one place route errors become status codes.
 
 from __future__ import annotations
 
-import functools
 import random
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -61,11 +61,9 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             if route is None:
                 return self._malformed
             if self._router.is_unary(route):
-                handler = grpc.unary_unary_rpc_method_handler(functools.partial(self._unary, route))
+                handler = grpc.unary_unary_rpc_method_handler(self._unary(route))
             else:
-                handler = grpc.stream_stream_rpc_method_handler(
-                    functools.partial(self._stream, route)
-                )
+                handler = grpc.stream_stream_rpc_method_handler(self._stream(route))
             if len(self._handlers) < _MAX_CACHED_HANDLERS:
                 self._handlers[path] = handler
         return handler
@@ -117,33 +115,45 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         tries = Tries(cluster, route.method, key, remaining, outbound=outbound, rng=self._rng)
         return tries, tuple(outgoing)
 
-    async def _unary(self, route: Route, request: bytes, context: Context) -> bytes:
-        try:
-            tries, metadata = await self._admit(route, context)
-        except RouteError as exc:
-            fail(context, route_code(exc), str(exc))
-            return b""
-        tries.cluster.fast_calls += 1
-        try:
-            return await relay_unary(self._pool, tries, route.path, request, metadata, context)
-        except RouteError as exc:
-            _route_failed(context, tries, exc)
-            return b""
-        finally:
-            tries.cluster.breaker.release()
+    # The handlers are plain closures, not partials of methods: grpc checks on every call
+    # whether the handler is a coroutine function, which is quick only for a plain function.
+    def _unary(self, route: Route) -> Callable[[bytes, Context], Awaitable[bytes]]:
+        admit, pool, path = self._admit, self._pool, route.path
 
-    async def _stream(self, route: Route, requests: object, context: Context) -> None:
-        try:
-            tries, metadata = await self._admit(route, context)
-        except RouteError as exc:
-            fail(context, route_code(exc), str(exc))
-            return
-        try:
-            await relay_stream(self._pool, tries, route.path, metadata, context)
-        except RouteError as exc:
-            _route_failed(context, tries, exc)
-        finally:
-            tries.cluster.breaker.release()
+        async def forward_unary(request: bytes, context: Context) -> bytes:
+            try:
+                tries, metadata = await admit(route, context)
+            except RouteError as exc:
+                fail(context, route_code(exc), str(exc))
+                return b""
+            tries.cluster.fast_calls += 1
+            try:
+                return await relay_unary(pool, tries, path, request, metadata, context)
+            except RouteError as exc:
+                _route_failed(context, tries, exc)
+                return b""
+            finally:
+                tries.cluster.breaker.release()
+
+        return forward_unary
+
+    def _stream(self, route: Route) -> Callable[[object, Context], Awaitable[None]]:
+        admit, pool, path = self._admit, self._pool, route.path
+
+        async def forward_stream(requests: object, context: Context) -> None:
+            try:
+                tries, metadata = await admit(route, context)
+            except RouteError as exc:
+                fail(context, route_code(exc), str(exc))
+                return
+            try:
+                await relay_stream(pool, tries, path, metadata, context)
+            except RouteError as exc:
+                _route_failed(context, tries, exc)
+            finally:
+                tries.cluster.breaker.release()
+
+        return forward_stream
 
 
 def _route_failed(context: Context, tries: Tries, exc: RouteError) -> None:
