@@ -25,7 +25,7 @@ from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from proxy_sidecar.config import MembershipSettings
 from proxy_sidecar.reflect import list_services, unary_methods
-from proxy_sidecar.shapes import publish_unary
+from proxy_sidecar.shapes import publish_unary, read_unary
 
 __all__ = ["Membership"]
 
@@ -62,7 +62,7 @@ class Membership:
         self._app = app
         self._task: asyncio.Task[None] | None = None
         self.grpc_services: tuple[str, ...] = settings.grpc_services
-        self.unary: dict[str, tuple[str, ...]] = {}
+        self.unary: dict[str, frozenset[str]] = {}
         self._metadata: dict[str, str] = dict(settings.metadata)
         self.lease_id = ""
         self.status: pb.ServingStatus.ValueType = pb.NOT_SERVING
@@ -77,8 +77,9 @@ class Membership:
         """
         if not self.grpc_services:
             self.grpc_services = await list_services(self._app_channel, self._app)
-        self.unary = await unary_methods(self._app_channel, self.grpc_services)
-        published, dropped = publish_unary(self.unary, taken=self._settings.metadata)
+        reflected = await unary_methods(self._app_channel, self.grpc_services)
+        # Shapes declared by hand in the metadata (an app without reflection) win.
+        published, dropped = publish_unary(reflected, taken=self._settings.metadata)
         if dropped:
             logger.warning(
                 "method shapes not published (registry metadata limits): %s; "
@@ -86,6 +87,8 @@ class Membership:
                 ", ".join(dropped),
             )
         self._metadata.update(published)
+        # Exactly what the registration says, so this sidecar and the mesh agree.
+        self.unary = read_unary(self._metadata)
         interval: float | None = None
         try:
             interval = await self._register()

@@ -11,7 +11,9 @@ import pytest
 
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
+from proxy_sidecar import SidecarServer
 from proxy_sidecar.reflect import unary_methods
+from proxy_sidecar.routing import parse_method
 from tests.proxy_sidecar.conftest import served_by, sidecar_config, wait_for
 from tests.proxy_sidecar.test_edges import _get
 from tests.proxy_sidecar.upstream import OTHER, SERVICE
@@ -154,3 +156,27 @@ async def test_per_try_timeout_retries_elsewhere(make_mesh, shape):
         assert await served_by(call) != "up2"
     expected = 6 if shape == "unary" else 0
     assert mesh.client.router.cluster(SERVICE).fast_calls == expected
+
+
+async def test_shapes_declared_by_hand_win_over_reflection(registry, upstreams):
+    membership = {
+        "ttl": 1.5,
+        "grpc_services": [SERVICE, OTHER],
+        "metadata": {"shoal.unary/test.Other": ""},
+    }
+    async with SidecarServer(
+        "127.0.0.1:0",
+        registry.address,
+        sidecar_config(membership=membership),
+        service="echo",
+        app=upstreams[0].address,
+    ) as sidecar:
+        assert sidecar.membership is not None
+        assert sidecar.membership.unary == {SERVICE: frozenset({"Unary"}), OTHER: frozenset()}
+        async with grpc.aio.insecure_channel(registry.address) as channel:
+            reply = await pb_grpc.RegistryStub(channel).Discover(pb.DiscoverRequest(service="echo"))
+        (instance,) = reply.instances
+        assert instance.metadata["shoal.unary/test.Other"] == ""
+        assert instance.metadata["shoal.unary/test.Echo"] == "Unary"
+        other = parse_method(f"/{OTHER}/Unary")
+        assert other is not None and not sidecar.router.is_unary(other)
