@@ -8,9 +8,10 @@ forward request and response metadata, the status code, details and trailing
 metadata, and the remaining deadline; a client that cancels gets its upstream
 call cancelled, an upstream that cancels gives the client CANCELLED; both retry
 through ``tries``. On the caller's side of the mesh each response also names the
-instance that served it (trailing ``shoal-upstream``).
+instance that served it (trailing ``shoal-upstream``). A shape belongs to the
+method path, so a call whose target service is overridden keeps its path's shape.
 
-This is the one place route errors become status codes.
+This is the one place route errors become status codes (``tries.route_code``).
 """
 
 from __future__ import annotations
