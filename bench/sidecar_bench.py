@@ -1,8 +1,10 @@
-"""Sidecar overhead: h2load against an Echo upstream direct, through the sidecar, through nginx.
+"""Sidecar overhead: h2load against a worker's Echo direct, through the sidecar, through nginx.
 
-``python -m bench.sidecar_bench`` starts a registry, the Echo upstream (registered
-directly, so the sidecar path is one hop like nginx's), a ``shoal sidecar`` and an
-nginx with ``grpc_pass`` (one worker, upstream keepalive), all on 127.0.0.1. For
+``python -m bench.sidecar_bench`` starts a registry, a ``shoal worker`` (registered
+directly, so the sidecar path is one hop like nginx's; its unary method shapes
+are read through reflection and published as an app-side sidecar would), a
+``shoal sidecar`` and an nginx with ``grpc_pass`` (one worker, upstream
+keepalive), all on 127.0.0.1. For
 each target it runs h2load for throughput (fixed time, several connections and
 streams) and for latency at concurrency 1, and reports req/s, p50 and p99 (from
 h2load's per-request log). h2load counts HTTP 200 as success even when
@@ -34,13 +36,18 @@ from typing import Any
 
 import grpc
 
-from bench.echo_upstream import METHOD, SERVICE
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
+from protos import worker_pb2
+from proxy_sidecar.reflect import unary_methods
+from proxy_sidecar.shapes import publish_unary
 
+SERVICE = "shoal.worker.v1.Worker"
+METHOD = f"/{SERVICE}/Echo"
 PAYLOAD = b"x" * 64
-# A gRPC message frame: no compression, 4-byte length, then an Echo request (field 1).
-MESSAGE = b"\x0a" + bytes([len(PAYLOAD)]) + PAYLOAD
+# EchoReply has the same field as EchoRequest, so the reply's bytes equal the request's.
+MESSAGE = worker_pb2.EchoRequest(payload=PAYLOAD).SerializeToString()
+# A gRPC message frame: no compression, 4-byte length, then the message.
 FRAME = b"\x00" + len(MESSAGE).to_bytes(4, "big") + MESSAGE
 NGINX_CONF = """
 worker_processes 1;
@@ -140,12 +147,16 @@ def _h2load(h2load: str, address: str, args: list[str], tmp: Path) -> Result:
 
 
 async def _register(registry: str, upstream: str) -> None:
+    async with grpc.aio.insecure_channel(upstream) as channel:
+        shapes, _ = publish_unary(await unary_methods(channel, [SERVICE]))
+    if not shapes:
+        raise RuntimeError(f"the worker's reflection did not describe {SERVICE}")
     async with grpc.aio.insecure_channel(registry) as channel:
         await pb_grpc.RegistryStub(channel).Register(
             pb.RegisterRequest(
                 instance=pb.Instance(
-                    instance_id="bench-echo", service="bench", address=upstream,
-                    grpc_services=[SERVICE],
+                    instance_id="bench-worker", service="bench", address=upstream,
+                    grpc_services=[SERVICE], metadata=shapes,
                 ),
                 ttl_ms=300_000,
             )
@@ -183,8 +194,9 @@ async def run(duration: int, connections: int, streams: int, latency_calls: int)
                          "--log-level", "WARNING", ready=r"serving on (\S+)")
             )  # fmt: skip
             upstream = await stack.enter_async_context(
-                _process(py, "-m", "bench.echo_upstream", ready=r"serving on (\S+)")
-            )
+                _process(py, "-m", "shoal_cli.main", "worker", "--listen", "127.0.0.1:0",
+                         "--log-level", "WARNING", ready=r"serving on (\S+)")
+            )  # fmt: skip
             await _register(registry, upstream)
             sidecar = await stack.enter_async_context(
                 _process(py, "-m", "shoal_cli.main", "sidecar", "--listen", "127.0.0.1:0",
@@ -213,7 +225,7 @@ async def run(duration: int, connections: int, streams: int, latency_calls: int)
 
 
 def _report(loaded: dict[str, Result], serial: dict[str, Result], c: int, m: int) -> int:
-    print(f"h2load, 64-byte Echo, load: {c} connections x {m} streams; latency: 1 x 1")
+    print(f"h2load, worker Echo (64-byte payload); load: {c} conns x {m} streams; latency: 1 x 1")
     print(
         f"{'target':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}   {'c=1 p50':>8} {'c=1 p99':>8}"
     )

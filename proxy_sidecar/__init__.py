@@ -2,10 +2,11 @@
 into the mesh.
 
 Domain modules (``endpoints``, ``balancers``, ``policies``, ``outlier``,
-``resilience``, ``cluster``, ``routing``, ``config``) never import grpc;
-``forwarder`` maps calls onto them and route errors onto status codes;
-``discovery``, ``membership`` and ``pool`` talk gRPC to the registry, the app and
-the upstreams; ``server`` owns the lifecycle.
+``resilience``, ``cluster``, ``routing``, ``shapes``, ``config``) never import
+grpc; ``forwarder`` maps calls onto them through the ``unary`` fast path or the
+``streaming`` path (both retry through ``tries``) and route errors onto status
+codes; ``discovery``, ``membership``, ``reflect`` and ``pool`` talk gRPC to the
+registry, the app and the upstreams; ``server`` owns the lifecycle.
 """
 
 from __future__ import annotations

@@ -68,6 +68,8 @@ class Cluster:
         self.panic = False
         self.known = False
         self.requests = 0
+        # Of ``requests``, those forwarded on the unary fast path.
+        self.fast_calls = 0
         self.retries = 0
         self.codes: Counter[str] = Counter()
 
@@ -156,6 +158,7 @@ class Cluster:
             "in_flight": self.breaker.in_flight,
             "pending": self.breaker.pending,
             "requests": self.requests,
+            "fast_path_calls": self.fast_calls,
             "retries": self.retries,
             "retry_budget_denied": self.budget.denied,
             "breaker_rejected": self.breaker.rejected,

@@ -1,7 +1,9 @@
 """Bringing the co-located app into the mesh: register, health-check, heartbeat, deregister.
 
 The app needs no Shoal code. Its gRPC services come from the settings or, when
-none are given, from the app's server reflection. Each heartbeat carries the
+none are given, from the app's server reflection; which of their methods are
+unary always comes from reflection when the app offers it, and is published in
+the registration's metadata (see ``shapes``). Each heartbeat carries the
 app's grpc.health.v1 status and the load the sidecar sees going into it. When
 the registry has forgotten the lease (``NOT_FOUND``: it expired or the registry
 restarted) the sidecar registers again after a random pause, so a restarted
@@ -18,19 +20,18 @@ from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from proxy_sidecar.config import MembershipSettings
-from proxy_sidecar.errors import MembershipError
+from proxy_sidecar.reflect import list_services, unary_methods
+from proxy_sidecar.shapes import publish_unary, read_unary
 
 __all__ = ["Membership"]
 
 logger = logging.getLogger(__name__)
 
 _RPC_TIMEOUT = 3.0
-_NOT_MESH = ("grpc.health.v1.", "grpc.reflection.")
 
 
 class Membership:
@@ -61,6 +62,8 @@ class Membership:
         self._app = app
         self._task: asyncio.Task[None] | None = None
         self.grpc_services: tuple[str, ...] = settings.grpc_services
+        self.unary: dict[str, frozenset[str]] = {}
+        self._metadata: dict[str, str] = dict(settings.metadata)
         self.lease_id = ""
         self.status: pb.ServingStatus.ValueType = pb.NOT_SERVING
         self.registrations = 0
@@ -73,31 +76,25 @@ class Membership:
         task keeps trying.
         """
         if not self.grpc_services:
-            self.grpc_services = await self._reflect()
+            self.grpc_services = await list_services(self._app_channel, self._app)
+        reflected = await unary_methods(self._app_channel, self.grpc_services)
+        # Shapes declared by hand in the metadata (an app without reflection) win.
+        published, dropped = publish_unary(reflected, taken=self._settings.metadata)
+        if dropped:
+            logger.warning(
+                "method shapes not published (registry metadata limits): %s; "
+                "their calls take the stream path",
+                ", ".join(dropped),
+            )
+        self._metadata.update(published)
+        # Exactly what the registration says, so this sidecar and the mesh agree.
+        self.unary = read_unary(self._metadata)
         interval: float | None = None
         try:
             interval = await self._register()
         except grpc.aio.AioRpcError as exc:
             logger.warning("cannot register %s yet: %s", self.instance_id, exc.details())
         self._task = asyncio.create_task(self._run(interval), name="membership")
-
-    async def _reflect(self) -> tuple[str, ...]:
-        stub = reflection_pb2_grpc.ServerReflectionStub(self._app_channel)
-        request = reflection_pb2.ServerReflectionRequest(list_services="")
-        try:
-            async for reply in stub.ServerReflectionInfo(iter([request]), timeout=_RPC_TIMEOUT):
-                names = [s.name for s in reply.list_services_response.service]
-                found = tuple(n for n in names if not n.startswith(_NOT_MESH))
-                if found:
-                    return found
-        except grpc.aio.AioRpcError as exc:
-            raise MembershipError(
-                f"cannot list the gRPC services of the app at {self._app} through server "
-                f"reflection ({exc.code().name}); name them with --grpc-service"
-            ) from None
-        raise MembershipError(
-            f"the app at {self._app} lists no gRPC services; name them with --grpc-service"
-        )
 
     async def check_app(self) -> pb.ServingStatus.ValueType:
         """The app's grpc.health.v1 status as a registry status."""
@@ -125,7 +122,7 @@ class Membership:
             service=self._service,
             address=self._advertise,
             grpc_services=self.grpc_services,
-            metadata=self._settings.metadata,
+            metadata=self._metadata,
             weight=self._settings.weight,
             zone=self._settings.zone,
             status=self.status,

@@ -30,15 +30,17 @@ _MAX_CACHED_METHODS = 1024
 _LEAVE_GRACE = 30.0
 _UNREACHABLE = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
 
-Callable_ = grpc.aio.StreamStreamMultiCallable[bytes, bytes]
+StreamCallable = grpc.aio.StreamStreamMultiCallable[bytes, bytes]
+UnaryCallable = grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
 
 
 class _Entry:
-    __slots__ = ("channel", "callables", "used", "watcher")
+    __slots__ = ("channel", "streams", "unaries", "used", "watcher")
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
-        self.callables: dict[str, Callable_] = {}
+        self.streams: dict[str, StreamCallable] = {}
+        self.unaries: dict[str, UnaryCallable] = {}
         self.used = True
         self.watcher: asyncio.Task[None] | None = None
 
@@ -75,20 +77,35 @@ class ChannelPool:
     def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="pool-idle-sweeper")
 
-    def callable(self, endpoint: Endpoint, method: str) -> Callable_:
-        """The raw-bytes multicallable for ``method`` on ``endpoint``'s channel."""
+    def _entry(self, endpoint: Endpoint) -> _Entry:
         entry = self._entries.get(endpoint)
         if entry is None:
             entry = self._open(endpoint)
         entry.used = True
-        found = entry.callables.get(method)
+        return entry
+
+    def stream(self, endpoint: Endpoint, method: str) -> StreamCallable:
+        """The raw-bytes stream-stream multicallable for ``method`` on ``endpoint``."""
+        entry = self._entry(endpoint)
+        found = entry.streams.get(method)
         if found is None:
             # A registered method skips interning the path in the core on every call;
             # the stubs do not declare the argument the generated code uses.
             channel: Any = entry.channel
             found = channel.stream_stream(method, _registered_method=True)
-            if len(entry.callables) < _MAX_CACHED_METHODS:
-                entry.callables[method] = found
+            if len(entry.streams) < _MAX_CACHED_METHODS:
+                entry.streams[method] = found
+        return found
+
+    def unary(self, endpoint: Endpoint, method: str) -> UnaryCallable:
+        """The raw-bytes unary-unary multicallable for ``method`` on ``endpoint``."""
+        entry = self._entry(endpoint)
+        found = entry.unaries.get(method)
+        if found is None:
+            channel: Any = entry.channel
+            found = channel.unary_unary(method, _registered_method=True)
+            if len(entry.unaries) < _MAX_CACHED_METHODS:
+                entry.unaries[method] = found
         return found
 
     @property

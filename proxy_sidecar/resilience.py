@@ -90,10 +90,16 @@ class CircuitBreaker:
     def pending(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self, timeout: float | None) -> None:
-        """Take a slot, waiting at most ``timeout`` seconds as a pending call."""
+    def try_acquire(self) -> bool:
+        """Take a free slot at once if there is one (no coroutine: the common case)."""
         if self.in_flight < self._max_in_flight and not self._waiters:
             self.in_flight += 1
+            return True
+        return False
+
+    async def acquire(self, timeout: float | None) -> None:
+        """Take a slot, waiting at most ``timeout`` seconds as a pending call."""
+        if self.try_acquire():
             return
         if len(self._waiters) >= self._max_pending or (timeout is not None and timeout <= 0):
             self.rejected += 1

@@ -3,14 +3,16 @@
 Outgoing calls route by the gRPC service in the path (``/pkg.Service/Method``)
 to the instances that declared it at registration; the ``shoal-target-service``
 metadata key overrides the service. Calls marked with ``shoal-hop`` come from
-another sidecar and go to this sidecar's own app.
+another sidecar and go to this sidecar's own app. The router also knows which
+methods are unary (from the registry and from the local app's reflection), so
+the forwarder can give those its cheaper path.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from proxy_sidecar.balancers import make_balancer
@@ -24,10 +26,20 @@ from proxy_sidecar.config import (
 from proxy_sidecar.endpoints import EndpointTable, InstanceInfo
 from proxy_sidecar.errors import UnknownService
 
-__all__ = ["HOP_KEY", "LOCAL_SERVICE", "TARGET_KEY", "Route", "Router", "parse_method"]
+__all__ = [
+    "HOP_KEY",
+    "LOCAL_SERVICE",
+    "TARGET_KEY",
+    "UPSTREAM_KEY",
+    "Route",
+    "Router",
+    "parse_method",
+]
 
 TARGET_KEY = "shoal-target-service"
 HOP_KEY = "shoal-hop"
+# Trailing metadata naming the instance that served a call, added by the caller's sidecar.
+UPSTREAM_KEY = "shoal-upstream"
 LOCAL_SERVICE = "local-app"
 
 _METHOD = re.compile(r"/([A-Za-z_][A-Za-z0-9_.]*)/([A-Za-z_][A-Za-z0-9_]*)")
@@ -72,10 +84,9 @@ class Router:
         self._clusters: dict[str, Cluster] = {}
         self.local_table = EndpointTable(empty_hold=0.0, clock=clock)
         self.local: Cluster | None = None
+        self._app = app
         if app is not None:
-            self.local_table.replace(
-                [InstanceInfo(instance_id=LOCAL_SERVICE, address=app, grpc_services=("*",))]
-            )
+            self.set_local_unary({})
             # The app is the only endpoint: never eject it, retry it, or panic over it.
             self.local = Cluster(
                 "*",
@@ -85,6 +96,33 @@ class Router:
                 OutlierSettings(max_ejected_percent=0.0, panic_threshold=0.0),
                 clock=clock,
             )
+
+    def set_local_unary(self, unary: Mapping[str, Collection[str]]) -> None:
+        """What the local app's reflection says is unary, for the calls delivered to it."""
+        if self._app is None:
+            return
+        shapes = {service: frozenset(methods) for service, methods in unary.items()}
+        self.local_table.replace(
+            [
+                InstanceInfo(
+                    instance_id=LOCAL_SERVICE,
+                    address=self._app,
+                    grpc_services=("*",),
+                    unary=shapes,
+                )
+            ]
+        )
+
+    @property
+    def shapes_version(self) -> int:
+        """Changes whenever ``is_unary`` may answer differently (both counters only grow)."""
+        return self._table.shapes_version + self.local_table.shapes_version
+
+    def is_unary(self, route: Route) -> bool:
+        """Whether the method is known to be unary-unary, here or in the mesh."""
+        return route.method in self._table.unary_methods(
+            route.service
+        ) or route.method in self.local_table.unary_methods(route.service)
 
     def cluster(self, service: str) -> Cluster:
         """The cluster for ``service``; ``UnknownService`` when no instance declares it."""

@@ -139,6 +139,7 @@ class SidecarServer(GrpcServer):
             except BaseException:
                 await self.close(0)
                 raise
+            self.router.set_local_unary(self.membership.unary)
 
     def _membership_settings(self, advertise: str) -> MembershipSettings:
         """The configured settings plus where operators find the app and this admin page.

@@ -20,6 +20,7 @@ import sys
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
@@ -28,6 +29,38 @@ Context = grpc.aio.ServicerContext[bytes, bytes]
 
 SERVICE = "test.Echo"
 OTHER = "test.Other"
+
+
+def _describe() -> None:
+    """Put test.Echo's schema in the default pool, so reflection describes it like a real app's.
+
+    The handlers stay raw bytes; only reflection reads this (the sidecar learns the
+    method shapes from it).
+    """
+    file = descriptor_pb2.FileDescriptorProto(name="shoal_test_echo.proto", package="test")
+    file.message_type.add(name="Bytes").field.add(
+        name="data", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+    )
+    shapes = {
+        "Unary": (False, False),
+        "ServerStream": (False, True),
+        "ClientStream": (True, False),
+        "Bidi": (True, True),
+    }
+    for name, methods in (("Echo", shapes), ("Other", {"Unary": (False, False)})):
+        service = file.service.add(name=name)
+        for method, (client_streaming, server_streaming) in methods.items():
+            service.method.add(
+                name=method,
+                input_type=".test.Bytes",
+                output_type=".test.Bytes",
+                client_streaming=client_streaming,
+                server_streaming=server_streaming,
+            )
+    descriptor_pool.Default().AddSerializedFile(file.SerializeToString())
+
+
+_describe()
 
 
 class Upstream:

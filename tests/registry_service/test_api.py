@@ -191,10 +191,15 @@ async def test_self_preservation_is_visible_over_the_api(start_registry: StartRe
     server = await start_registry(config)
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub: Stub = pb_grpc.RegistryStub(channel)
-        leases = {
-            n: (await stub.Register(pb.RegisterRequest(instance=instance(n), ttl_ms=300))).lease_id
-            for n in range(4)
-        }
+        # Registered together with a TTL well above the time that takes on a loaded
+        # machine, so they lapse within one sweep of each other.
+        replies = await asyncio.gather(
+            *(
+                stub.Register(pb.RegisterRequest(instance=instance(n), ttl_ms=1000))
+                for n in range(4)
+            )
+        )
+        leases = {n: reply.lease_id for n, reply in enumerate(replies)}
 
         async def heartbeat_all() -> None:
             for n, lease in leases.items():
@@ -204,7 +209,7 @@ async def test_self_preservation_is_visible_over_the_api(start_registry: StartRe
                     # One may have been evicted by a sweep just before the mass lapse.
                     assert exc.code() == grpc.StatusCode.NOT_FOUND
                     reply = await stub.Register(
-                        pb.RegisterRequest(instance=instance(n), ttl_ms=300)
+                        pb.RegisterRequest(instance=instance(n), ttl_ms=1000)
                     )
                     leases[n] = reply.lease_id
 
