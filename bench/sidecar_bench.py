@@ -82,6 +82,9 @@ class Result:
     note: str
 
 
+LATENCY_ROUNDS = 5
+
+
 def _tool(name: str) -> str | None:
     return shutil.which(name) or next(
         (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
@@ -215,13 +218,26 @@ async def run(duration: int, connections: int, streams: int, latency_calls: int)
             warm = ["-n", "2000", "-c", str(connections), "-m", str(streams), "-t", "1"]
             single = ["-n", str(latency_calls), "-c", "1", "-m", "1", "-t", "1"]
             loaded: dict[str, Result] = {}
-            serial: dict[str, Result] = {}
             for name, address in targets.items():
                 # Warm up (connections, caches, the JIT-less interpreter's dicts); not counted.
                 await asyncio.to_thread(_h2load, h2load, address, warm, tmp)
                 loaded[name] = await asyncio.to_thread(_h2load, h2load, address, load, tmp)
-                serial[name] = await asyncio.to_thread(_h2load, h2load, address, single, tmp)
+            # Latency at concurrency 1 in interleaved rounds, after every load phase, so
+            # drift in the machine's state (other work, frequency) hits every target alike;
+            # each target keeps its median round.
+            rounds: dict[str, list[Result]] = {name: [] for name in targets}
+            for _ in range(LATENCY_ROUNDS):
+                for name, address in targets.items():
+                    rounds[name].append(
+                        await asyncio.to_thread(_h2load, h2load, address, single, tmp)
+                    )
+            serial = {name: _median_round(results) for name, results in rounds.items()}
     return _report(loaded, serial, connections, streams)
+
+
+def _median_round(results: list[Result]) -> Result:
+    ordered = sorted(results, key=lambda r: r.p50_ms)
+    return ordered[len(ordered) // 2]
 
 
 def _report(loaded: dict[str, Result], serial: dict[str, Result], c: int, m: int) -> int:
