@@ -194,8 +194,10 @@ class Supervisor:
     @staticmethod
     async def _terminate(proc: asyncio.subprocess.Process, grace: float) -> None:
         if proc.returncode is None:
+            # Not proc.send_signal(): subprocess polls (reaps) the child first, and a child
+            # that has just died is then gone before asyncio's watcher can collect it.
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+                os.kill(proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), grace)
             except TimeoutError:

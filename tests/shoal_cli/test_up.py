@@ -231,3 +231,15 @@ def test_up_refuses_a_taken_port(tmp_path: Path) -> None:
         result = shoal("up", "--base-port", str(port))
     assert result.returncode == 2
     assert f"port {port} on 127.0.0.1 is in use" in result.stderr
+
+
+def test_a_second_ctrl_c_kills_everything_at_once(tmp_path: Path) -> None:
+    mesh = start_mesh(tmp_path, "--workers", "1")
+    everything = {p.pid for p in psutil.Process(mesh.proc.pid).children(recursive=True)}
+    mesh.proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    mesh.proc.send_signal(signal.SIGINT)
+    stop_mesh(mesh)
+    assert not alive(everything | mesh.pids)
+    # Every child was collected by its own watcher, none reaped behind asyncio's back.
+    assert "Unknown child process" not in mesh.stderr()
