@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 import grpc
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
@@ -58,21 +58,26 @@ async def _echo_counts(stubs: dict[str, WorkerAsyncStub]) -> dict[str, int]:
     return counts
 
 
-def _render(rate: float, lat: list[float], errors: int, spread: dict[str, int]) -> Table:
-    table = Table(
+def _render(rate: float, lat: list[float], errors: int, spread: dict[str, int]) -> Group:
+    calls = Table(
         title="shoal demo: Echo through the client sidecar (Ctrl-C stops the mesh)",
         title_justify="left",
     )
     for heading in ("req/s", "p50 ms", "p90 ms", "p99 ms", "errors"):
-        table.add_column(heading, justify="right")
-    table.add_row(
+        calls.add_column(heading, justify="right")
+    calls.add_row(
         f"{rate:.0f}", *(f"{percentile(lat, q) * 1000:.2f}" for q in (0.5, 0.9, 0.99)), str(errors)
     )
+    workers = Table(title="calls per worker (own count)", title_justify="left")
+    for heading, justify in (("worker", "left"), ("calls", "right"), ("share", "left")):
+        workers.add_column(heading, justify=justify)  # type: ignore[arg-type]
     total = sum(n for n in spread.values() if n > 0) or 1
     for name, n in spread.items():
-        bar = "down" if n < 0 else "#" * round(30 * n / total) + f" {100 * n / total:.0f}%"
-        table.add_row(name, bar, "", "", "")
-    return table
+        if n < 0:
+            workers.add_row(name, "-", "down (restarting?)")
+        else:
+            workers.add_row(name, str(n), "#" * round(30 * n / total) + f" {100 * n / total:.0f}%")
+    return Group(calls, workers)
 
 
 async def _demo(mesh: RunningMesh) -> None:

@@ -72,6 +72,9 @@ def _free_port() -> int:
 
 def _check_free(port: int) -> None:
     with socket.socket() as probe:
+        # As the servers themselves do: connections of an earlier mesh lingering in
+        # TIME_WAIT must not make a free port look taken.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
