@@ -60,7 +60,7 @@ async def _echo_counts(stubs: dict[str, WorkerAsyncStub]) -> dict[str, int]:
 
 def _render(rate: float, lat: list[float], errors: int, spread: dict[str, int]) -> Group:
     calls = Table(
-        title="shoal demo: Echo through the client sidecar (Ctrl-C stops the mesh)",
+        title="Echo via the client sidecar (Ctrl-C stops)",
         title_justify="left",
     )
     for heading in ("req/s", "p50 ms", "p90 ms", "p99 ms", "errors"):
