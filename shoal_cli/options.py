@@ -9,7 +9,7 @@ import click
 
 from shoal_core.addresses import AddressError, parse_address
 
-__all__ = ["ADDRESS", "LISTEN", "F", "grace_option", "log_level_option"]
+__all__ = ["ADDRESS", "LISTEN", "F", "grace_option", "log_level_option", "metrics_option"]
 
 # What click's option decorators take and return; naming it keeps commands typed.
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,3 +48,14 @@ def grace_option(
 def log_level_option() -> Callable[[F], F]:
     """``--log-level`` (``SHOAL_LOG_LEVEL`` applies when it is not given)."""
     return click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
+
+
+def metrics_option() -> Callable[[F], F]:
+    """``--metrics``: serve Prometheus metrics over HTTP (parameter ``metrics_listen``)."""
+    return click.option(
+        "--metrics",
+        "metrics_listen",
+        type=LISTEN,
+        default=None,
+        help="Serve Prometheus metrics over HTTP on this address.",
+    )

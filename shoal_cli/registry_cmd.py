@@ -9,7 +9,7 @@ import click
 from registry_service import RegistryConfig, RegistryServer
 from shoal_cli.errors import UserError
 from shoal_cli.mesh.config import config_option
-from shoal_cli.options import LISTEN, grace_option, log_level_option
+from shoal_cli.options import LISTEN, grace_option, log_level_option, metrics_option
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
 
@@ -27,13 +27,7 @@ _SECONDS = click.FloatRange(min=0.0, min_open=True)
     show_default=True,
     help="Address for the gRPC API (port 0 picks a free one).",
 )
-@click.option(
-    "--metrics",
-    "metrics_listen",
-    type=LISTEN,
-    default=None,
-    help="Serve Prometheus metrics over HTTP on this address.",
-)
+@metrics_option()
 @click.option(
     "--ttl-default",
     type=_SECONDS,

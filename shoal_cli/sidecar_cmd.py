@@ -21,7 +21,7 @@ __all__ = ["sidecar"]
 @click.option(
     "--listen",
     type=LISTEN,
-    default="127.0.0.1:7800",
+    default="127.0.0.1:7701",
     show_default=True,
     help="Address the app (and other sidecars) call (port 0 picks a free one).",
 )

@@ -7,7 +7,7 @@ import asyncio
 import click
 
 from shoal_cli.errors import UserError
-from shoal_cli.options import LISTEN, grace_option, log_level_option
+from shoal_cli.options import LISTEN, grace_option, log_level_option, metrics_option
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
 
@@ -29,13 +29,7 @@ __all__ = ["worker"]
     default=None,
     help="YAML allowlist of commands, functions and pools (default: Echo and demo functions).",
 )
-@click.option(
-    "--metrics",
-    "metrics_listen",
-    type=LISTEN,
-    default=None,
-    help="Serve Prometheus metrics over HTTP on this address.",
-)
+@metrics_option()
 @grace_option(10.0, "Seconds in-flight work may run on SIGTERM/SIGINT before it is stopped.")
 @log_level_option()
 def worker(
