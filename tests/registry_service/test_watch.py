@@ -178,3 +178,20 @@ async def test_changes_made_while_a_message_is_being_sent_are_not_lost(
     await stream.aclose()  # type: ignore[attr-defined]
     assert (event.type, event.revision) == (UPSERT, late.revision)
     assert event.instances[0].instance_id == "late"
+
+
+async def test_health_watchers_see_not_serving_when_shutdown_begins(
+    start_registry: StartRegistry,
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = await start_registry()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        call = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        first = await asyncio.wait_for(call.read(), 5)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        closing = asyncio.create_task(server.close(grace=2.0))
+        second = await asyncio.wait_for(call.read(), 5)
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await closing
