@@ -108,7 +108,7 @@ def registry(
 @click.command("registry-demo")
 def registry_demo() -> None:
     """Start a registry, register instances, and narrate leases, watch and expiry."""
-    from shoal_cli.demo import run_registry_demo
+    from shoal_cli.registry_demo import run_registry_demo
 
     setup_logging("WARNING")
     asyncio.run(run_registry_demo(click.echo))
