@@ -27,6 +27,7 @@ import grpc
 
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
+from shoal_cli.loadgen import percentile
 
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub
@@ -45,11 +46,6 @@ class Result:
     discover_p99_ms: float
     discover_calls: int
     capacity_hb_s: float
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def start_registry() -> tuple[subprocess.Popen[str], str]:

@@ -59,29 +59,31 @@ def _failure(via: str, exc: grpc.aio.AioRpcError) -> UserError | WorkFailed:
     return WorkFailed(f"{code.name}: {exc.details()}")
 
 
-async def _exec(via: str, command: str, args: list[str], stdin: bytes, timeout: float) -> int:
+async def _invoke(via: str, start: Callable[[WorkerAsyncStub], Any]) -> tuple[Any, dict[str, str]]:
+    """Run one unary Worker call through ``via``: its reply and trailing metadata."""
     async with grpc.aio.insecure_channel(via) as channel:
-        stub: WorkerAsyncStub = wpb_grpc.WorkerStub(channel)
-        rpc = stub.Exec(
-            wpb.ExecRequest(
-                command=command, args=args, stdin=stdin, timeout_ms=round(timeout * 1000)
-            ),
-            timeout=timeout + 5,
-        )
+        rpc = start(wpb_grpc.WorkerStub(channel))
         try:
             reply = await rpc
         except grpc.aio.AioRpcError as exc:
             raise _failure(via, exc) from None
-        sys.stdout.buffer.write(reply.stdout)
-        sys.stdout.flush()
-        sys.stderr.buffer.write(reply.stderr)
-        meta = await trailers(rpc)
-        click.echo(
-            f"shoal: exit {reply.exit_code} in {reply.duration_seconds:.3f}s on "
-            f"{served_by(meta)} (pid {reply.pid})",
-            err=True,
-        )
-        return reply.exit_code
+        return reply, await trailers(rpc)
+
+
+async def _exec(via: str, command: str, args: list[str], stdin: bytes, timeout: float) -> int:
+    request = wpb.ExecRequest(
+        command=command, args=args, stdin=stdin, timeout_ms=round(timeout * 1000)
+    )
+    reply, meta = await _invoke(via, lambda stub: stub.Exec(request, timeout=timeout + 5))
+    sys.stdout.buffer.write(reply.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(reply.stderr)
+    click.echo(
+        f"shoal: exit {reply.exit_code} in {reply.duration_seconds:.3f}s on "
+        f"{served_by(meta)} (pid {reply.pid})",
+        err=True,
+    )
+    return int(reply.exit_code)
 
 
 @click.command("exec")
@@ -112,27 +114,18 @@ def exec_(via: str, timeout: float, stdin_file: Any, argv: tuple[str, ...]) -> i
 
 
 async def _call(via: str, function: str, payload: bytes, timeout: float) -> None:
-    async with grpc.aio.insecure_channel(via) as channel:
-        stub: WorkerAsyncStub = wpb_grpc.WorkerStub(channel)
-        rpc = stub.Call(
-            wpb.CallRequest(function=function, payload=payload, timeout_ms=round(timeout * 1000)),
-            timeout=timeout + 5,
-        )
-        try:
-            reply = await rpc
-        except grpc.aio.AioRpcError as exc:
-            raise _failure(via, exc) from None
-        sys.stdout.buffer.write(reply.result)
-        if sys.stdout.isatty() and not reply.result.endswith(b"\n"):
-            sys.stdout.write("\n")
-        sys.stdout.flush()
-        meta = await trailers(rpc)
-        cached = " from cache" if meta.get("shoal-cache") == "hit" else ""
-        click.echo(
-            f"shoal: {function} ran in {reply.run_seconds * 1000:.2f} ms on "
-            f"{served_by(meta)} (pid {reply.pid}){cached}",
-            err=True,
-        )
+    request = wpb.CallRequest(function=function, payload=payload, timeout_ms=round(timeout * 1000))
+    reply, meta = await _invoke(via, lambda stub: stub.Call(request, timeout=timeout + 5))
+    sys.stdout.buffer.write(reply.result)
+    if sys.stdout.isatty() and not reply.result.endswith(b"\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    cached = " from cache" if meta.get("shoal-cache") == "hit" else ""
+    click.echo(
+        f"shoal: {function} ran in {reply.run_seconds * 1000:.2f} ms on "
+        f"{served_by(meta)} (pid {reply.pid}){cached}",
+        err=True,
+    )
 
 
 @click.command()
