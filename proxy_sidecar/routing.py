@@ -25,6 +25,7 @@ from proxy_sidecar.config import (
 )
 from proxy_sidecar.endpoints import EndpointTable, InstanceInfo
 from proxy_sidecar.errors import UnknownService
+from proxy_sidecar.resilience import no_counts
 
 __all__ = [
     "HOP_KEY",
@@ -77,10 +78,13 @@ class Router:
         *,
         app: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        breaker_counts: Callable[[str], tuple[int, int, int]] = no_counts,
     ) -> None:
         self._table = table
         self._config = config
         self._clock = clock
+        # Where the clusters' breaker counts are read: the data plane holds the slots.
+        self.breaker_counts = breaker_counts
         self._clusters: dict[str, Cluster] = {}
         self.local_table = EndpointTable(empty_hold=0.0, clock=clock)
         self.local: Cluster | None = None
@@ -95,6 +99,7 @@ class Router:
                 make_balancer("round_robin"),
                 OutlierSettings(max_ejected_percent=0.0, panic_threshold=0.0),
                 clock=clock,
+                breaker_counts=lambda key: self.breaker_counts(key),
             )
 
     def set_local_unary(self, unary: Mapping[str, Collection[str]]) -> None:
@@ -141,6 +146,7 @@ class Router:
             make_balancer(self._config.balancer_name(service)),
             self._config.outlier,
             clock=self._clock,
+            breaker_counts=lambda key: self.breaker_counts(key),
         )
         self._clusters[service] = cluster
         return cluster
