@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from proxy_sidecar.cluster import Cluster
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
-from proxy_sidecar.errors import NoHealthyEndpoint, Overloaded, RouteError, UnknownService
+from proxy_sidecar.errors import NoHealthyEndpoint, RouteError, UnknownService
 from proxy_sidecar.resilience import backoff_delay
 from proxy_sidecar.routing import Route, Router, parse_method
 
@@ -46,7 +46,6 @@ _UNAVAILABLE = 14
 _ROUTE_CODES: dict[type[RouteError], int] = {
     UnknownService: _UNIMPLEMENTED,
     NoHealthyEndpoint: _UNAVAILABLE,
-    Overloaded: 8,
 }
 # Below this much time left, a retry could not finish: give the caller the failure.
 _MIN_RETRY_TIME = 0.005

@@ -3,16 +3,14 @@
 Outgoing calls route by the gRPC service in the path (``/pkg.Service/Method``)
 to the instances that declared it at registration; the ``shoal-target-service``
 metadata key overrides the service. Calls marked with ``shoal-hop`` come from
-another sidecar and go to this sidecar's own app. The router also knows which
-methods are unary (from the registry and from the local app's reflection), so
-the forwarder can give those its cheaper path.
+another sidecar and go to this sidecar's own app.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy_sidecar.balancers import make_balancer
@@ -90,7 +88,9 @@ class Router:
         self.local: Cluster | None = None
         self._app = app
         if app is not None:
-            self.set_local_unary({})
+            self.local_table.replace(
+                [InstanceInfo(instance_id=LOCAL_SERVICE, address=app, grpc_services=("*",))]
+            )
             # The app is the only endpoint: never eject it, retry it, or panic over it.
             self.local = Cluster(
                 "*",
@@ -101,33 +101,6 @@ class Router:
                 clock=clock,
                 breaker_counts=lambda key: self.breaker_counts(key),
             )
-
-    def set_local_unary(self, unary: Mapping[str, Collection[str]]) -> None:
-        """What the local app's reflection says is unary, for the calls delivered to it."""
-        if self._app is None:
-            return
-        shapes = {service: frozenset(methods) for service, methods in unary.items()}
-        self.local_table.replace(
-            [
-                InstanceInfo(
-                    instance_id=LOCAL_SERVICE,
-                    address=self._app,
-                    grpc_services=("*",),
-                    unary=shapes,
-                )
-            ]
-        )
-
-    @property
-    def shapes_version(self) -> int:
-        """Changes whenever ``is_unary`` may answer differently (both counters only grow)."""
-        return self._table.shapes_version + self.local_table.shapes_version
-
-    def is_unary(self, route: Route) -> bool:
-        """Whether the method is known to be unary-unary, here or in the mesh."""
-        return route.method in self._table.unary_methods(
-            route.service
-        ) or route.method in self.local_table.unary_methods(route.service)
 
     def cluster(self, service: str) -> Cluster:
         """The cluster for ``service``; ``UnknownService`` when no instance declares it."""

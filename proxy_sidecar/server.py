@@ -17,24 +17,22 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from proxy_sidecar.endpoints import Endpoint
-
 import grpc
 from prometheus_client.registry import CollectorRegistry
+from shoal_dataplane import DataPlane
 
 from proxy_sidecar.admin import AdminEndpoint, Page, json_page
 from proxy_sidecar.balancers import balancer_class
 from proxy_sidecar.config import MembershipSettings, SidecarConfig
-from proxy_sidecar.discovery import Discovery
-from proxy_sidecar.endpoints import EndpointTable
-from proxy_sidecar.errors import PolicyError
 from proxy_sidecar.control import Control
+from proxy_sidecar.discovery import Discovery
+from proxy_sidecar.endpoints import Endpoint, EndpointTable
+from proxy_sidecar.errors import PolicyError
 from proxy_sidecar.membership import Membership
 from proxy_sidecar.metrics import SidecarCollector
 from proxy_sidecar.routing import Router
 from shoal_core.addresses import HostPort, parse_address
 from shoal_core.grpc_server import GrpcServer, ServerStartError
-from shoal_dataplane import DataPlane
 from shoal_core.metrics import render
 
 __all__ = ["SidecarServer"]
@@ -185,7 +183,6 @@ class SidecarServer(GrpcServer):
             except BaseException:
                 await self.close(0)
                 raise
-            self.router.set_local_unary(self.membership.unary)
 
     def _membership_settings(self, advertise: str) -> MembershipSettings:
         """The configured settings plus where operators find the app and this admin page.

@@ -200,7 +200,11 @@ impl Pool {
     async fn run_keeper(self: Arc<Self>, upstream: Arc<Upstream>) {
         let mut backoff = BACKOFF_INITIAL;
         loop {
-            upstream.set(&self, State::Connecting, None);
+            // Sticky failure (as gRPC's): an endpoint that failed stays unroutable while
+            // it is retried, instead of drawing calls during every reconnect attempt.
+            if upstream.link.borrow().state != State::TransientFailure {
+                upstream.set(&self, State::Connecting, None);
+            }
             let (sender, connection) = match connect(&upstream.address).await {
                 Ok(found) => found,
                 Err(()) => {
