@@ -187,7 +187,7 @@ async fn forward(plane: &Arc<Plane>, request: Request<Incoming>) -> Response<Rel
                 call.finish(grpc::OK, Some(started.elapsed()));
                 return ended.into_response(mark);
             }
-            Ok(ended @ Answer::Ended { .. }) => Unanswered::Ended(ended),
+            Ok(ended @ Answer::Ended { .. }) => Unanswered::Ended(Box::new(ended)),
             Err(failure) => Unanswered::Failed(failure),
         };
         let code = match &outcome {
@@ -215,7 +215,7 @@ async fn forward(plane: &Arc<Plane>, request: Request<Incoming>) -> Response<Rel
 
 /// A try that got no message: the upstream ended the call, or the exchange failed.
 enum Unanswered {
-    Ended(Answer),
+    Ended(Box<Answer>),
     Failed(Failure),
 }
 
