@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import json
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from proxy_sidecar import SidecarServer
-from tests.proxy_sidecar.conftest import sidecar_config
+from tests.proxy_sidecar.conftest import Mesh, sidecar_config, wait_for
 
 
 async def _get(port, path):
@@ -65,7 +66,6 @@ async def test_no_healthy_instance_is_unavailable(make_mesh):
     mesh = await make_mesh()
     for sidecar in mesh.sidecars:
         await sidecar.close(0)
-    from tests.proxy_sidecar.conftest import wait_for
 
     async def unavailable():
         try:
@@ -100,3 +100,26 @@ def test_bad_settings_are_refused(registry):
         SidecarServer("127.0.0.1:0", registry.address, sidecar_config(lb="fastest"))
     with pytest.raises(PolicyError, match="go together"):
         SidecarServer("127.0.0.1:0", registry.address, service="echo")
+
+
+def _dataplane_threads() -> int:
+    tasks = Path("/proc/self/task")
+    return sum(1 for t in tasks.iterdir() if (t / "comm").read_text().strip() == "shoal-dataplane")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in Linux /proc")
+async def test_connections_open_ahead_close_when_idle_and_the_thread_ends(registry, upstreams):
+    before = _dataplane_threads()
+    mesh = await Mesh(registry, upstreams).start(sidecar_config(pool={"idle_timeout": 0.6}))
+    try:
+        dataplane = mesh.client.dataplane if mesh.client else None
+        assert dataplane is not None
+        # Opened when the endpoints appeared, before any call.
+        await wait_for(lambda: dataplane.connections() == 3, what="3 connections opened ahead")
+        await wait_for(lambda: dataplane.connections() == 0, what="idle connections closed")
+        assert (await mesh.echo.unary(b"again")).endswith(b":again")
+        assert dataplane.connections() >= 1
+        assert _dataplane_threads() == before + 4
+    finally:
+        await mesh.close()
+    assert _dataplane_threads() == before
