@@ -94,23 +94,14 @@ pub fn code_for_reset(reason: h2::Reason) -> u32 {
 
 /// The status for a failed upstream exchange: a reset stream maps by its reason; a
 /// connection that failed or closed is UNAVAILABLE (the call can go elsewhere).
-pub fn code_for_error(error: &hyper::Error) -> u32 {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(err) = source {
-        if let Some(h2err) = err.downcast_ref::<h2::Error>() {
-            if h2err.is_go_away() || h2err.is_io() {
-                return UNAVAILABLE;
-            }
-            if let Some(reason) = h2err.reason() {
-                if h2err.is_reset() && h2err.is_remote() {
-                    return code_for_reset(reason);
-                }
-            }
-            return UNAVAILABLE;
-        }
-        source = err.source();
+pub fn code_for_error(error: &h2::Error) -> u32 {
+    if error.is_go_away() || error.is_io() {
+        return UNAVAILABLE;
     }
-    UNAVAILABLE
+    match error.reason() {
+        Some(reason) if error.is_reset() && error.is_remote() => code_for_reset(reason),
+        _ => UNAVAILABLE,
+    }
 }
 
 #[cfg(test)]

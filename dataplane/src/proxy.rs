@@ -23,6 +23,7 @@ use crate::grpc;
 use crate::pool::{Failure, Pool, Upstream};
 use crate::relay::{Ending, RelayBody, UPSTREAM_KEY};
 use crate::replay::Replay;
+use crate::stream::UpBody;
 
 const TARGET_KEY: &str = "shoal-target-service";
 const HOP_KEY: HeaderName = HeaderName::from_static("shoal-hop");
@@ -225,7 +226,7 @@ enum Answer {
     Committed {
         parts: response::Parts,
         first: Frame<Bytes>,
-        body: Incoming,
+        body: UpBody,
     },
     /// With a status and no message: `trailers` unless the headers carried the status.
     Ended {
@@ -280,7 +281,7 @@ async fn try_once(
     replay: &Replay,
     timeout: Option<Duration>,
 ) -> Result<Answer, Failure> {
-    let mut request = Request::new(replay.body());
+    let mut request = Request::new(());
     *request.method_mut() = Method::POST;
     *request.uri_mut() = upstream_uri(upstream, path);
     let mut headers = headers.clone();
@@ -289,7 +290,10 @@ async fn try_once(
     }
     *request.headers_mut() = headers;
     let exchange = async {
-        let (parts, mut body) = upstream.send(&plane.pool, request).await?.into_parts();
+        let (parts, mut body) = upstream
+            .send(&plane.pool, request, replay.body())
+            .await?
+            .into_parts();
         if body.is_end_stream() {
             let code = grpc::status_of(&parts.headers).unwrap_or(grpc::UNKNOWN);
             return Ok(Answer::Ended {

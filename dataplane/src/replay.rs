@@ -120,6 +120,18 @@ pub struct ReplayBody {
     next: usize,
 }
 
+impl ReplayBody {
+    /// The next kept frame, without reading from the client.
+    pub fn next_kept(&mut self) -> Option<Frame<Bytes>> {
+        let shared = self.shared.lock().unwrap();
+        if shared.generation != self.generation || self.next >= shared.kept.len() {
+            return None;
+        }
+        self.next += 1;
+        Some(clone_frame(&shared.kept[self.next - 1]))
+    }
+}
+
 impl Body for ReplayBody {
     type Data = Bytes;
     type Error = BoxError;
