@@ -193,11 +193,15 @@ impl Call {
     /// The call ended with `code`; `latency` is the time the last try took to answer.
     pub fn finish(&mut self, code: u32, latency: Option<Duration>) {
         if let Some(obj) = self.obj.take() {
-            Python::attach(|py| {
+            // `obj` moves in to be released with the GIL held: dropped after the
+            // closure, its reference would go to pyo3's deferred pool (a lock, and a
+            // sweep on the next attach).
+            Python::attach(move |py| {
                 let seconds = latency.map(|l| l.as_secs_f64());
                 if let Err(err) = obj.call_method1(py, intern!(py, "finish"), (code, seconds)) {
                     err.print(py);
                 }
+                drop(obj);
             });
         }
     }
