@@ -25,7 +25,7 @@ use crate::relay::{Ending, RelayBody, UPSTREAM_KEY};
 use crate::replay::Replay;
 use crate::stream::UpBody;
 
-const TARGET_KEY: &str = "shoal-target-service";
+const TARGET_KEY: HeaderName = HeaderName::from_static("shoal-target-service");
 const HOP_KEY: HeaderName = HeaderName::from_static("shoal-hop");
 const TIMEOUT_KEY: HeaderName = HeaderName::from_static("grpc-timeout");
 // Services the sidecar serves itself (on its own gRPC server), unless the call is

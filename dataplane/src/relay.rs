@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -17,7 +17,7 @@ use crate::grpc;
 use crate::replay::BoxError;
 use crate::stream::UpBody;
 
-pub const UPSTREAM_KEY: &str = "shoal-upstream";
+pub const UPSTREAM_KEY: HeaderName = HeaderName::from_static("shoal-upstream");
 
 /// What happens when the response ends.
 pub struct Ending {
