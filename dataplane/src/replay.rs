@@ -52,9 +52,8 @@ impl Replay {
 
     /// Keep the request frames that have arrived already, without waiting for more.
     ///
-    /// A unary request is usually whole by now: the first try's body then ends by
-    /// itself, which lets the HTTP/2 client send it at once instead of from a task
-    /// of its own.
+    /// A unary request is usually whole by now: the first try then queues all of it
+    /// with its headers (`stream::send_body`), one write and no task for the body.
     pub async fn prefetch(&self) {
         std::future::poll_fn(|cx| {
             let mut shared = self.shared.lock().unwrap();
