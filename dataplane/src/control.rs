@@ -4,17 +4,25 @@
 //! first endpoint, and finish; one more per retry), made on the data plane's one thread. Python never blocks here:
 //! every decision is synchronous and in memory.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
+use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyString, PyTuple};
 
 use crate::grpc;
 
 /// The control plane object (`proxy_sidecar.control.Control`).
 pub struct Control {
     obj: Py<PyAny>,
+    /// The method paths seen, as Python strings: made (and hashed) once, not per call.
+    paths: Mutex<HashMap<Box<str>, Py<PyString>>>,
 }
+
+/// Paths kept as Python strings at most: the control plane caches as many routes.
+const MAX_PATHS: usize = 4096;
 
 /// What `begin` decided for a call that may go ahead.
 pub struct Admitted {
@@ -44,7 +52,22 @@ fn refusal(py: Python<'_>, err: PyErr) -> Refusal {
 
 impl Control {
     pub fn new(obj: Py<PyAny>) -> Self {
-        Control { obj }
+        Control {
+            obj,
+            paths: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn path<'py>(&self, py: Python<'py>, path: &str) -> Bound<'py, PyString> {
+        let mut paths = self.paths.lock().unwrap();
+        if let Some(found) = paths.get(path) {
+            return found.bind(py).clone();
+        }
+        let made = PyString::new(py, path);
+        if paths.len() < MAX_PATHS {
+            paths.insert(path.into(), made.clone().unbind());
+        }
+        made
     }
 
     pub fn begin(
@@ -56,10 +79,17 @@ impl Control {
         remaining: Option<f64>,
     ) -> Result<Admitted, Refusal> {
         Python::attach(|py| {
-            let got = self
-                .obj
-                .call_method1(py, "begin", (path, target, inbound, metadata, remaining))
-                .map_err(|e| refusal(py, e))?;
+            let path = self.path(py, path);
+            // Usually no metadata to route on: the empty tuple is a shared object.
+            let got = if metadata.is_empty() {
+                let metadata = PyTuple::empty(py);
+                let args = (path, target, inbound, metadata, remaining);
+                self.obj.call_method1(py, intern!(py, "begin"), args)
+            } else {
+                let args = (path, target, inbound, metadata, remaining);
+                self.obj.call_method1(py, intern!(py, "begin"), args)
+            }
+            .map_err(|e| refusal(py, e))?;
             let tuple = got
                 .bind(py)
                 .cast::<PyTuple>()
@@ -85,9 +115,9 @@ impl Control {
     /// Tell the control plane a connection changed state.
     pub fn connection_state(&self, address: &str, state: &str) {
         Python::attach(|py| {
-            if let Err(err) = self
-                .obj
-                .call_method1(py, "connection_state", (address, state))
+            if let Err(err) =
+                self.obj
+                    .call_method1(py, intern!(py, "connection_state"), (address, state))
             {
                 err.print(py);
             }
@@ -134,7 +164,9 @@ impl Call {
             .as_ref()
             .expect("a call is picked for only until it finishes");
         Python::attach(|py| {
-            let got = obj.call_method0(py, "pick").map_err(|e| refusal(py, e))?;
+            let got = obj
+                .call_method0(py, intern!(py, "pick"))
+                .map_err(|e| refusal(py, e))?;
             to_pick(py, got.bind(py))
         })
     }
@@ -143,8 +175,8 @@ impl Call {
     pub fn failed(&self, code: u32, replayable: bool, elapsed: Duration) -> Option<Duration> {
         let obj = self.obj.as_ref()?;
         let elapsed = elapsed.as_secs_f64();
-        Python::attach(
-            |py| match obj.call_method1(py, "failed", (code, replayable, elapsed)) {
+        Python::attach(|py| {
+            match obj.call_method1(py, intern!(py, "failed"), (code, replayable, elapsed)) {
                 Ok(pause) => pause
                     .extract::<Option<f64>>(py)
                     .ok()
@@ -154,18 +186,22 @@ impl Call {
                     err.print(py);
                     None
                 }
-            },
-        )
+            }
+        })
     }
 
     /// The call ended with `code`; `latency` is the time the last try took to answer.
     pub fn finish(&mut self, code: u32, latency: Option<Duration>) {
         if let Some(obj) = self.obj.take() {
-            Python::attach(|py| {
+            // `obj` moves in to be released with the GIL held: dropped after the
+            // closure, its reference would go to pyo3's deferred pool (a lock, and a
+            // sweep on the next attach).
+            Python::attach(move |py| {
                 let seconds = latency.map(|l| l.as_secs_f64());
-                if let Err(err) = obj.call_method1(py, "finish", (code, seconds)) {
+                if let Err(err) = obj.call_method1(py, intern!(py, "finish"), (code, seconds)) {
                     err.print(py);
                 }
+                drop(obj);
             });
         }
     }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Response};
 
 pub const OK: u32 = 0;
 pub const CANCELLED: u32 = 1;
@@ -13,6 +13,9 @@ pub const RESOURCE_EXHAUSTED: u32 = 8;
 pub const UNIMPLEMENTED: u32 = 12;
 pub const INTERNAL: u32 = 13;
 pub const UNAVAILABLE: u32 = 14;
+
+// Header names as constants: a `&str` key is parsed and checked on every use.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// `grpc-timeout` (`<digits><unit>`, at most 8 digits) as a duration.
 pub fn parse_timeout(value: &HeaderValue) -> Option<Duration> {
@@ -53,7 +56,7 @@ pub fn format_timeout(d: Duration) -> HeaderValue {
 
 /// The status a response's headers or trailers carry, if any.
 pub fn status_of(headers: &HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// `grpc-message` is percent-encoded UTF-8: everything outside printable ASCII, and `%`.
@@ -74,7 +77,7 @@ pub fn trailers_only<B>(code: u32, message: &str, body: B) -> Response<B> {
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert("content-type", HeaderValue::from_static("application/grpc"));
-    headers.insert("grpc-status", HeaderValue::from(code));
+    headers.insert(GRPC_STATUS, HeaderValue::from(code));
     if !message.is_empty() {
         headers.insert("grpc-message", encode_message(message));
     }
@@ -94,23 +97,14 @@ pub fn code_for_reset(reason: h2::Reason) -> u32 {
 
 /// The status for a failed upstream exchange: a reset stream maps by its reason; a
 /// connection that failed or closed is UNAVAILABLE (the call can go elsewhere).
-pub fn code_for_error(error: &hyper::Error) -> u32 {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(err) = source {
-        if let Some(h2err) = err.downcast_ref::<h2::Error>() {
-            if h2err.is_go_away() || h2err.is_io() {
-                return UNAVAILABLE;
-            }
-            if let Some(reason) = h2err.reason() {
-                if h2err.is_reset() && h2err.is_remote() {
-                    return code_for_reset(reason);
-                }
-            }
-            return UNAVAILABLE;
-        }
-        source = err.source();
+pub fn code_for_error(error: &h2::Error) -> u32 {
+    if error.is_go_away() || error.is_io() {
+        return UNAVAILABLE;
     }
-    UNAVAILABLE
+    match error.reason() {
+        Some(reason) if error.is_reset() && error.is_remote() => code_for_reset(reason),
+        _ => UNAVAILABLE,
+    }
 }
 
 #[cfg(test)]

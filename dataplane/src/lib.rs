@@ -18,6 +18,7 @@ mod pool;
 mod proxy;
 mod relay;
 mod replay;
+mod stream;
 
 use std::net::ToSocketAddrs;
 use std::sync::{Arc, Mutex};

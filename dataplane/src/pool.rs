@@ -12,17 +12,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use h2::client::SendRequest;
 use http::uri::Authority;
-use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http::{Request, Response};
+use hyper::body::Body;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::grpc;
 use crate::replay::ReplayBody;
+use crate::stream::{self, Abandon, UpBody};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
@@ -50,7 +51,7 @@ impl State {
 #[derive(Clone)]
 struct Link {
     state: State,
-    sender: Option<SendRequest<ReplayBody>>,
+    sender: Option<SendRequest<Bytes>>,
 }
 
 /// Told of every connection state change: `(address, state)`.
@@ -75,8 +76,9 @@ impl Upstream {
     pub async fn send(
         self: &Arc<Self>,
         pool: &Arc<Pool>,
-        request: Request<ReplayBody>,
-    ) -> Result<Response<Incoming>, Failure> {
+        request: Request<()>,
+        body: ReplayBody,
+    ) -> Result<Response<UpBody>, Failure> {
         self.used.store(true, Ordering::Relaxed);
         let mut sender = self.link.borrow().sender.clone();
         if sender.is_none() {
@@ -88,17 +90,26 @@ impl Upstream {
                 message: format!("shoal: cannot connect to {}", self.address),
             });
         };
-        match sender.send_request(request).await {
-            Ok(response) => Ok(response),
-            Err(err) => Err(Failure {
-                code: grpc::code_for_error(&err),
-                message: format!("shoal: upstream {}: {err}", self.address),
-            }),
-        }
+        let failed = |err: h2::Error| Failure {
+            code: grpc::code_for_error(&err),
+            message: format!("shoal: upstream {}: {err}", self.address),
+        };
+        // A fresh clone has no stream of its own pending open: it may send at once
+        // (the connection queues streams beyond the peer's concurrency limit).
+        let eos = body.is_end_stream();
+        let (response, tx) = sender.send_request(request, eos).map_err(failed)?;
+        let abandon = Abandon(if eos {
+            None
+        } else {
+            stream::send_body(body, tx)
+        });
+        let response = response.await.map_err(failed)?;
+        abandon.disarm();
+        Ok(response.map(UpBody::new))
     }
 
     /// The sender once a connection attempt ends; `None` when it failed.
-    async fn wait_ready(self: &Arc<Self>, pool: &Arc<Pool>) -> Option<SendRequest<ReplayBody>> {
+    async fn wait_ready(self: &Arc<Self>, pool: &Arc<Pool>) -> Option<SendRequest<Bytes>> {
         let mut seen = self.link.subscribe();
         pool.keep(self);
         loop {
@@ -116,7 +127,7 @@ impl Upstream {
         }
     }
 
-    fn set(&self, pool: &Pool, state: State, sender: Option<SendRequest<ReplayBody>>) {
+    fn set(&self, pool: &Pool, state: State, sender: Option<SendRequest<Bytes>>) {
         let changed = self.link.borrow().state != state;
         self.link.send_replace(Link { state, sender });
         if changed {
@@ -241,22 +252,25 @@ impl Pool {
     }
 }
 
-type Connection =
-    hyper::client::conn::http2::Connection<TokioIo<TcpStream>, ReplayBody, TokioExecutor>;
+type Connection = h2::client::Connection<TcpStream, Bytes>;
 
-async fn connect(address: &str) -> Result<(SendRequest<ReplayBody>, Connection), ()> {
+async fn connect(address: &str) -> Result<(SendRequest<Bytes>, Connection), ()> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
         .await
         .map_err(|_| ())?
         .map_err(|_| ())?;
     crate::net::tune(&stream);
-    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    // hyper's client settings, but for the windows and the header list.
+    let mut builder = h2::client::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(1 << 20)
+        .initial_max_send_streams(100)
+        .initial_window_size(1 << 20)
         .initial_connection_window_size(1 << 24)
-        .max_header_list_size(1 << 16);
-    tokio::time::timeout(CONNECT_TIMEOUT, builder.handshake(TokioIo::new(stream)))
+        .max_header_list_size(1 << 16)
+        .max_frame_size(1 << 14)
+        .max_send_buffer_size(1 << 20)
+        .enable_push(false);
+    tokio::time::timeout(CONNECT_TIMEOUT, builder.handshake(stream))
         .await
         .map_err(|_| ())?
         .map_err(|_| ())

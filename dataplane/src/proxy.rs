@@ -23,8 +23,9 @@ use crate::grpc;
 use crate::pool::{Failure, Pool, Upstream};
 use crate::relay::{Ending, RelayBody, UPSTREAM_KEY};
 use crate::replay::Replay;
+use crate::stream::UpBody;
 
-const TARGET_KEY: &str = "shoal-target-service";
+const TARGET_KEY: HeaderName = HeaderName::from_static("shoal-target-service");
 const HOP_KEY: HeaderName = HeaderName::from_static("shoal-hop");
 const TIMEOUT_KEY: HeaderName = HeaderName::from_static("grpc-timeout");
 // Services the sidecar serves itself (on its own gRPC server), unless the call is
@@ -48,7 +49,9 @@ pub async fn handle(
     plane: Arc<Plane>,
     request: Request<Incoming>,
 ) -> Result<Response<RelayBody>, Infallible> {
-    Ok(forward(&plane, request).await)
+    // Boxed: hyper moves the service future into each stream's task, and the whole
+    // call's state machine is a few kilobytes.
+    Ok(Box::pin(forward(&plane, request)).await)
 }
 
 fn refused(refusal: Refusal) -> Response<RelayBody> {
@@ -225,7 +228,7 @@ enum Answer {
     Committed {
         parts: response::Parts,
         first: Frame<Bytes>,
-        body: Incoming,
+        body: UpBody,
     },
     /// With a status and no message: `trailers` unless the headers carried the status.
     Ended {
@@ -280,7 +283,7 @@ async fn try_once(
     replay: &Replay,
     timeout: Option<Duration>,
 ) -> Result<Answer, Failure> {
-    let mut request = Request::new(replay.body());
+    let mut request = Request::new(());
     *request.method_mut() = Method::POST;
     *request.uri_mut() = upstream_uri(upstream, path);
     let mut headers = headers.clone();
@@ -289,7 +292,10 @@ async fn try_once(
     }
     *request.headers_mut() = headers;
     let exchange = async {
-        let (parts, mut body) = upstream.send(&plane.pool, request).await?.into_parts();
+        let (parts, mut body) = upstream
+            .send(&plane.pool, request, replay.body())
+            .await?
+            .into_parts();
         if body.is_end_stream() {
             let code = grpc::status_of(&parts.headers).unwrap_or(grpc::UNKNOWN);
             return Ok(Answer::Ended {
@@ -369,5 +375,20 @@ async fn forward_own(
         }
         Ok(ended) => ended.into_response(None),
         Err(failure) => grpc::trailers_only(failure.code, &failure.message, RelayBody::empty()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size<A, F: std::future::Future>(_: fn(Arc<Plane>, A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn the_stream_future_is_small() {
+        // hyper moves it into each stream's task: the call's state stays boxed.
+        assert!(size(handle) < 512, "{} bytes", size(handle));
     }
 }

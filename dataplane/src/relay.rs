@@ -8,15 +8,16 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderValue;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use http::{HeaderName, HeaderValue};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::control::Call;
 use crate::grpc;
 use crate::replay::BoxError;
+use crate::stream::UpBody;
 
-pub const UPSTREAM_KEY: &str = "shoal-upstream";
+pub const UPSTREAM_KEY: HeaderName = HeaderName::from_static("shoal-upstream");
 
 /// What happens when the response ends.
 pub struct Ending {
@@ -47,13 +48,13 @@ impl Ending {
 pub struct RelayBody {
     /// A frame read ahead (the first message, or the trailers of a call that ended).
     first: Option<Frame<Bytes>>,
-    inner: Option<Incoming>,
+    inner: Option<UpBody>,
     ending: Ending,
 }
 
 impl RelayBody {
     /// A streamed response from upstream whose `first` frame was read already.
-    pub fn streamed(first: Frame<Bytes>, inner: Incoming, ending: Ending) -> Self {
+    pub fn streamed(first: Frame<Bytes>, inner: UpBody, ending: Ending) -> Self {
         RelayBody {
             first: Some(first),
             inner: Some(inner),

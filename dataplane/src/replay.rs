@@ -52,9 +52,8 @@ impl Replay {
 
     /// Keep the request frames that have arrived already, without waiting for more.
     ///
-    /// A unary request is usually whole by now: the first try's body then ends by
-    /// itself, which lets the HTTP/2 client send it at once instead of from a task
-    /// of its own.
+    /// A unary request is usually whole by now: the first try then queues all of it
+    /// with its headers (`stream::send_body`), one write and no task for the body.
     pub async fn prefetch(&self) {
         std::future::poll_fn(|cx| {
             let mut shared = self.shared.lock().unwrap();
@@ -118,6 +117,18 @@ pub struct ReplayBody {
     shared: Arc<Mutex<Shared>>,
     generation: u64,
     next: usize,
+}
+
+impl ReplayBody {
+    /// The next kept frame, without reading from the client.
+    pub fn next_kept(&mut self) -> Option<Frame<Bytes>> {
+        let shared = self.shared.lock().unwrap();
+        if shared.generation != self.generation || self.next >= shared.kept.len() {
+            return None;
+        }
+        self.next += 1;
+        Some(clone_frame(&shared.kept[self.next - 1]))
+    }
 }
 
 impl Body for ReplayBody {
