@@ -5,7 +5,9 @@
 //! body from yet another task; the request's HEADERS and DATA then leave in separate
 //! writes. Here the try opens the stream itself and queues the frames of the request
 //! it holds already, so a unary request goes out whole in one write, with no task.
-//! Only a request still streaming from the caller gets a task (`Pump`) for the rest.
+//! Only a request still streaming from the caller gets a task (`Pump`) for the rest;
+//! its flow-control handling follows hyper's own body pipe (hyper is MIT-licensed),
+//! including the fix for hyper issue #4003.
 
 use std::future::Future;
 use std::pin::Pin;
