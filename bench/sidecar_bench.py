@@ -1,13 +1,13 @@
 """Sidecar overhead: h2load against a worker's Echo direct, through the sidecar, through nginx.
 
 ``python -m bench.sidecar_bench`` starts a registry, a ``shoal worker`` (registered
-directly, so the sidecar path is one hop like nginx's; its unary method shapes
-are read through reflection and published as an app-side sidecar would), a
-``shoal sidecar`` and an nginx with ``grpc_pass`` (one worker, upstream
-keepalive), all on 127.0.0.1. For
+directly, so the sidecar path is one hop like nginx's), a ``shoal sidecar`` and an
+nginx with ``grpc_pass`` (one worker, upstream keepalive), all on 127.0.0.1. For
 each target it runs h2load for throughput (fixed time, several connections and
 streams) and for latency at concurrency 1, and reports req/s, p50 and p99 (from
-h2load's per-request log). h2load counts HTTP 200 as success even when
+h2load's per-request log). Both measures run in rounds that take the targets in
+turn, and each target keeps its median round, so drift in what else the machine
+does hits every target alike. h2load counts HTTP 200 as success even when
 grpc-status is an error, so the response DATA bytes are checked too: every call
 must return the whole echoed frame.
 
@@ -39,8 +39,6 @@ import grpc
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from protos import worker_pb2
-from proxy_sidecar.reflect import unary_methods
-from proxy_sidecar.shapes import publish_unary
 
 SERVICE = "shoal.worker.v1.Worker"
 METHOD = f"/{SERVICE}/Echo"
@@ -82,6 +80,7 @@ class Result:
     note: str
 
 
+LOAD_ROUNDS = 3
 LATENCY_ROUNDS = 5
 
 
@@ -150,16 +149,12 @@ def _h2load(h2load: str, address: str, args: list[str], tmp: Path) -> Result:
 
 
 async def _register(registry: str, upstream: str) -> None:
-    async with grpc.aio.insecure_channel(upstream) as channel:
-        shapes, _ = publish_unary(await unary_methods(channel, [SERVICE]))
-    if not shapes:
-        raise RuntimeError(f"the worker's reflection did not describe {SERVICE}")
     async with grpc.aio.insecure_channel(registry) as channel:
         await pb_grpc.RegistryStub(channel).Register(
             pb.RegisterRequest(
                 instance=pb.Instance(
                     instance_id="bench-worker", service="bench", address=upstream,
-                    grpc_services=[SERVICE], metadata=shapes,
+                    grpc_services=[SERVICE],
                 ),
                 ttl_ms=300_000,
             )
@@ -217,31 +212,40 @@ async def run(duration: int, connections: int, streams: int, latency_calls: int)
             load = ["-D", str(duration), "-c", str(connections), "-m", str(streams), "-t", "1"]
             warm = ["-n", "2000", "-c", str(connections), "-m", str(streams), "-t", "1"]
             single = ["-n", str(latency_calls), "-c", "1", "-m", "1", "-t", "1"]
-            loaded: dict[str, Result] = {}
-            for name, address in targets.items():
+            for address in targets.values():
                 # Warm up (connections, caches, the JIT-less interpreter's dicts); not counted.
                 await asyncio.to_thread(_h2load, h2load, address, warm, tmp)
-                loaded[name] = await asyncio.to_thread(_h2load, h2load, address, load, tmp)
-            # Latency at concurrency 1 in interleaved rounds, after every load phase, so
-            # drift in the machine's state (other work, frequency) hits every target alike;
-            # each target keeps its median round.
             rounds: dict[str, list[Result]] = {name: [] for name in targets}
+            for _ in range(LOAD_ROUNDS):
+                for name, address in targets.items():
+                    rounds[name].append(
+                        await asyncio.to_thread(_h2load, h2load, address, load, tmp)
+                    )
+            loaded = {name: _median(results, by_rps=True) for name, results in rounds.items()}
+            rounds = {name: [] for name in targets}
             for _ in range(LATENCY_ROUNDS):
                 for name, address in targets.items():
                     rounds[name].append(
                         await asyncio.to_thread(_h2load, h2load, address, single, tmp)
                     )
-            serial = {name: _median_round(results) for name, results in rounds.items()}
+            serial = {name: _median(results) for name, results in rounds.items()}
     return _report(loaded, serial, connections, streams)
 
 
-def _median_round(results: list[Result]) -> Result:
-    ordered = sorted(results, key=lambda r: r.p50_ms)
+def _median(results: list[Result], *, by_rps: bool = False) -> Result:
+    """The median round (by req/s or by p50); a failed round is reported instead."""
+    failed = [r for r in results if not r.ok]
+    if failed:
+        return failed[0]
+    ordered = sorted(results, key=lambda r: r.rps if by_rps else r.p50_ms)
     return ordered[len(ordered) // 2]
 
 
 def _report(loaded: dict[str, Result], serial: dict[str, Result], c: int, m: int) -> int:
-    print(f"h2load, worker Echo (64-byte payload); load: {c} conns x {m} streams; latency: 1 x 1")
+    print(
+        f"h2load, worker Echo (64-byte payload); load: {c} conns x {m} streams, "
+        f"median of {LOAD_ROUNDS} rounds; latency: 1 x 1, median of {LATENCY_ROUNDS} rounds"
+    )
     print(
         f"{'target':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}   {'c=1 p50':>8} {'c=1 p99':>8}"
     )
@@ -270,7 +274,9 @@ def _report(loaded: dict[str, Result], serial: dict[str, Result], c: int, m: int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=8, help="seconds of load per target")
+    parser.add_argument(
+        "--duration", type=int, default=5, help="seconds of load per target and round"
+    )
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--streams", type=int, default=16, help="concurrent streams each")
     parser.add_argument("--latency-calls", type=int, default=3000)

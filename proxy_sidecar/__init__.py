@@ -1,12 +1,12 @@
 """Shoal's sidecar proxy: forwards an app's gRPC calls to healthy instances, brings the app
 into the mesh.
 
-Domain modules (``endpoints``, ``balancers``, ``policies``, ``outlier``,
-``resilience``, ``cluster``, ``routing``, ``shapes``, ``config``) never import
-grpc; ``forwarder`` maps calls onto them through the ``unary`` fast path or the
-``streaming`` path (both retry through ``tries``) and route errors onto status
-codes; ``discovery``, ``membership``, ``reflect`` and ``pool`` talk gRPC to the
-registry, the app and the upstreams; ``server`` owns the lifecycle.
+Calls are forwarded by the native data plane (``shoal_dataplane``, Rust, in
+``dataplane/``), which moves HTTP/2 frames and asks ``control`` where each call
+goes and whether to retry it. Domain modules (``endpoints``, ``balancers``,
+``policies``, ``outlier``, ``resilience``, ``cluster``, ``routing``, ``control``,
+``config``) never import grpc; ``discovery``, ``membership`` and ``reflect`` talk
+gRPC to the registry and the app; ``server`` owns the lifecycle.
 """
 
 from __future__ import annotations

@@ -5,10 +5,15 @@ balancer, outlier detector, circuit breaker and retry budget. The routable list
 it hands to the balancer is rebuilt only when the endpoint table, the ejections
 or an endpoint's reachability change, so a pick costs a couple of comparisons
 plus the policy itself.
+
+Calls are decided on the data plane's thread while the event loop updates the
+endpoint table and serves the admin pages; the lock keeps a refresh or an ejection
+whole when both touch the same cluster.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -19,7 +24,7 @@ from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, UnknownService
 from proxy_sidecar.outlier import OutlierDetector
 from proxy_sidecar.policies import EWMA_DECAY
-from proxy_sidecar.resilience import CircuitBreaker, RetryBudget
+from proxy_sidecar.resilience import CircuitBreaker, RetryBudget, no_counts
 
 __all__ = ["Cluster"]
 
@@ -36,6 +41,7 @@ class Cluster:
         outlier: OutlierSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
+        breaker_counts: Callable[[str], tuple[int, int, int]] = no_counts,
     ) -> None:
         self.service = service
         self.policy = policy
@@ -47,6 +53,7 @@ class Cluster:
             service,
             max_in_flight=policy.circuit_breaker.max_in_flight,
             max_pending=policy.circuit_breaker.max_pending,
+            counts=breaker_counts,
         )
         self.budget = RetryBudget(
             percent=policy.retry.budget_percent,
@@ -68,15 +75,18 @@ class Cluster:
         self.panic = False
         self.known = False
         self.requests = 0
-        # Of ``requests``, those forwarded on the unary fast path.
-        self.fast_calls = 0
         self.retries = 0
         self.codes: Counter[str] = Counter()
+        self._lock = threading.Lock()
 
     def members(self) -> list[Endpoint]:
         return self._members
 
     def _refresh(self, now: float) -> None:
+        with self._lock:
+            self._refresh_locked(now)
+
+    def _refresh_locked(self, now: float) -> None:
         self.outlier.release_due(now)
         seen = (self._table.version, self.outlier.version)
         if seen == self._seen:
@@ -120,7 +130,9 @@ class Cluster:
             self.outlier.success(endpoint)
             return
         endpoint.failures += 1
-        if self.outlier.failure(endpoint, now, len(self._members)):
+        with self._lock:
+            ejected = self.outlier.failure(endpoint, now, len(self._members))
+        if ejected:
             self._refresh(now)
 
     def snapshot(self) -> dict[str, object]:
@@ -158,7 +170,6 @@ class Cluster:
             "in_flight": self.breaker.in_flight,
             "pending": self.breaker.pending,
             "requests": self.requests,
-            "fast_path_calls": self.fast_calls,
             "retries": self.retries,
             "retry_budget_denied": self.budget.denied,
             "breaker_rejected": self.breaker.rejected,

@@ -20,7 +20,6 @@ from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from proxy_sidecar.config import DiscoverySettings
 from proxy_sidecar.endpoints import EndpointTable, InstanceInfo
-from proxy_sidecar.shapes import read_unary
 
 __all__ = ["Discovery", "info_from_pb"]
 
@@ -43,7 +42,6 @@ def info_from_pb(msg: pb.Instance) -> InstanceInfo:
         load_in_flight=load.in_flight,
         load_queue_depth=load.queue_depth,
         load_cpu_percent=load.cpu_percent,
-        unary=read_unary(msg.metadata),
     )
 
 

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-
-from proxy_sidecar.shapes import merge_unary
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 __all__ = ["Endpoint", "EndpointTable", "InstanceInfo"]
 
@@ -38,8 +36,6 @@ class InstanceInfo:
     load_in_flight: int = 0
     load_queue_depth: int = 0
     load_cpu_percent: float = 0.0
-    # Unary methods by gRPC service, as the instance published them (see ``shapes``).
-    unary: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 class Endpoint:
@@ -111,9 +107,6 @@ class EndpointTable:
         self._listeners: list[Listener] = []
         # Bumped on every change that can alter a routable list; clusters compare it.
         self.version = 0
-        self._unary: dict[str, frozenset[str]] = {}
-        # Bumped when the mesh's view of which methods are unary changes.
-        self.shapes_version = 0
         self.synced = False
 
     def subscribe(self, listener: Listener) -> None:
@@ -126,10 +119,6 @@ class EndpointTable:
         if found is None and any(service in i.grpc_services for i in self._registry.values()):
             return []
         return found
-
-    def unary_methods(self, service: str) -> frozenset[str]:
-        """The methods of ``service`` that every instance publishing its shapes calls unary."""
-        return self._unary.get(service, frozenset())
 
     def endpoints(self) -> list[Endpoint]:
         return list(self._endpoints.values())
@@ -159,7 +148,6 @@ class EndpointTable:
             and old.address == info.address
             and old.grpc_services == info.grpc_services
             and old.weight == info.weight
-            and old.unary == info.unary
         ):
             # Only the load report changed: no routable list is affected.
             endpoint.info = info
@@ -205,11 +193,6 @@ class EndpointTable:
         self._members = members
         self._endpoints = current
         self.version += 1
-        # Over every registered instance, routable or not: any of them may serve next.
-        unary = merge_unary(info.unary for info in self._registry.values())
-        if unary != self._unary:
-            self._unary = unary
-            self.shapes_version += 1
         added = [e for key, e in current.items() if previous.get(key) is not e]
         removed = [e for key, e in previous.items() if current.get(key) is not e]
         if added or removed:

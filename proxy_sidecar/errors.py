@@ -1,10 +1,9 @@
-"""The sidecar's errors; the forwarder maps each to one gRPC status code.
+"""The sidecar's errors; ``control`` maps each route error to one gRPC status code.
 
 SidecarError
-+-- RouteError            the call cannot be routed (the forwarder answers with its code)
++-- RouteError            the call cannot be routed (the caller gets its code)
 |   +-- UnknownService      no instance in the mesh declares the gRPC service: UNIMPLEMENTED
 |   +-- NoHealthyEndpoint   the service is known but nothing routable is left: UNAVAILABLE
-|   +-- Overloaded          the circuit breaker is full (in-flight and pending): RESOURCE_EXHAUSTED
 +-- PolicyError           a load balancer name or policy setting is unknown (a user error)
 +-- MembershipError       the co-located app cannot be brought into the mesh (a user error)
 """
@@ -14,7 +13,6 @@ from __future__ import annotations
 __all__ = [
     "MembershipError",
     "NoHealthyEndpoint",
-    "Overloaded",
     "PolicyError",
     "RouteError",
     "SidecarError",
@@ -44,17 +42,6 @@ class NoHealthyEndpoint(RouteError):
     def __init__(self, service: str, reason: str) -> None:
         self.service = service
         super().__init__(f"shoal: no healthy instance of {service!r} ({reason})")
-
-
-class Overloaded(RouteError):
-    """The upstream's circuit breaker has no in-flight or pending slot left."""
-
-    def __init__(self, service: str, in_flight: int, pending: int) -> None:
-        self.service = service
-        super().__init__(
-            f"shoal: circuit breaker for {service!r} is open "
-            f"({in_flight} in flight, {pending} pending)"
-        )
 
 
 class PolicyError(SidecarError):

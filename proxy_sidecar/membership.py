@@ -1,9 +1,7 @@
 """Bringing the co-located app into the mesh: register, health-check, heartbeat, deregister.
 
 The app needs no Shoal code. Its gRPC services come from the settings or, when
-none are given, from the app's server reflection; which of their methods are
-unary always comes from reflection when the app offers it, and is published in
-the registration's metadata (see ``shapes``). Each heartbeat carries the
+none are given, from the app's server reflection. Each heartbeat carries the
 app's grpc.health.v1 status and the load the sidecar sees going into it. When
 the registry has forgotten the lease (``NOT_FOUND``: it expired or the registry
 restarted) the sidecar registers again after a random pause, so a restarted
@@ -24,8 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from proxy_sidecar.config import MembershipSettings
-from proxy_sidecar.reflect import list_services, unary_methods
-from proxy_sidecar.shapes import publish_unary, read_unary
+from proxy_sidecar.reflect import list_services
 
 __all__ = ["Membership"]
 
@@ -62,7 +59,6 @@ class Membership:
         self._app = app
         self._task: asyncio.Task[None] | None = None
         self.grpc_services: tuple[str, ...] = settings.grpc_services
-        self.unary: dict[str, frozenset[str]] = {}
         self._metadata: dict[str, str] = dict(settings.metadata)
         self.lease_id = ""
         self.status: pb.ServingStatus.ValueType = pb.NOT_SERVING
@@ -77,18 +73,6 @@ class Membership:
         """
         if not self.grpc_services:
             self.grpc_services = await list_services(self._app_channel, self._app)
-        reflected = await unary_methods(self._app_channel, self.grpc_services)
-        # Shapes declared by hand in the metadata (an app without reflection) win.
-        published, dropped = publish_unary(reflected, taken=self._settings.metadata)
-        if dropped:
-            logger.warning(
-                "method shapes not published (registry metadata limits): %s; "
-                "their calls take the stream path",
-                ", ".join(dropped),
-            )
-        self._metadata.update(published)
-        # Exactly what the registration says, so this sidecar and the mesh agree.
-        self.unary = read_unary(self._metadata)
         interval: float | None = None
         try:
             interval = await self._register()

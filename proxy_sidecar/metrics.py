@@ -36,11 +36,6 @@ class SidecarCollector(Collector):
             "Calls forwarded, by gRPC service and status",
             labels=["service", "code"],
         )
-        fast = CounterMetricFamily(
-            "shoal_sidecar_fast_path_calls",
-            "Calls forwarded on the unary fast path",
-            labels=["service"],
-        )
         retries = CounterMetricFamily("shoal_sidecar_retries", "Retries sent", labels=["service"])
         denied = CounterMetricFamily(
             "shoal_sidecar_retries_denied",
@@ -66,7 +61,6 @@ class SidecarCollector(Collector):
         for name, cluster in self._clusters().items():
             for code, count in cluster.codes.items():
                 calls.add_metric([name, code], count)
-            fast.add_metric([name], cluster.fast_calls)
             retries.add_metric([name], cluster.retries)
             denied.add_metric([name], cluster.budget.denied)
             rejected.add_metric([name], cluster.breaker.rejected)
@@ -74,7 +68,7 @@ class SidecarCollector(Collector):
             panic.add_metric([name], int(cluster.panic))
             for endpoint in cluster.members():
                 in_flight.add_metric([name, endpoint.instance_id], endpoint.in_flight)
-        yield from (calls, fast, retries, denied, rejected, ejected, panic, in_flight)
+        yield from (calls, retries, denied, rejected, ejected, panic, in_flight)
         yield GaugeMetricFamily(
             "shoal_sidecar_registry_connected",
             "1 while the registry watch is up",
@@ -86,5 +80,5 @@ class SidecarCollector(Collector):
             value=self._discovery.reconnects,
         )
         yield GaugeMetricFamily(
-            "shoal_sidecar_channels", "Open upstream channels", self._channels()
+            "shoal_sidecar_channels", "Open upstream connections", self._channels()
         )

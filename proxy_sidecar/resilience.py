@@ -1,17 +1,13 @@
-"""Retry pacing and admission (no gRPC): the retry budget, backoff and the circuit breaker."""
+"""Retry pacing and admission (no gRPC): the retry budget, backoff and circuit breaker limits."""
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import math
 import random
 import time
 from collections.abc import Callable
 
-from proxy_sidecar.errors import Overloaded
-
-__all__ = ["CircuitBreaker", "RetryBudget", "backoff_delay"]
+__all__ = ["CircuitBreaker", "RetryBudget", "backoff_delay", "no_counts"]
 
 
 def backoff_delay(retry: int, base: float, cap: float, rng: random.Random) -> float:
@@ -75,56 +71,41 @@ class RetryBudget:
 
 
 class CircuitBreaker:
-    """Bounds the calls to one upstream: ``max_in_flight`` running and ``max_pending``
-    waiting for a slot; beyond that a call fails fast with ``Overloaded``."""
+    """The limits of one upstream's circuit breaker, and its counts.
 
-    def __init__(self, service: str, *, max_in_flight: int, max_pending: int) -> None:
-        self._service = service
-        self._max_in_flight = max_in_flight
-        self._max_pending = max_pending
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self.in_flight = 0
-        self.rejected = 0
+    The data plane holds the slots (``max_in_flight`` calls running, ``max_pending``
+    waiting, then RESOURCE_EXHAUSTED at once); ``counts(key)`` reads them back as
+    (in flight, pending, rejected).
+    """
+
+    __slots__ = ("key", "max_in_flight", "max_pending", "_counts")
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        max_in_flight: int,
+        max_pending: int,
+        counts: Callable[[str], tuple[int, int, int]],
+    ) -> None:
+        self.key = key
+        self.max_in_flight = max_in_flight
+        self.max_pending = max_pending
+        self._counts = counts
+
+    @property
+    def in_flight(self) -> int:
+        return self._counts(self.key)[0]
 
     @property
     def pending(self) -> int:
-        return len(self._waiters)
+        return self._counts(self.key)[1]
 
-    def try_acquire(self) -> bool:
-        """Take a free slot at once if there is one (no coroutine: the common case)."""
-        if self.in_flight < self._max_in_flight and not self._waiters:
-            self.in_flight += 1
-            return True
-        return False
+    @property
+    def rejected(self) -> int:
+        return self._counts(self.key)[2]
 
-    async def acquire(self, timeout: float | None) -> None:
-        """Take a slot, waiting at most ``timeout`` seconds as a pending call."""
-        if self.try_acquire():
-            return
-        if len(self._waiters) >= self._max_pending or (timeout is not None and timeout <= 0):
-            self.rejected += 1
-            raise Overloaded(self._service, self.in_flight, len(self._waiters))
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
-        except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
-                # The slot was handed over just as we gave up: pass it on.
-                self.release()
-            else:
-                waiter.cancel()
-                self._waiters.remove(waiter)
-            if isinstance(exc, TimeoutError):
-                self.rejected += 1
-                raise Overloaded(self._service, self.in_flight, len(self._waiters)) from None
-            raise
 
-    def release(self) -> None:
-        """Free a slot, handing it straight to the oldest pending call if there is one."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self.in_flight -= 1
+def no_counts(key: str) -> tuple[int, int, int]:
+    """Counts of a breaker no data plane holds yet."""
+    return (0, 0, 0)

@@ -3,16 +3,14 @@
 Outgoing calls route by the gRPC service in the path (``/pkg.Service/Method``)
 to the instances that declared it at registration; the ``shoal-target-service``
 metadata key overrides the service. Calls marked with ``shoal-hop`` come from
-another sidecar and go to this sidecar's own app. The router also knows which
-methods are unary (from the registry and from the local app's reflection), so
-the forwarder can give those its cheaper path.
+another sidecar and go to this sidecar's own app.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy_sidecar.balancers import make_balancer
@@ -25,6 +23,7 @@ from proxy_sidecar.config import (
 )
 from proxy_sidecar.endpoints import EndpointTable, InstanceInfo
 from proxy_sidecar.errors import UnknownService
+from proxy_sidecar.resilience import no_counts
 
 __all__ = [
     "HOP_KEY",
@@ -77,16 +76,21 @@ class Router:
         *,
         app: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        breaker_counts: Callable[[str], tuple[int, int, int]] = no_counts,
     ) -> None:
         self._table = table
         self._config = config
         self._clock = clock
+        # Where the clusters' breaker counts are read: the data plane holds the slots.
+        self.breaker_counts = breaker_counts
         self._clusters: dict[str, Cluster] = {}
         self.local_table = EndpointTable(empty_hold=0.0, clock=clock)
         self.local: Cluster | None = None
         self._app = app
         if app is not None:
-            self.set_local_unary({})
+            self.local_table.replace(
+                [InstanceInfo(instance_id=LOCAL_SERVICE, address=app, grpc_services=("*",))]
+            )
             # The app is the only endpoint: never eject it, retry it, or panic over it.
             self.local = Cluster(
                 "*",
@@ -95,34 +99,8 @@ class Router:
                 make_balancer("round_robin"),
                 OutlierSettings(max_ejected_percent=0.0, panic_threshold=0.0),
                 clock=clock,
+                breaker_counts=lambda key: self.breaker_counts(key),
             )
-
-    def set_local_unary(self, unary: Mapping[str, Collection[str]]) -> None:
-        """What the local app's reflection says is unary, for the calls delivered to it."""
-        if self._app is None:
-            return
-        shapes = {service: frozenset(methods) for service, methods in unary.items()}
-        self.local_table.replace(
-            [
-                InstanceInfo(
-                    instance_id=LOCAL_SERVICE,
-                    address=self._app,
-                    grpc_services=("*",),
-                    unary=shapes,
-                )
-            ]
-        )
-
-    @property
-    def shapes_version(self) -> int:
-        """Changes whenever ``is_unary`` may answer differently (both counters only grow)."""
-        return self._table.shapes_version + self.local_table.shapes_version
-
-    def is_unary(self, route: Route) -> bool:
-        """Whether the method is known to be unary-unary, here or in the mesh."""
-        return route.method in self._table.unary_methods(
-            route.service
-        ) or route.method in self.local_table.unary_methods(route.service)
 
     def cluster(self, service: str) -> Cluster:
         """The cluster for ``service``; ``UnknownService`` when no instance declares it."""
@@ -141,6 +119,7 @@ class Router:
             make_balancer(self._config.balancer_name(service)),
             self._config.outlier,
             clock=self._clock,
+            breaker_counts=lambda key: self.breaker_counts(key),
         )
         self._clusters[service] = cluster
         return cluster

@@ -1,4 +1,9 @@
-"""The sidecar's lifecycle: discovery, the forwarding server, membership, admin, pool.
+"""The sidecar's lifecycle: discovery, the data plane, membership, admin.
+
+Calls are forwarded by the native data plane (``shoal_dataplane``) on the listen
+address; it asks ``control.Control`` where each goes. The sidecar's own services
+(health, reflection) run on a grpc.aio server on a loopback port of its own, which
+the data plane forwards those calls to.
 
 Start-up order: watch the registry first (so the first calls find endpoints),
 then serve, then register the app (it is reachable through us only once we
@@ -14,20 +19,20 @@ from collections.abc import Sequence
 
 import grpc
 from prometheus_client.registry import CollectorRegistry
+from shoal_dataplane import DataPlane
 
 from proxy_sidecar.admin import AdminEndpoint, Page, json_page
 from proxy_sidecar.balancers import balancer_class
 from proxy_sidecar.config import MembershipSettings, SidecarConfig
+from proxy_sidecar.control import Control
 from proxy_sidecar.discovery import Discovery
-from proxy_sidecar.endpoints import EndpointTable
+from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import PolicyError
-from proxy_sidecar.forwarder import Forwarder
 from proxy_sidecar.membership import Membership
 from proxy_sidecar.metrics import SidecarCollector
-from proxy_sidecar.pool import ChannelPool
 from proxy_sidecar.routing import Router
 from shoal_core.addresses import HostPort, parse_address
-from shoal_core.grpc_server import GrpcServer
+from shoal_core.grpc_server import GrpcServer, ServerStartError
 from shoal_core.metrics import render
 
 __all__ = ["SidecarServer"]
@@ -67,24 +72,25 @@ class SidecarServer(GrpcServer):
             parse_address(app)
         if advertise is not None:
             parse_address(advertise)
-        super().__init__(listen, max_message_bytes=config.pool.max_message_bytes)
+        parse_address(listen, allow_port_zero=True)
+        # The sidecar's own services; callers reach them through the data plane.
+        super().__init__("127.0.0.1:0", max_message_bytes=config.pool.max_message_bytes)
+        self._public_listen = listen
+        self._public_port = 0
+        self.dataplane: DataPlane | None = None
+        self._grace: float | None = None
         self._registry_address = registry
         self._service = service
         self._app = app
         self._advertise = advertise
         self.table = EndpointTable(empty_hold=config.discovery.empty_set_hold)
         self.router = Router(self.table, config, app=app)
-        self.pool = ChannelPool(
-            self.table,
-            self.router.local_table,
-            idle_timeout=config.pool.idle_timeout,
-            max_message_bytes=config.pool.max_message_bytes,
-        )
+        self._tables = (self.table, self.router.local_table)
         self.discovery = Discovery(registry, self.table, config.discovery)
         self.membership: Membership | None = None
         self.metrics = CollectorRegistry()
         self.metrics.register(
-            SidecarCollector(self.router.clusters, self.discovery, lambda: self.pool.open_channels)
+            SidecarCollector(self.router.clusters, self.discovery, self._connections)
         )
         self._admin = (
             AdminEndpoint(
@@ -105,23 +111,61 @@ class SidecarServer(GrpcServer):
     def admin_port(self) -> int:
         return 0 if self._admin is None else self._admin.port
 
+    @property
+    def port(self) -> int:
+        return self._public_port
+
+    @property
+    def address(self) -> str:
+        host = parse_address(self._public_listen, allow_port_zero=True).host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return str(HostPort(host, self._public_port))
+
     def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
-        server.add_generic_rpc_handlers([Forwarder(self.router, self.pool)])
         return []
+
+    def _connections(self) -> int:
+        return 0 if self.dataplane is None else self.dataplane.connections()
+
+    def _on_endpoints(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
+        """Connect to endpoints as they appear; let go of those that left."""
+        dataplane = self.dataplane
+        if dataplane is None:
+            return
+        live = {e.address for table in self._tables for e in table.endpoints()}
+        for endpoint in removed:
+            if endpoint.address not in live:
+                dataplane.forget(endpoint.address)
+        for endpoint in added:
+            dataplane.warm(endpoint.address)
 
     def _local_in_flight(self) -> int:
         local = self.router.local
         return 0 if local is None else local.breaker.in_flight
 
     async def start(self) -> None:
-        self.pool.start()
+        dataplane = DataPlane(
+            Control(self.router, self._tables),
+            idle_timeout=self.config.pool.idle_timeout,
+        )
+        try:
+            self._public_port = dataplane.start(self._public_listen)
+        except (OSError, ValueError) as exc:
+            raise ServerStartError(str(exc)) from None
+        self.dataplane = dataplane
+        self.router.breaker_counts = dataplane.breaker
+        for table in self._tables:
+            table.subscribe(self._on_endpoints)
+            self._on_endpoints(table.endpoints(), ())
         try:
             await self.discovery.start()
             await super().start()
         except BaseException:
             await self.discovery.close()
-            await self.pool.close()
+            await asyncio.to_thread(dataplane.stop, 0.0)
             raise
+        dataplane.set_local(f"127.0.0.1:{super().port}")
         if self._admin is not None:
             self._admin.start()
         if self._service is not None and self._app is not None:
@@ -139,7 +183,6 @@ class SidecarServer(GrpcServer):
             except BaseException:
                 await self.close(0)
                 raise
-            self.router.set_local_unary(self.membership.unary)
 
     def _membership_settings(self, advertise: str) -> MembershipSettings:
         """The configured settings plus where operators find the app and this admin page.
@@ -156,16 +199,25 @@ class SidecarServer(GrpcServer):
         settings = self.config.membership
         return settings.model_copy(update={"metadata": {**found, **settings.metadata}})
 
+    async def close(self, grace: float | None = None) -> None:
+        if self._draining and self.dataplane is not None:
+            # The forcing signal: cut the data plane's grace short too.
+            self.dataplane.stop(0.0)
+        self._grace = grace
+        await super().close(grace)
+
     async def _before_stop(self) -> None:
         self._draining = True
         if self.membership is not None:
             await self.membership.drain()
+        if self.dataplane is not None:
+            grace = 1e9 if self._grace is None else self._grace
+            await asyncio.to_thread(self.dataplane.stop, grace)
 
     async def _after_stop(self) -> None:
         if self.membership is not None:
             await self.membership.close()
         await self.discovery.close()
-        await self.pool.close()
         if self._admin is not None:
             await asyncio.to_thread(self._admin.close)
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from proxy_sidecar import SidecarServer
-from tests.proxy_sidecar.conftest import sidecar_config
+from tests.proxy_sidecar.conftest import Mesh, sidecar_config, wait_for
 
 
 async def _get(port, path):
@@ -33,13 +35,21 @@ async def test_garbage_and_bad_calls_do_not_hurt(make_mesh):
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(junk)
         await writer.drain()
-        await asyncio.wait_for(reader.read(1024), 10)
-        writer.close()
-        await writer.wait_closed()
+        # The sidecar answers with a GOAWAY or an HTTP error and closes; closing with
+        # our junk unread resets the connection, which is as good an answer.
+        with contextlib.suppress(ConnectionResetError):
+            await asyncio.wait_for(reader.read(1024), 10)
+            writer.close()
+            await writer.wait_closed()
     assert mesh.channel is not None
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await mesh.channel.unary_unary("/bad path")(b"")
+        await mesh.channel.unary_unary("/no-service-here")(b"")
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    # Not even a valid HTTP/2 path: the stream is reset (PROTOCOL_ERROR, which gRPC
+    # calls INTERNAL), and the connection goes on serving.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await mesh.channel.unary_unary("/bad path")(b"")
+    assert info.value.code() == grpc.StatusCode.INTERNAL
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await mesh.echo.unary(b"x" * (5 * 1024 * 1024))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -56,7 +66,6 @@ async def test_no_healthy_instance_is_unavailable(make_mesh):
     mesh = await make_mesh()
     for sidecar in mesh.sidecars:
         await sidecar.close(0)
-    from tests.proxy_sidecar.conftest import wait_for
 
     async def unavailable():
         try:
@@ -91,3 +100,26 @@ def test_bad_settings_are_refused(registry):
         SidecarServer("127.0.0.1:0", registry.address, sidecar_config(lb="fastest"))
     with pytest.raises(PolicyError, match="go together"):
         SidecarServer("127.0.0.1:0", registry.address, service="echo")
+
+
+def _dataplane_threads() -> int:
+    tasks = Path("/proc/self/task")
+    return sum(1 for t in tasks.iterdir() if (t / "comm").read_text().strip() == "shoal-dataplane")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in Linux /proc")
+async def test_connections_open_ahead_close_when_idle_and_the_thread_ends(registry, upstreams):
+    before = _dataplane_threads()
+    mesh = await Mesh(registry, upstreams).start(sidecar_config(pool={"idle_timeout": 0.6}))
+    try:
+        dataplane = mesh.client.dataplane if mesh.client else None
+        assert dataplane is not None
+        # Opened when the endpoints appeared, before any call.
+        await wait_for(lambda: dataplane.connections() == 3, what="3 connections opened ahead")
+        await wait_for(lambda: dataplane.connections() == 0, what="idle connections closed")
+        assert (await mesh.echo.unary(b"again")).endswith(b":again")
+        assert dataplane.connections() >= 1
+        assert _dataplane_threads() == before + 4
+    finally:
+        await mesh.close()
+    assert _dataplane_threads() == before

@@ -8,7 +8,6 @@ from grpc_health.v1 import health_pb2
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from proxy_sidecar import SidecarConfig, SidecarServer
-from proxy_sidecar.routing import parse_method
 from tests.proxy_sidecar.conftest import sidecar_config, wait_for
 from tests.proxy_sidecar.upstream import OTHER, SERVICE
 
@@ -35,11 +34,6 @@ async def test_register_health_reregister_and_drain(registry, upstreams):
         (inst,) = await _discover(registry)
         assert inst.address == sidecar.address
         assert set(inst.grpc_services) == {SERVICE, OTHER}
-        # The method shapes come from the same reflection.
-        assert inst.metadata[f"shoal.unary/{SERVICE}"] == "Unary"
-        unary, bidi = parse_method(f"/{SERVICE}/Unary"), parse_method(f"/{SERVICE}/Bidi")
-        assert unary is not None and bidi is not None
-        assert sidecar.router.is_unary(unary) and not sidecar.router.is_unary(bidi)
         assert sidecar.membership is not None
 
         await app.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -34,8 +34,8 @@ OTHER = "test.Other"
 def _describe() -> None:
     """Put test.Echo's schema in the default pool, so reflection describes it like a real app's.
 
-    The handlers stay raw bytes; only reflection reads this (the sidecar learns the
-    method shapes from it).
+    The handlers stay raw bytes; only reflection reads this (a sidecar with no
+    services in its settings lists the app's from it).
     """
     file = descriptor_pb2.FileDescriptorProto(name="shoal_test_echo.proto", package="test")
     file.message_type.add(name="Bytes").field.add(

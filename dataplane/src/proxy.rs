@@ -1,0 +1,394 @@
+//! One forwarded call: admit it, try endpoints until one answers, relay the answer.
+//!
+//! The request and response are never decoded: headers are copied (less the mesh's own
+//! keys, plus the per-try deadline), bodies stream through as HTTP/2 frames. A try may
+//! be retried until the upstream sends its first message: before that nothing has
+//! reached the caller, and the request frames sent so far are kept (`replay`).
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{PathAndQuery, Scheme};
+use http::{
+    response, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming};
+
+use crate::breaker::Breakers;
+use crate::control::{Control, Refusal};
+use crate::grpc;
+use crate::pool::{Failure, Pool, Upstream};
+use crate::relay::{Ending, RelayBody, UPSTREAM_KEY};
+use crate::replay::Replay;
+use crate::stream::UpBody;
+
+const TARGET_KEY: HeaderName = HeaderName::from_static("shoal-target-service");
+const HOP_KEY: HeaderName = HeaderName::from_static("shoal-hop");
+const TIMEOUT_KEY: HeaderName = HeaderName::from_static("grpc-timeout");
+// Services the sidecar serves itself (on its own gRPC server), unless the call is
+// delivered from another sidecar to the app.
+const OWN_SERVICES: [&str; 3] = [
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+];
+
+pub struct Plane {
+    pub control: Arc<Control>,
+    pub pool: Arc<Pool>,
+    pub breakers: Breakers,
+    /// The sidecar's own gRPC server (health, reflection).
+    pub local: Mutex<Option<String>>,
+    pub replay_limit: usize,
+}
+
+pub async fn handle(
+    plane: Arc<Plane>,
+    request: Request<Incoming>,
+) -> Result<Response<RelayBody>, Infallible> {
+    // Boxed: hyper moves the service future into each stream's task, and the whole
+    // call's state machine is a few kilobytes.
+    Ok(Box::pin(forward(&plane, request)).await)
+}
+
+fn refused(refusal: Refusal) -> Response<RelayBody> {
+    grpc::trailers_only(refusal.code, &refusal.message, RelayBody::empty())
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Text metadata the control plane may route on (a hash key): what the application set.
+fn metadata(headers: &HeaderMap) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for (name, value) in headers {
+        let name = name.as_str();
+        if name.starts_with("grpc-")
+            || name.ends_with("-bin")
+            || matches!(name, "te" | "content-type" | "user-agent")
+        {
+            continue;
+        }
+        if let Ok(text) = value.to_str() {
+            found.push((name.to_owned(), text.to_owned()));
+        }
+    }
+    found
+}
+
+async fn forward(plane: &Arc<Plane>, request: Request<Incoming>) -> Response<RelayBody> {
+    let received = Instant::now();
+    if request.method() != Method::POST || !is_grpc(request.headers()) {
+        let mut response = Response::new(RelayBody::empty());
+        *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+        return response;
+    }
+    let (parts, body) = request.into_parts();
+    let mut headers = parts.headers;
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let deadline = headers
+        .remove(TIMEOUT_KEY)
+        .and_then(|v| grpc::parse_timeout(&v))
+        .map(|d| received + d);
+    let inbound = headers.remove(HOP_KEY).is_some();
+    let target = headers
+        .remove(TARGET_KEY)
+        .and_then(|v| v.to_str().ok().map(str::to_owned));
+    let path = path_and_query.path();
+    if !inbound && OWN_SERVICES.iter().any(|s| path.starts_with(s)) {
+        return forward_own(plane, headers, path_and_query, body, deadline).await;
+    }
+    let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64());
+    let admitted = match plane.control.begin(
+        path,
+        target.as_deref(),
+        inbound,
+        metadata(&headers),
+        remaining,
+    ) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refused(refusal),
+    };
+    let mut call = admitted.call;
+    let mut first = Some(admitted.first);
+    let breaker = plane.breakers.get(
+        &admitted.breaker,
+        admitted.max_in_flight,
+        admitted.max_pending,
+    );
+    let permit = match breaker.acquire(deadline).await {
+        Ok(permit) => permit,
+        Err(rejected) => {
+            call.finish(grpc::RESOURCE_EXHAUSTED, None);
+            let message = format!(
+                "shoal: circuit breaker for {:?} is open ({} in flight, {} pending)",
+                admitted.breaker, rejected.in_flight, rejected.pending
+            );
+            return grpc::trailers_only(grpc::RESOURCE_EXHAUSTED, &message, RelayBody::empty());
+        }
+    };
+    if admitted.outbound {
+        headers.insert(HOP_KEY, HeaderValue::from_static("1"));
+    }
+    let replay = Replay::new(body, plane.replay_limit);
+    replay.prefetch().await;
+    loop {
+        let pick = match first.take().unwrap_or_else(|| call.pick()) {
+            Ok(pick) => pick,
+            Err(refusal) => {
+                call.finish(refusal.code, None);
+                return refused(refusal);
+            }
+        };
+        let mark = if admitted.outbound {
+            HeaderValue::from_str(&pick.instance).ok()
+        } else {
+            None
+        };
+        let Some(upstream) = plane.pool.get(&pick.address) else {
+            call.finish(grpc::UNAVAILABLE, None);
+            let message = format!("shoal: bad endpoint address {:?}", pick.address);
+            return grpc::trailers_only(grpc::UNAVAILABLE, &message, RelayBody::empty());
+        };
+        let started = Instant::now();
+        let timeout = match (pick.timeout, deadline) {
+            (Some(t), Some(d)) => Some(t.min(d.saturating_duration_since(started))),
+            (t, d) => t.or_else(|| d.map(|d| d.saturating_duration_since(started))),
+        };
+        let outcome = match try_once(
+            plane,
+            &upstream,
+            &headers,
+            &path_and_query,
+            &replay,
+            timeout,
+        )
+        .await
+        {
+            Ok(Answer::Committed { parts, first, body }) => {
+                replay.commit();
+                let ending = Ending {
+                    call: Some(call),
+                    latency: Some(started.elapsed()),
+                    mark,
+                    permit: Some(permit),
+                };
+                return Response::from_parts(parts, RelayBody::streamed(first, body, ending));
+            }
+            Ok(ended @ Answer::Ended { code: grpc::OK, .. }) => {
+                call.finish(grpc::OK, Some(started.elapsed()));
+                return ended.into_response(mark);
+            }
+            Ok(ended @ Answer::Ended { .. }) => Unanswered::Ended(Box::new(ended)),
+            Err(failure) => Unanswered::Failed(failure),
+        };
+        let code = match &outcome {
+            Unanswered::Failed(failure) => failure.code,
+            Unanswered::Ended(ended) => ended.code(),
+        };
+        if let Some(pause) = call.failed(code, replay.replayable(), started.elapsed()) {
+            tokio::time::sleep(pause).await;
+            continue;
+        }
+        call.finish(code, None);
+        return match outcome {
+            // The upstream's own answer, with its metadata.
+            Unanswered::Ended(ended) => ended.into_response(mark),
+            Unanswered::Failed(failure) => {
+                let mut response = grpc::trailers_only(code, &failure.message, RelayBody::empty());
+                if let Some(mark) = mark {
+                    response.headers_mut().insert(UPSTREAM_KEY, mark);
+                }
+                response
+            }
+        };
+    }
+}
+
+/// A try that got no message: the upstream ended the call, or the exchange failed.
+enum Unanswered {
+    Ended(Box<Answer>),
+    Failed(Failure),
+}
+
+/// How the upstream answered a try.
+enum Answer {
+    /// With a message: the call commits to this try.
+    Committed {
+        parts: response::Parts,
+        first: Frame<Bytes>,
+        body: UpBody,
+    },
+    /// With a status and no message: `trailers` unless the headers carried the status.
+    Ended {
+        code: u32,
+        parts: response::Parts,
+        trailers: Option<HeaderMap>,
+    },
+}
+
+impl Answer {
+    fn code(&self) -> u32 {
+        match self {
+            Answer::Committed { .. } => grpc::OK,
+            Answer::Ended { code, .. } => *code,
+        }
+    }
+
+    /// An ended call's answer for the caller, marked with the instance that gave it.
+    fn into_response(self, mark: Option<HeaderValue>) -> Response<RelayBody> {
+        let Answer::Ended {
+            mut parts,
+            trailers,
+            ..
+        } = self
+        else {
+            unreachable!("only an ended call is answered whole");
+        };
+        match trailers {
+            Some(mut trailers) => {
+                if let Some(mark) = mark {
+                    trailers.insert(UPSTREAM_KEY, mark);
+                }
+                Response::from_parts(parts, RelayBody::just(Some(Frame::trailers(trailers))))
+            }
+            None => {
+                if let Some(mark) = mark {
+                    parts.headers.insert(UPSTREAM_KEY, mark);
+                }
+                Response::from_parts(parts, RelayBody::empty())
+            }
+        }
+    }
+}
+
+/// One try: send the request and wait for the first message or the end of the call,
+/// all within `timeout`.
+async fn try_once(
+    plane: &Arc<Plane>,
+    upstream: &Arc<Upstream>,
+    headers: &HeaderMap,
+    path: &PathAndQuery,
+    replay: &Replay,
+    timeout: Option<Duration>,
+) -> Result<Answer, Failure> {
+    let mut request = Request::new(());
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = upstream_uri(upstream, path);
+    let mut headers = headers.clone();
+    if let Some(t) = timeout {
+        headers.insert(TIMEOUT_KEY, grpc::format_timeout(t));
+    }
+    *request.headers_mut() = headers;
+    let exchange = async {
+        let (parts, mut body) = upstream
+            .send(&plane.pool, request, replay.body())
+            .await?
+            .into_parts();
+        if body.is_end_stream() {
+            let code = grpc::status_of(&parts.headers).unwrap_or(grpc::UNKNOWN);
+            return Ok(Answer::Ended {
+                code,
+                parts,
+                trailers: None,
+            });
+        }
+        match body.frame().await {
+            Some(Ok(frame)) => match frame.into_trailers() {
+                Ok(trailers) => {
+                    let code = grpc::status_of(&trailers).unwrap_or(grpc::UNKNOWN);
+                    Ok(Answer::Ended {
+                        code,
+                        parts,
+                        trailers: Some(trailers),
+                    })
+                }
+                Err(first) => Ok(Answer::Committed { parts, first, body }),
+            },
+            None => {
+                let code = grpc::status_of(&parts.headers).unwrap_or(grpc::INTERNAL);
+                Ok(Answer::Ended {
+                    code,
+                    parts,
+                    trailers: None,
+                })
+            }
+            Some(Err(err)) => Err(Failure {
+                code: grpc::code_for_error(&err),
+                message: format!("shoal: upstream {}: {err}", upstream.address),
+            }),
+        }
+    };
+    match timeout {
+        None => exchange.await,
+        Some(t) => tokio::time::timeout(t, exchange).await.unwrap_or_else(|_| {
+            Err(Failure {
+                code: grpc::DEADLINE_EXCEEDED,
+                message: "shoal: deadline exceeded".into(),
+            })
+        }),
+    }
+}
+
+fn upstream_uri(upstream: &Upstream, path: &PathAndQuery) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(upstream.authority.clone());
+    parts.path_and_query = Some(path.clone());
+    Uri::from_parts(parts).expect("scheme, authority and path make a URI")
+}
+
+/// A call to the sidecar's own services: one try on its local gRPC server.
+async fn forward_own(
+    plane: &Arc<Plane>,
+    mut headers: HeaderMap,
+    path: PathAndQuery,
+    body: Incoming,
+    deadline: Option<Instant>,
+) -> Response<RelayBody> {
+    let local = plane.local.lock().unwrap().clone();
+    let upstream = local.and_then(|address| plane.pool.get(&address));
+    let Some(upstream) = upstream else {
+        return grpc::trailers_only(
+            grpc::UNIMPLEMENTED,
+            "shoal: no local services",
+            RelayBody::empty(),
+        );
+    };
+    headers.remove(HOP_KEY);
+    let replay = Replay::new(body, 0);
+    let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+    match try_once(plane, &upstream, &headers, &path, &replay, timeout).await {
+        Ok(Answer::Committed { parts, first, body }) => {
+            Response::from_parts(parts, RelayBody::streamed(first, body, Ending::none()))
+        }
+        Ok(ended) => ended.into_response(None),
+        Err(failure) => grpc::trailers_only(failure.code, &failure.message, RelayBody::empty()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size<A, F: std::future::Future>(_: fn(Arc<Plane>, A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn the_stream_future_is_small() {
+        // hyper moves it into each stream's task: the call's state stays boxed.
+        assert!(size(handle) < 512, "{} bytes", size(handle));
+    }
+}

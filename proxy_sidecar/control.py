@@ -1,0 +1,222 @@
+"""What the native data plane asks, call by call: where to, and whether to retry (no gRPC).
+
+The data plane (``shoal_dataplane``, in Rust) moves the bytes; every decision stays
+here, in the same domain objects as before: the router picks the cluster, the
+cluster's balancer the endpoint, outlier detection and the retry budget judge the
+outcome. The data plane calls, from its own thread:
+
+- ``Control.begin(path, target, inbound, metadata, remaining)``: route a new call;
+  a ``(code, message)`` refusal, or ``(call, breaker_key, max_in_flight,
+  max_pending, outbound, pick)`` with the call's ``Call`` and its first pick;
+- ``Call.pick()``: the endpoint of the next try, ``(address, instance_id, timeout)``,
+  or a ``(code, message)`` refusal;
+- ``Call.failed(code, replayable, elapsed)``: a try ended before the upstream
+  answered; the pause before a retry, or ``None``;
+- ``Call.finish(code, latency)``: the call ended; ``latency`` (the last try's time to
+  the response headers) when the upstream answered;
+- ``Control.connection_state(address, state)``: an upstream connection changed.
+
+Status codes are gRPC's numbers. Everything here is synchronous and quick: the data
+plane waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from proxy_sidecar.cluster import Cluster
+from proxy_sidecar.endpoints import Endpoint, EndpointTable
+from proxy_sidecar.errors import NoHealthyEndpoint, RouteError, UnknownService
+from proxy_sidecar.resilience import backoff_delay
+from proxy_sidecar.routing import Route, Router, parse_method
+
+__all__ = ["CODE_NAMES", "Call", "Control"]
+
+CODE_NAMES = (
+    "OK CANCELLED UNKNOWN INVALID_ARGUMENT DEADLINE_EXCEEDED NOT_FOUND ALREADY_EXISTS "
+    "PERMISSION_DENIED RESOURCE_EXHAUSTED FAILED_PRECONDITION ABORTED OUT_OF_RANGE "
+    "UNIMPLEMENTED INTERNAL UNAVAILABLE DATA_LOSS UNAUTHENTICATED"
+).split()
+_DEADLINE_EXCEEDED = 4
+_UNIMPLEMENTED = 12
+_UNAVAILABLE = 14
+_ROUTE_CODES: dict[type[RouteError], int] = {
+    UnknownService: _UNIMPLEMENTED,
+    NoHealthyEndpoint: _UNAVAILABLE,
+}
+# Below this much time left, a retry could not finish: give the caller the failure.
+_MIN_RETRY_TIME = 0.005
+_MAX_CACHED_ROUTES = 4096
+_MALFORMED = (_UNIMPLEMENTED, "shoal: the method path is not /package.Service/Method")
+
+Refusal = tuple[int, str]
+Pick = tuple[str, str, float | None]
+
+
+def route_code(exc: RouteError) -> int:
+    return _ROUTE_CODES.get(type(exc), _UNAVAILABLE)
+
+
+class Call:
+    """One forwarded call's tries: endpoint choice, retry decisions, and its outcome."""
+
+    __slots__ = ("cluster", "_method", "_key", "_rng", "_clock", "_deadline", "_tried", "_at")
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        method: str,
+        key: str | None,
+        remaining: float | None,
+        *,
+        rng: random.Random,
+        clock: Callable[[], float],
+    ) -> None:
+        self.cluster = cluster
+        self._method = method
+        self._key = key
+        self._rng = rng
+        self._clock = clock
+        self._deadline = None if remaining is None else clock() + remaining
+        # Allocated on the first retry only: most calls never retry.
+        self._tried: Sequence[Endpoint] = ()
+        # The endpoint of the try under way, if any.
+        self._at: Endpoint | None = None
+        cluster.requests += 1
+        cluster.budget.record_request()
+
+    def pick(self) -> Pick | Refusal:
+        """The next try's endpoint (another than those tried when possible) and timeout."""
+        try:
+            endpoint = self.cluster.pick(self._key, self._tried)
+        except RouteError as exc:
+            return route_code(exc), str(exc)
+        endpoint.in_flight += 1
+        self._at = endpoint
+        return endpoint.address, endpoint.instance_id, self._timeout()
+
+    def _timeout(self) -> float | None:
+        """The per-try timeout within what is left of the caller's deadline."""
+        per_try = self.cluster.per_try_timeout
+        if self._deadline is None:
+            return per_try
+        left = max(0.0, self._deadline - self._clock())
+        return per_try if per_try is not None and per_try < left else left
+
+    def failed(self, code: int, replayable: bool, elapsed: float) -> float | None:
+        """A try ended with ``code`` before an answer: record it; the backoff, or ``None``."""
+        endpoint = self._at
+        if endpoint is None:
+            return None
+        self._at = None
+        endpoint.in_flight -= 1
+        cluster = self.cluster
+        now = self._clock()
+        left = None if self._deadline is None else self._deadline - now
+        # DEADLINE_EXCEEDED with time left is the per-try timeout, not the caller's.
+        try_timed_out = code == _DEADLINE_EXCEEDED and (left is None or left > 0.0)
+        cluster.record(endpoint, code != _UNAVAILABLE and not try_timed_out, elapsed)
+        retry = cluster.retry
+        if not replayable or len(self._tried) + 1 >= retry.max_attempts:
+            return None
+        if code != _UNAVAILABLE and not (
+            retry.is_idempotent(self._method) and (try_timed_out or _name(code) in retry.retry_on)
+        ):
+            return None
+        pause = backoff_delay(len(self._tried), retry.backoff_base, retry.backoff_max, self._rng)
+        if left is not None and left <= pause + _MIN_RETRY_TIME:
+            return None
+        if not cluster.budget.try_retry():
+            return None
+        self._tried = [*self._tried, endpoint]
+        cluster.retries += 1
+        return pause
+
+    def finish(self, code: int, latency: float | None) -> None:
+        """The call ended with ``code``; ``latency`` when the last try's upstream answered."""
+        endpoint = self._at
+        if endpoint is not None:
+            self._at = None
+            endpoint.in_flight -= 1
+            if latency is not None:
+                self.cluster.record(endpoint, True, latency)
+        self.cluster.codes[_name(code)] += 1
+
+
+def _name(code: int) -> str:
+    return CODE_NAMES[code] if 0 <= code < len(CODE_NAMES) else "UNKNOWN"
+
+
+class Control:
+    """Routes calls for the data plane, and applies what it reports about connections."""
+
+    def __init__(
+        self,
+        router: Router,
+        tables: Iterable[EndpointTable],
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._router = router
+        self._tables = tuple(tables)
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._routes: dict[str, Route] = {}
+        self._loop = asyncio.get_running_loop()
+
+    def begin(
+        self,
+        path: str,
+        target: str | None,
+        inbound: bool,
+        metadata: Sequence[tuple[str, str]],
+        remaining: float | None,
+    ) -> tuple[Call, str, int, int, bool, Pick | Refusal] | Refusal:
+        route = self._routes.get(path)
+        if route is None:
+            route = parse_method(path)
+            if route is None:
+                return _MALFORMED
+            if len(self._routes) < _MAX_CACHED_ROUTES:
+                self._routes[path] = route
+        router = self._router
+        if inbound and router.local is not None:
+            cluster, outbound = router.local, False
+        else:
+            try:
+                cluster = router.cluster(target or route.service)
+            except RouteError as exc:
+                return route_code(exc), str(exc)
+            outbound = True
+        key: str | None = None
+        if cluster.hash_key is not None:
+            for name, value in metadata:
+                if name == cluster.hash_key:
+                    key = value
+                    break
+        call = Call(cluster, route.method, key, remaining, rng=self._rng, clock=self._clock)
+        limits = cluster.breaker
+        return call, limits.key, limits.max_in_flight, limits.max_pending, outbound, call.pick()
+
+    def connection_state(self, address: str, state: str) -> None:
+        """From the data plane's thread: apply on the event loop, where the tables live."""
+        self._loop.call_soon_threadsafe(self._apply_state, address, state)
+
+    def _apply_state(self, address: str, state: str) -> None:
+        # A failing connection makes its endpoint unroutable at once, before a call fails.
+        reachable = state != "TRANSIENT_FAILURE"
+        for table in self._tables:
+            changed = False
+            for endpoint in table.endpoints():
+                if endpoint.address != address:
+                    continue
+                endpoint.state = state
+                if endpoint.reachable != reachable:
+                    endpoint.reachable = reachable
+                    changed = True
+            if changed:
+                table.touch()
