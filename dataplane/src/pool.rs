@@ -16,7 +16,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use http::uri::Authority;
 use http::{Request, Response};
-use hyper::body::Body;
+use http_body::Body;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
