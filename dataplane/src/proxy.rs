@@ -371,18 +371,3 @@ async fn forward_own(
         Err(failure) => grpc::trailers_only(failure.code, &failure.message, RelayBody::empty()),
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn size<A, F: std::future::Future>(_: fn(Arc<Plane>, A) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    #[test]
-    fn the_stream_future_is_small() {
-        // hyper moves it into each stream's task: the call's state stays boxed.
-        assert!(size(handle) < 512, "{} bytes", size(handle));
-    }
-}

@@ -143,3 +143,19 @@ async fn call(plane: Arc<Plane>, request: Request<RecvStream>, mut respond: Send
         Pump::new(body, tx).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn the_call_task_is_small() {
+        // One task per call: its future is moved into the task, so the call's state
+        // (a few kilobytes) stays boxed.
+        assert!(size(call) < 1024, "{} bytes", size(call));
+    }
+}
