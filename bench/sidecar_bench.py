@@ -225,13 +225,16 @@ async def run(duration: int, connections: int, streams: int, latency_calls: int)
             loaded = {name: _median(results, by_rps=True) for name, results in rounds.items()}
             # Each round's ratio compares runs made moments apart, which cancels most of
             # the machine's drift between rounds.
-            ratios = {
-                name: statistics.median(
-                    r.rps / d.rps for r, d in zip(runs, rounds["direct"], strict=True)
-                )
+            per_round = {
+                name: [
+                    r.rps / d.rps if d.rps else 0.0
+                    for r, d in zip(runs, rounds["direct"], strict=True)
+                ]
                 for name, runs in rounds.items()
-                if all(d.rps > 0 for d in rounds["direct"])
             }
+            for name in ("sidecar", "nginx"):
+                print(f"{name} / direct by round: " + " ".join(f"{x:.2f}" for x in per_round[name]))
+            ratios = {name: statistics.median(values) for name, values in per_round.items()}
             rounds = {name: [] for name in targets}
             for _ in range(LATENCY_ROUNDS):
                 for name, address in targets.items():
