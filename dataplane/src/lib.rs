@@ -18,6 +18,7 @@ mod pool;
 mod proxy;
 mod relay;
 mod replay;
+mod server;
 mod stream;
 
 use std::net::ToSocketAddrs;
@@ -25,9 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use tokio::net::TcpListener;
@@ -115,7 +113,7 @@ impl DataPlane {
                     py.detach(|| {
                         runtime.block_on(async move {
                             match TcpListener::from_std(listener) {
-                                Ok(listener) => serve(plane, listener, stopped).await,
+                                Ok(listener) => server::serve(plane, listener, stopped).await,
                                 Err(err) => eprintln!("shoal data plane: {err}"),
                             }
                         });
@@ -175,51 +173,6 @@ impl DataPlane {
             py.detach(|| {
                 let _ = thread.join();
             });
-        }
-    }
-}
-
-async fn serve(
-    plane: Arc<Plane>,
-    listener: TcpListener,
-    mut stopped: watch::Receiver<Option<f64>>,
-) {
-    let graceful = GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(1 << 24)
-        .max_concurrent_streams(10_000)
-        .max_header_list_size(1 << 16);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
-                    // Out of descriptors, say: let calls end and accept again shortly.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                net::tune(&stream);
-                let plane = plane.clone();
-                let service = service_fn(move |request| proxy::handle(plane.clone(), request));
-                let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-            }
-            _ = stopped.changed() => break,
-        }
-    }
-    drop(listener);
-    let drained = graceful.shutdown();
-    tokio::pin!(drained);
-    loop {
-        let grace = stopped.borrow_and_update().unwrap_or(0.0);
-        tokio::select! {
-            _ = &mut drained => return,
-            _ = tokio::time::sleep(Duration::from_secs_f64(grace)) => return,
-            changed = stopped.changed() => if changed.is_err() { return },
         }
     }
 }

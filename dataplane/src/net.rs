@@ -7,8 +7,7 @@ use tokio::net::TcpStream;
 
 /// No Nagle delay, and TCP keepalive to find peers that vanished without a word.
 ///
-/// Kernel keepalive rather than HTTP/2 PINGs: it costs nothing per frame, where
-/// hyper's ping bookkeeping takes a lock on every frame it reads.
+/// Kernel keepalive rather than HTTP/2 PINGs: it costs nothing per frame.
 pub fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let keepalive = TcpKeepalive::new()

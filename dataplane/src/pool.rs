@@ -16,7 +16,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use http::uri::Authority;
 use http::{Request, Response};
-use hyper::body::Body;
+use http_body::Body;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -260,7 +260,7 @@ async fn connect(address: &str) -> Result<(SendRequest<Bytes>, Connection), ()> 
         .map_err(|_| ())?
         .map_err(|_| ())?;
     crate::net::tune(&stream);
-    // hyper's client settings, but for the windows and the header list.
+    // h2's defaults as hyper's client sets them, but for the windows and the header list.
     let mut builder = h2::client::Builder::new();
     builder
         .initial_max_send_streams(100)

@@ -5,7 +5,6 @@
 //! be retried until the upstream sends its first message: before that nothing has
 //! reached the caller, and the request frames sent so far are kept (`replay`).
 
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,8 +13,8 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{
     response, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
 };
+use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming};
 
 use crate::breaker::Breakers;
 use crate::control::{Control, Refusal};
@@ -45,13 +44,8 @@ pub struct Plane {
     pub replay_limit: usize,
 }
 
-pub async fn handle(
-    plane: Arc<Plane>,
-    request: Request<Incoming>,
-) -> Result<Response<RelayBody>, Infallible> {
-    // Boxed: hyper moves the service future into each stream's task, and the whole
-    // call's state machine is a few kilobytes.
-    Ok(Box::pin(forward(&plane, request)).await)
+pub async fn handle(plane: Arc<Plane>, request: Request<UpBody>) -> Response<RelayBody> {
+    forward(&plane, request).await
 }
 
 fn refused(refusal: Refusal) -> Response<RelayBody> {
@@ -83,7 +77,7 @@ fn metadata(headers: &HeaderMap) -> Vec<(String, String)> {
     found
 }
 
-async fn forward(plane: &Arc<Plane>, request: Request<Incoming>) -> Response<RelayBody> {
+async fn forward(plane: &Arc<Plane>, request: Request<UpBody>) -> Response<RelayBody> {
     let received = Instant::now();
     if request.method() != Method::POST || !is_grpc(request.headers()) {
         let mut response = Response::new(RelayBody::empty());
@@ -354,7 +348,7 @@ async fn forward_own(
     plane: &Arc<Plane>,
     mut headers: HeaderMap,
     path: PathAndQuery,
-    body: Incoming,
+    body: UpBody,
     deadline: Option<Instant>,
 ) -> Response<RelayBody> {
     let local = plane.local.lock().unwrap().clone();
@@ -375,20 +369,5 @@ async fn forward_own(
         }
         Ok(ended) => ended.into_response(None),
         Err(failure) => grpc::trailers_only(failure.code, &failure.message, RelayBody::empty()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn size<A, F: std::future::Future>(_: fn(Arc<Plane>, A) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    #[test]
-    fn the_stream_future_is_small() {
-        // hyper moves it into each stream's task: the call's state stays boxed.
-        assert!(size(handle) < 512, "{} bytes", size(handle));
     }
 }

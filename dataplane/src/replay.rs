@@ -11,12 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use http_body::{Body, Frame, SizeHint};
+
+use crate::stream::UpBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 struct Shared {
-    source: Incoming,
+    source: UpBody,
     kept: Vec<Frame<Bytes>>,
     size: usize,
     limit: usize,
@@ -34,7 +36,7 @@ pub struct Replay {
 }
 
 impl Replay {
-    pub fn new(source: Incoming, limit: usize) -> Self {
+    pub fn new(source: UpBody, limit: usize) -> Self {
         let eof = source.is_end_stream();
         Replay {
             shared: Arc::new(Mutex::new(Shared {

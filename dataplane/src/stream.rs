@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
-use hyper::body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 
 use crate::replay::{BoxError, ReplayBody};
@@ -55,9 +55,10 @@ pub fn send_body(mut body: ReplayBody, mut tx: SendStream<Bytes>) -> Option<ones
     Some(cancel)
 }
 
-/// Sends a request body as it arrives, within the stream's flow control.
-struct Pump {
-    body: ReplayBody,
+/// Sends a body on an HTTP/2 stream as it arrives, within the stream's flow control:
+/// the rest of a request upstream, or a response to the caller.
+pub struct Pump<B> {
+    body: B,
     tx: SendStream<Bytes>,
     /// A frame waiting for send capacity, and whether it ends the stream.
     buffered: Option<(Bytes, bool)>,
@@ -76,7 +77,22 @@ fn reason_of(err: &BoxError) -> h2::Reason {
     h2::Reason::INTERNAL_ERROR
 }
 
-impl Future for Pump {
+impl<B> Pump<B> {
+    /// Sends `body` on `tx` until it ends, the peer resets the stream, or it fails.
+    pub fn new(body: B, tx: SendStream<Bytes>) -> Self {
+        Pump {
+            body,
+            tx,
+            buffered: None,
+            cancelled: None,
+        }
+    }
+}
+
+impl<B> Future for Pump<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
