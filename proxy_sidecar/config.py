@@ -34,16 +34,18 @@ __all__ = [
     "RetrySettings",
     "ServicePolicy",
     "SidecarConfig",
+    "CODE_NAMES",
     "STATUS_CODE_NAMES",
     "load_config",
 ]
 
-# grpc.StatusCode names, kept here so the domain need not import grpc.
-STATUS_CODE_NAMES = frozenset(
+# grpc.StatusCode names by number, kept here so the domain need not import grpc.
+CODE_NAMES = tuple(
     "OK CANCELLED UNKNOWN INVALID_ARGUMENT DEADLINE_EXCEEDED NOT_FOUND ALREADY_EXISTS "
     "PERMISSION_DENIED RESOURCE_EXHAUSTED FAILED_PRECONDITION ABORTED OUT_OF_RANGE "
     "UNIMPLEMENTED INTERNAL UNAVAILABLE DATA_LOSS UNAUTHENTICATED".split()
 )
+STATUS_CODE_NAMES = frozenset(CODE_NAMES)
 _GRPC_SERVICE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _METADATA_KEY = re.compile(r"[a-z0-9][a-z0-9._-]*")
 

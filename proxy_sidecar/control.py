@@ -28,18 +28,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from proxy_sidecar.cluster import Cluster
+from proxy_sidecar.config import CODE_NAMES
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, RouteError, UnknownService
 from proxy_sidecar.resilience import backoff_delay
 from proxy_sidecar.routing import Route, Router, parse_method
 
-__all__ = ["CODE_NAMES", "Call", "Control"]
+__all__ = ["Call", "Control"]
 
-CODE_NAMES = (
-    "OK CANCELLED UNKNOWN INVALID_ARGUMENT DEADLINE_EXCEEDED NOT_FOUND ALREADY_EXISTS "
-    "PERMISSION_DENIED RESOURCE_EXHAUSTED FAILED_PRECONDITION ABORTED OUT_OF_RANGE "
-    "UNIMPLEMENTED INTERNAL UNAVAILABLE DATA_LOSS UNAUTHENTICATED"
-).split()
 _DEADLINE_EXCEEDED = 4
 _UNIMPLEMENTED = 12
 _UNAVAILABLE = 14

@@ -86,7 +86,6 @@ class Router:
         self._clusters: dict[str, Cluster] = {}
         self.local_table = EndpointTable(empty_hold=0.0, clock=clock)
         self.local: Cluster | None = None
-        self._app = app
         if app is not None:
             self.local_table.replace(
                 [InstanceInfo(instance_id=LOCAL_SERVICE, address=app, grpc_services=("*",))]

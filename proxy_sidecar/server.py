@@ -31,7 +31,7 @@ from proxy_sidecar.errors import PolicyError
 from proxy_sidecar.membership import Membership
 from proxy_sidecar.metrics import SidecarCollector
 from proxy_sidecar.routing import Router
-from shoal_core.addresses import HostPort, parse_address
+from shoal_core.addresses import HostPort, dial_address, parse_address
 from shoal_core.grpc_server import GrpcServer, ServerStartError
 from shoal_core.metrics import render
 
@@ -117,10 +117,7 @@ class SidecarServer(GrpcServer):
 
     @property
     def address(self) -> str:
-        host = parse_address(self._public_listen, allow_port_zero=True).host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        return str(HostPort(host, self._public_port))
+        return dial_address(self._public_listen, self._public_port)
 
     def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
         return []

@@ -6,7 +6,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-__all__ = ["AddressError", "HostPort", "parse_address"]
+__all__ = ["AddressError", "HostPort", "dial_address", "parse_address"]
 
 # RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -67,3 +67,14 @@ def parse_address(text: str, *, allow_port_zero: bool = False) -> HostPort:
     if not (0 if allow_port_zero else 1) <= port <= 65535:
         raise AddressError(f"address {text!r} has port {port} outside 1..65535")
     return HostPort(host, port)
+
+
+def dial_address(listen: str, port: int) -> str:
+    """Where a local client reaches a server bound to ``listen`` on ``port``.
+
+    A wildcard host (all interfaces) is not an address to dial: loopback is.
+    """
+    host = parse_address(listen, allow_port_zero=True).host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return str(HostPort(host, port))

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
-from shoal_core.addresses import parse_address
+from shoal_core.addresses import dial_address, parse_address
 from shoal_core.decoding import StrictDecodingServer
 
 __all__ = ["GrpcServer", "ServerStartError"]
@@ -101,10 +101,7 @@ class GrpcServer(abc.ABC):
 
     @property
     def address(self) -> str:
-        host = parse_address(self._listen, allow_port_zero=True).host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        return f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
+        return dial_address(self._listen, self._port)
 
     @property
     def health(self) -> health_aio.HealthServicer:
