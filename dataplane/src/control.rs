@@ -1,8 +1,8 @@
 //! The calls into the Python control plane, which decides where each call goes.
 //!
 //! Each forwarded call costs two short calls into Python (begin, which also picks the
-//! first endpoint, and finish; one more per retry), made on the data plane's one thread. Python never blocks here:
-//! every decision is synchronous and in memory.
+//! first endpoint, and finish; one more per retry), made on the data plane's one
+//! thread. Python never blocks here: every decision is synchronous and in memory.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -151,7 +151,7 @@ pub struct Pick {
     pub timeout: Option<Duration>,
 }
 
-/// One call's retry state in Python (`proxy_sidecar.control.NativeCall`). Dropping it
+/// One call's retry state in Python (`proxy_sidecar.control.Call`). Dropping it
 /// unfinished (the caller went away) counts the call as CANCELLED.
 pub struct Call {
     obj: Option<Py<PyAny>>,

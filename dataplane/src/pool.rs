@@ -71,6 +71,16 @@ pub struct Failure {
     pub message: String,
 }
 
+impl Failure {
+    /// The exchange with the upstream at `address` failed with `err`.
+    pub fn upstream(address: &str, err: &h2::Error) -> Self {
+        Failure {
+            code: grpc::code_for_error(err),
+            message: format!("shoal: upstream {address}: {err}"),
+        }
+    }
+}
+
 impl Upstream {
     /// Send one request on this endpoint's connection, connecting first if need be.
     pub async fn send(
@@ -90,10 +100,7 @@ impl Upstream {
                 message: format!("shoal: cannot connect to {}", self.address),
             });
         };
-        let failed = |err: h2::Error| Failure {
-            code: grpc::code_for_error(&err),
-            message: format!("shoal: upstream {}: {err}", self.address),
-        };
+        let failed = |err: h2::Error| Failure::upstream(&self.address, &err);
         // A fresh clone has no stream of its own pending open: it may send at once
         // (the connection queues streams beyond the peer's concurrency limit).
         let eos = body.is_end_stream();

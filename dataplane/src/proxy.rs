@@ -44,10 +44,6 @@ pub struct Plane {
     pub replay_limit: usize,
 }
 
-pub async fn handle(plane: Arc<Plane>, request: Request<UpBody>) -> Response<RelayBody> {
-    forward(&plane, request).await
-}
-
 fn refused(refusal: Refusal) -> Response<RelayBody> {
     grpc::trailers_only(refusal.code, &refusal.message, RelayBody::empty())
 }
@@ -77,7 +73,9 @@ fn metadata(headers: &HeaderMap) -> Vec<(String, String)> {
     found
 }
 
-async fn forward(plane: &Arc<Plane>, request: Request<UpBody>) -> Response<RelayBody> {
+/// Forward one call; the response to give the caller.
+pub async fn handle(plane: Arc<Plane>, request: Request<UpBody>) -> Response<RelayBody> {
+    let plane = &plane;
     let received = Instant::now();
     if request.method() != Method::POST || !is_grpc(request.headers()) {
         let mut response = Response::new(RelayBody::empty());
@@ -318,10 +316,7 @@ async fn try_once(
                     trailers: None,
                 })
             }
-            Some(Err(err)) => Err(Failure {
-                code: grpc::code_for_error(&err),
-                message: format!("shoal: upstream {}: {err}", upstream.address),
-            }),
+            Some(Err(err)) => Err(Failure::upstream(&upstream.address, &err)),
         }
     };
     match timeout {
@@ -346,7 +341,7 @@ fn upstream_uri(upstream: &Upstream, path: &PathAndQuery) -> Uri {
 /// A call to the sidecar's own services: one try on its local gRPC server.
 async fn forward_own(
     plane: &Arc<Plane>,
-    mut headers: HeaderMap,
+    headers: HeaderMap,
     path: PathAndQuery,
     body: UpBody,
     deadline: Option<Instant>,
@@ -360,7 +355,6 @@ async fn forward_own(
             RelayBody::empty(),
         );
     };
-    headers.remove(HOP_KEY);
     let replay = Replay::new(body, 0);
     let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
     match try_once(plane, &upstream, &headers, &path, &replay, timeout).await {

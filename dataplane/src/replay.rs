@@ -1,6 +1,6 @@
 //! A call's request body, kept so a retry can send it again.
 //!
-//! Until the call commits (the upstream answered with response headers) or the request
+//! Until the call commits (the upstream sent its first message) or the request
 //! outgrows the replay limit, every frame read from the client is kept, and each try
 //! gets a body that replays them and then goes on reading from the client. Reads from
 //! the client are shared by all tries; a try that is abandoned gets an error, which

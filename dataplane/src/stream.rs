@@ -47,10 +47,8 @@ pub fn send_body(mut body: ReplayBody, mut tx: SendStream<Bytes>) -> Option<ones
     }
     let (cancel, cancelled) = oneshot::channel();
     tokio::spawn(Pump {
-        body,
-        tx,
-        buffered: None,
         cancelled: Some(cancelled),
+        ..Pump::new(body, tx)
     });
     Some(cancel)
 }
