@@ -11,6 +11,7 @@ processes at start, commands through a tiny exec trampoline), never through
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
 from collections.abc import Callable
@@ -33,21 +34,6 @@ except ImportError:  # Windows
 
 # Address-space limits are accepted but not enforced by macOS.
 _RLIMIT_MEMORY = HAVE_RLIMIT and sys.platform.startswith("linux")
-
-# Run by `python -I -S -c`: set the limits named in argv[1], then become the command.
-_TRAMPOLINE = """\
-import os, resource, sys
-for item in filter(None, sys.argv[1].split(",")):
-    name, value = item.split("=")
-    soft = int(value)
-    hard = soft + 1 if name == "CPU" else soft
-    which = getattr(resource, "RLIMIT_" + name)
-    cur_hard = resource.getrlimit(which)[1]
-    if cur_hard != resource.RLIM_INFINITY:
-        soft, hard = min(soft, cur_hard), min(hard, cur_hard)
-    resource.setrlimit(which, (soft, hard))
-os.execvp(sys.argv[2], sys.argv[2:])
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +75,16 @@ def apply_rlimits(spec: LimitSpec) -> None:
     """Set rlimits on this process (called by a pool process at start)."""
     if not HAVE_RLIMIT or not spec.any:
         return
-    for item in spec.encode().split(","):
+    _set_rlimits(spec.encode())
+
+
+def _set_rlimits(encoded: str) -> None:
+    """Set the rlimits named in ``encoded`` (``AS=...,CPU=...``) on this process.
+
+    Its source is also the exec trampoline's (``_TRAMPOLINE``), so it may use only
+    ``resource`` and builtins.
+    """
+    for item in filter(None, encoded.split(",")):
         name, value = item.split("=")
         soft = int(value)
         hard = soft + 1 if name == "CPU" else soft
@@ -98,6 +93,14 @@ def apply_rlimits(spec: LimitSpec) -> None:
         if cur_hard != resource.RLIM_INFINITY:
             soft, hard = min(soft, cur_hard), min(hard, cur_hard)
         resource.setrlimit(which, (soft, hard))
+
+
+# Run by `python -I -S -c`: set the limits named in argv[1], then become the command.
+_TRAMPOLINE = (
+    "import os, resource, sys\n"
+    + inspect.getsource(_set_rlimits)
+    + "_set_rlimits(sys.argv[1])\nos.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 def rlimit_argv(spec: LimitSpec, argv: list[str]) -> list[str]:
