@@ -13,6 +13,7 @@ Everything has a default, so a sidecar runs with no file. Example::
     outlier: {consecutive_failures: 5, base_ejection: 30}
     discovery: {empty_set_hold: 10}
     membership: {ttl: 10, grpc_services: [shoal.worker.v1.Worker], weight: 100}
+    listeners: {max_connections: 1024, max_streams: 1000, idle_timeout: 600}
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from shoal_core.config import StrictModel, load_yaml
 __all__ = [
     "BreakerSettings",
     "DiscoverySettings",
+    "ListenerSettings",
     "MembershipSettings",
     "OutlierSettings",
     "PoolSettings",
@@ -130,6 +132,21 @@ class PoolSettings(StrictModel):
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=4096, le=1024 * 1024 * 1024)
 
 
+class ListenerSettings(StrictModel):
+    """What a caller can make the sidecar hold, for each of its listeners.
+
+    Past ``max_connections`` a new connection is closed at once; a connection may have
+    ``max_streams`` calls open (HTTP/2's MAX_CONCURRENT_STREAMS; a gRPC client queues
+    beyond it); a connection with no call for ``idle_timeout`` seconds gets GOAWAY and
+    is closed. The idle timeout is longer than ``pool.idle_timeout``, so the sidecars
+    calling this one let their connections go first.
+    """
+
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    max_streams: int = Field(default=1000, ge=1, le=100_000)
+    idle_timeout: float = Field(default=600.0, gt=0.0, le=86_400.0)
+
+
 class MembershipSettings(StrictModel):
     """How the co-located app is registered (used with --service/--app)."""
 
@@ -159,6 +176,7 @@ class SidecarConfig(StrictModel):
     outlier: OutlierSettings = OutlierSettings()
     discovery: DiscoverySettings = DiscoverySettings()
     pool: PoolSettings = PoolSettings()
+    listeners: ListenerSettings = ListenerSettings()
     membership: MembershipSettings = MembershipSettings()
 
     def policy(self, service: str) -> ServicePolicy:

@@ -43,12 +43,14 @@ class Membership:
         advertise: str,
         settings: MembershipSettings,
         load: Callable[[], int],
+        forwarding: Callable[[], bool] = lambda: True,
         rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
         self._service = service
         self._advertise = advertise
         self._load = load
+        self._forwarding = forwarding
         self._rng = rng or random.Random()
         host_port = advertise.replace("[", "").replace("]", "")
         self.instance_id = settings.instance_id or f"{service}@{host_port}"
@@ -81,7 +83,12 @@ class Membership:
         self._task = asyncio.create_task(self._run(interval), name="membership")
 
     async def check_app(self) -> pb.ServingStatus.ValueType:
-        """The app's grpc.health.v1 status as a registry status."""
+        """The app's grpc.health.v1 status as a registry status.
+
+        NOT_SERVING, whatever the app says, while this sidecar cannot forward to it.
+        """
+        if not self._forwarding():
+            return pb.NOT_SERVING
         try:
             reply = await self._health.Check(
                 health_pb2.HealthCheckRequest(service=self._settings.health_service),

@@ -1,4 +1,8 @@
-"""Retry pacing and admission (no gRPC): the retry budget, backoff and circuit breaker limits."""
+"""Retry pacing (no gRPC): the retry budget and the backoff between tries.
+
+The circuit breaker is the data plane's (``shoal_dataplane.Breaker``): it holds the
+slots, so a call's slot is freed however the call ends.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import random
 import time
 from collections.abc import Callable
 
-__all__ = ["CircuitBreaker", "RetryBudget", "backoff_delay", "no_counts"]
+__all__ = ["RetryBudget", "backoff_delay"]
 
 
 def backoff_delay(retry: int, base: float, cap: float, rng: random.Random) -> float:
@@ -68,44 +72,3 @@ class RetryBudget:
         self._retries[current] += 1
         self.granted += 1
         return True
-
-
-class CircuitBreaker:
-    """The limits of one upstream's circuit breaker, and its counts.
-
-    The data plane holds the slots (``max_in_flight`` calls running, ``max_pending``
-    waiting, then RESOURCE_EXHAUSTED at once); ``counts(key)`` reads them back as
-    (in flight, pending, rejected).
-    """
-
-    __slots__ = ("key", "max_in_flight", "max_pending", "_counts")
-
-    def __init__(
-        self,
-        key: str,
-        *,
-        max_in_flight: int,
-        max_pending: int,
-        counts: Callable[[str], tuple[int, int, int]],
-    ) -> None:
-        self.key = key
-        self.max_in_flight = max_in_flight
-        self.max_pending = max_pending
-        self._counts = counts
-
-    @property
-    def in_flight(self) -> int:
-        return self._counts(self.key)[0]
-
-    @property
-    def pending(self) -> int:
-        return self._counts(self.key)[1]
-
-    @property
-    def rejected(self) -> int:
-        return self._counts(self.key)[2]
-
-
-def no_counts(key: str) -> tuple[int, int, int]:
-    """Counts of a breaker no data plane holds yet."""
-    return (0, 0, 0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import random
+import sys
+import threading
 
 import pytest
 
@@ -193,7 +195,7 @@ def test_cluster_panics_when_too_few_are_healthy():
         make_balancer("round_robin"),
         OutlierSettings(panic_threshold=50.0),
     )
-    members = table.members("a.S") or []
+    members = table.members("a.S") or ()
     members[0].reachable = members[1].reachable = False
     table.touch()
     picked = {cluster.pick(None).instance_id for _ in range(9)}
@@ -236,3 +238,52 @@ def test_method_paths():
     assert route is not None and (route.service, route.method) == ("pkg.v1.Svc", "Do")
     for bad in ("", "/", "/x", "//M", "/a b/M", "/pkg.Svc/", "x/pkg.S/M", "/a/b/c"):
         assert parse_method(bad) is None
+
+
+def test_routing_on_another_thread_never_sees_a_half_applied_update():
+    # The data plane's thread picks while the event loop changes the table. A service
+    # no routable endpoint serves makes the lookup consult every registered instance,
+    # which is where a table read during a change broke ("dictionary changed size").
+    def down(n: int) -> InstanceInfo:
+        return InstanceInfo(
+            instance_id=f"d{n}",
+            address=f"10.1.{n // 200}.{n % 200}:1",
+            grpc_services=("x.Down",),
+            routable=False,
+        )
+
+    table = EndpointTable(empty_hold=0.0)
+    table.replace([down(n) for n in range(1000)])
+    cluster = Cluster(
+        "x.Gone", table, ServicePolicy(), make_balancer("round_robin"), OutlierSettings()
+    )
+    errors: list[BaseException] = []
+    picks = 0
+    stop = threading.Event()
+
+    def route() -> None:
+        nonlocal picks
+        while not stop.is_set():
+            try:
+                cluster.pick(None)
+            except (NoHealthyEndpoint, UnknownService):
+                picks += 1
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    router = threading.Thread(target=route)
+    # Switch threads as often as the interpreter can, so a change meets a read in flight.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    router.start()
+    try:
+        for n in range(1000, 4000):
+            table.upsert(down(n))
+            table.remove(f"d{n}")
+    finally:
+        stop.set()
+        router.join()
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert picks > 0
