@@ -57,7 +57,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
 
     def __init__(self, store: RegistryStore, *, progress_interval: float, queue_size: int) -> None:
         self._store = store
-        self._render = InstanceRenderer()
+        self._render = InstanceRenderer(store.get)
         store.subscribe(self._render.on_event)
         self._hub: WatchHub[pb.WatchEvent] = WatchHub(
             store, lambda e: self._render.event(e, store.epoch), queue_size

@@ -195,3 +195,23 @@ async def test_health_watchers_see_not_serving_when_shutdown_begins(
         second = await asyncio.wait_for(call.read(), 5)
         assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
         await closing
+
+
+async def test_rendered_messages_are_kept_for_live_instances_only(
+    registry: RegistryServer, stub: Stub
+) -> None:
+    start = registry.store.revision
+    call = stub.Watch(pb.WatchRequest())  # a watcher, so every change is rendered
+    assert (await read(call)).type == SNAPSHOT
+    leases = [(await stub.Register(pb.RegisterRequest(instance=instance(n)))) for n in range(5)]
+    for reply in leases:
+        await stub.Deregister(pb.DeregisterRequest(lease_id=reply.lease_id))
+    await read_until(call, registry.store.revision)
+    # A resume replays (and renders) instances that are gone by now.
+    resumed = stub.Watch(pb.WatchRequest(since_revision=start))
+    await read_until(resumed, registry.store.revision)
+    call.cancel()
+    resumed.cancel()
+    await stub.Register(pb.RegisterRequest(instance=instance(7)))
+    await stub.Discover(pb.DiscoverRequest(service="echo"))
+    assert len(registry.servicer._render) == 1
