@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 __all__ = ["RegistryConfig"]
 
+_MIB = 1024 * 1024
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RegistryConfig:
@@ -27,8 +29,12 @@ class RegistryConfig:
     load_publish_interval: float = 1.0
     watch_progress_interval: float = 5.0
     watch_queue_size: int = 4096
+    # The change history watchers resume from. At typical sizes (a few hundred bytes
+    # per change) the count binds; the byte bound keeps changes with the largest
+    # metadata (~80 KB each) from filling memory: 64 MiB is ~800 of those.
     history_size: int = 100_000
-    max_message_bytes: int = 1024 * 1024
+    history_bytes: int = 64 * _MIB
+    max_message_bytes: int = _MIB
 
     def __post_init__(self) -> None:
         positive = {
@@ -58,6 +64,8 @@ class RegistryConfig:
             raise ValueError("watch_queue_size and history_size must be >= 16")
         if self.max_message_bytes < 4096:
             raise ValueError("max_message_bytes must be >= 4096")
+        if self.history_bytes < 64 * 1024:
+            raise ValueError(f"history_bytes must be >= {64 * 1024}, got {self.history_bytes}")
 
     def clamp_ttl(self, requested: float) -> float:
         """The TTL granted for a request: the default for 0, else clamped to min..max."""

@@ -133,7 +133,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         # event can fall in the gap; any duplicate is dropped by the revision check below.
         sub = self._hub.open(service)
         try:
-            backlog = (
+            replay = (
                 store.events_since(request.since_revision, service)
                 if request.since_revision
                 else None
@@ -142,11 +142,12 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             # yield: changes made while a yield waits are queued with higher revisions and
             # must not be dropped as duplicates.
             sent = store.revision
-            if backlog is None:
-                yield self._snapshot(service)
-            else:
-                for event in backlog:
+            if replay is not None:
+                for event in replay:
                     yield self._render.event(event, store.epoch)
+            if replay is None or replay.lost:
+                sent = store.revision
+                yield self._snapshot(service)
             while not sub.closed:
                 if not await sub.wait(self._progress_interval):
                     # Nothing was queued, so nothing at or below this revision is pending.

@@ -10,7 +10,6 @@ wall-clock microsecond, so a restarted registry never reuses an old revision.
 from __future__ import annotations
 
 import collections
-import itertools
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -18,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from registry_service.config import RegistryConfig
 from registry_service.errors import AlreadyExists, LeaseNotFound
+from registry_service.history import History, Replay
 from registry_service.model import (
     Event,
     EventKind,
@@ -79,7 +79,7 @@ class RegistryStore:
         self._by_service: dict[str, set[str]] = collections.defaultdict(set)
         self._by_grpc: dict[str, set[str]] = collections.defaultdict(set)
         self._revision = time.time_ns() // 1000
-        self._history: collections.deque[Event] = collections.deque(maxlen=config.history_size)
+        self.history = History(max_events=config.history_size, max_bytes=config.history_bytes)
         self._listeners: list[Listener] = []
         self.epoch = uuid.uuid4().hex[:12]
         self.stats = StoreStats()
@@ -130,18 +130,12 @@ class RegistryStore:
             found = [inst for inst in found if inst.healthy]
         return found
 
-    def events_since(self, revision: int, service: str = "") -> list[Event] | None:
-        """Events after ``revision`` in order, or None when history cannot bridge the gap."""
+    def events_since(self, revision: int, service: str = "") -> Replay | None:
+        """Events after ``revision`` up to now, read lazily in order; None when the history
+        cannot bridge the gap. If it moves past a slow reader, the replay ends ``lost``."""
         if revision > self._revision:
             return None  # from another run of the registry, or made up
-        if revision == self._revision:
-            return []
-        if not self._history or revision + 1 < self._history[0].revision:
-            return None
-        events = itertools.islice(self._history, revision + 1 - self._history[0].revision, None)
-        if service:
-            return [e for e in events if e.instance.spec.service == service]
-        return list(events)
+        return self.history.replay(after=revision, until=self._revision, service=service)
 
     def services(self) -> list[ServiceSummary]:
         out = []
@@ -262,7 +256,7 @@ class RegistryStore:
         if kind is EventKind.UPSERT:
             self._instances[inst.spec.instance_id] = inst
         event = Event(kind, self._revision, inst)
-        self._history.append(event)
+        self.history.append(event)
         for listener in self._listeners:
             listener(event)
         return inst

@@ -23,6 +23,7 @@ SNAPSHOT, UPSERT, REMOVE, PROGRESS = (
     pb.WatchEvent.REMOVE,
     pb.WatchEvent.PROGRESS,
 )
+SERVING = ServingStatus.SERVING
 
 
 async def read_until(call: Any, stop: int) -> list[pb.WatchEvent]:
@@ -195,6 +196,26 @@ async def test_health_watchers_see_not_serving_when_shutdown_begins(
         second = await asyncio.wait_for(call.read(), 5)
         assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
         await closing
+
+
+async def test_a_resume_whose_backlog_leaves_the_history_mid_replay_gets_a_snapshot(
+    start_registry: StartRegistry,
+) -> None:
+    server = await start_registry(RegistryConfig(history_size=16, preservation_share=1.0))
+    store = server.store
+    start = store.revision
+    for n in range(5):
+        store.register(InstanceSpec(f"i{n}", "svc", f"10.0.0.4:{n + 1}"), 30.0, SERVING)
+    request = pb.WatchRequest(since_revision=start)
+    stream = server.servicer.Watch(request, context=None)  # type: ignore[arg-type]
+    assert (await anext(stream)).revision == start + 1
+    # The reader stalls while 20 more changes push the rest of its backlog out.
+    for n in range(5, 25):
+        store.register(InstanceSpec(f"i{n}", "svc", f"10.0.0.4:{n + 1}"), 30.0, SERVING)
+    event = await asyncio.wait_for(anext(stream), 5)
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert event.type == SNAPSHOT and len(event.instances) == 25
+    assert event.revision == store.revision
 
 
 async def test_rendered_messages_are_kept_for_live_instances_only(
