@@ -28,7 +28,11 @@ class RegistryConfig:
     # A heartbeat that only changes the load report publishes it at most this often.
     load_publish_interval: float = 1.0
     watch_progress_interval: float = 5.0
+    # A watcher's queue of changes not yet sent: past either bound it is dropped and the
+    # watcher gets a fresh snapshot. A snapshot fits in one message (max_message_bytes),
+    # so a backlog of several times that costs more to hold and send than the snapshot.
     watch_queue_size: int = 4096
+    watch_queue_bytes: int = 4 * _MIB
     # The change history watchers resume from. At typical sizes (a few hundred bytes
     # per change) the count binds; the byte bound keeps changes with the largest
     # metadata (~80 KB each) from filling memory: 64 MiB is ~800 of those.
@@ -64,8 +68,13 @@ class RegistryConfig:
             raise ValueError("watch_queue_size and history_size must be >= 16")
         if self.max_message_bytes < 4096:
             raise ValueError("max_message_bytes must be >= 4096")
-        if self.history_bytes < 64 * 1024:
-            raise ValueError(f"history_bytes must be >= {64 * 1024}, got {self.history_bytes}")
+        at_least = {
+            "watch_queue_bytes": (self.watch_queue_bytes, 64 * 1024),
+            "history_bytes": (self.history_bytes, 64 * 1024),
+        }
+        for name, (value, low) in at_least.items():
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
 
     def clamp_ttl(self, requested: float) -> float:
         """The TTL granted for a request: the default for 0, else clamped to min..max."""

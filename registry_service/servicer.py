@@ -55,12 +55,23 @@ def _mapped(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
 class RegistryServicer(pb_grpc.RegistryServicer):
     """Maps Registry RPCs onto a ``RegistryStore`` and a ``WatchHub``."""
 
-    def __init__(self, store: RegistryStore, *, progress_interval: float, queue_size: int) -> None:
+    def __init__(
+        self,
+        store: RegistryStore,
+        *,
+        progress_interval: float,
+        queue_size: int,
+        queue_bytes: int,
+    ) -> None:
         self._store = store
         self._render = InstanceRenderer(store.get)
         store.subscribe(self._render.on_event)
         self._hub: WatchHub[pb.WatchEvent] = WatchHub(
-            store, lambda e: self._render.event(e, store.epoch), queue_size
+            store,
+            lambda e: self._render.event(e, store.epoch),
+            pb.WatchEvent.ByteSize,
+            limit=queue_size,
+            limit_bytes=queue_bytes,
         )
         self._progress_interval = progress_interval
 
@@ -159,14 +170,16 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                     continue
                 if sub.overflowed:
                     sub.overflowed = False
-                    sub.drain()
+                    sub.clear()
                     logger.warning(
                         "watcher of %r fell behind; sending a fresh snapshot", service or "*"
                     )
                     sent = store.revision
                     yield self._snapshot(service)
                     continue
-                for revision, msg in sub.drain():
+                # One at a time, so what is not sent yet stays counted against the queue.
+                while (queued := sub.pop()) is not None:
+                    revision, msg = queued
                     if revision > sent:
                         sent = revision
                         yield msg

@@ -198,6 +198,32 @@ async def test_health_watchers_see_not_serving_when_shutdown_begins(
         await closing
 
 
+BIG = {f"k{k:02d}".ljust(128, "x"): "v" * 1024 for k in range(64)}
+
+
+def big_spec(n: int) -> InstanceSpec:
+    return InstanceSpec(
+        instance_id=f"big{n}", service="bulk", address=f"10.0.0.3:{n + 1}", metadata=BIG
+    )
+
+
+async def test_a_stalled_watcher_holds_at_most_its_queue_bytes(
+    start_registry: StartRegistry,
+) -> None:
+    server = await start_registry(RegistryConfig(watch_queue_bytes=1 << 20, preservation_share=1.0))
+    stream = server.servicer.Watch(pb.WatchRequest(), context=None)  # type: ignore[arg-type]
+    assert (await anext(stream)).type == SNAPSHOT
+    # While the stream is held at its yield, 15 big register+deregister pairs: 30 events,
+    # far under the count bound (4096) but about 2.2 MB against a 1 MiB byte bound.
+    for n in range(15):
+        inst = server.store.register(big_spec(n), 30.0, ServingStatus.SERVING)
+        server.store.deregister(inst.lease_id)
+    event = await asyncio.wait_for(anext(stream), 5)
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert event.type == SNAPSHOT and not event.instances
+    assert event.revision == server.store.revision
+
+
 async def test_a_resume_whose_backlog_leaves_the_history_mid_replay_gets_a_snapshot(
     start_registry: StartRegistry,
 ) -> None:
