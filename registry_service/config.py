@@ -38,6 +38,18 @@ class RegistryConfig:
     # metadata (~80 KB each) from filling memory: 64 MiB is ~800 of those.
     history_size: int = 100_000
     history_bytes: int = 64 * _MIB
+    # Instances in all, per service, and the bytes their data holds (the sum of
+    # InstanceSpec.retained_bytes; the rendered copy kept for Discover and Watch adds
+    # about as much again). A watch of every service (what a sidecar opens) starts with
+    # one snapshot message of at most max_message_bytes (1 MiB): 10,000 instances of a
+    # typical 80-100 B fit, and 10,000 is what bench/registry_bench.py runs; Consul and
+    # Eureka deployments hold thousands. One service's Discover is one message too:
+    # 2,000 fit with room for metadata (Kubernetes' Endpoints stops at 1,000 addresses
+    # for the same reason). The byte budget binds only for large metadata: 64 MiB is
+    # 10,000 instances of ~6 KB, or ~800 with the largest metadata validation allows.
+    max_instances: int = 10_000
+    max_instances_per_service: int = 2_000
+    max_instances_bytes: int = 64 * _MIB
     max_message_bytes: int = _MIB
 
     def __post_init__(self) -> None:
@@ -71,6 +83,9 @@ class RegistryConfig:
         at_least = {
             "watch_queue_bytes": (self.watch_queue_bytes, 64 * 1024),
             "history_bytes": (self.history_bytes, 64 * 1024),
+            "max_instances_bytes": (self.max_instances_bytes, 64 * 1024),
+            "max_instances": (self.max_instances, 1),
+            "max_instances_per_service": (self.max_instances_per_service, 1),
         }
         for name, (value, low) in at_least.items():
             if value < low:

@@ -14,7 +14,13 @@ import grpc
 
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
-from registry_service.errors import AlreadyExists, InvalidArgument, LeaseNotFound, RegistryError
+from registry_service.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    LeaseNotFound,
+    LimitReached,
+    RegistryError,
+)
 from registry_service.model import Instance
 from registry_service.store import RegistryStore
 from registry_service.validation import MAX_TTL_MS, check_lease_id, check_service_name
@@ -29,6 +35,7 @@ _CODES: dict[type[RegistryError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     LeaseNotFound: grpc.StatusCode.NOT_FOUND,
+    LimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 Req = TypeVar("Req")

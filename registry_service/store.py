@@ -5,6 +5,8 @@ completion. Every change bumps the revision by one and yields exactly one
 ``Event``, which is kept in a bounded history (for watchers resuming from a
 revision) and handed to listeners (the watch hub). Revisions start at the
 wall-clock microsecond, so a restarted registry never reuses an old revision.
+What callers can make it hold is bounded: instances in all, per service and in
+bytes (``LimitReached`` beyond), and the history in events and in bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from registry_service.config import RegistryConfig
-from registry_service.errors import AlreadyExists, LeaseNotFound
+from registry_service.errors import AlreadyExists, LeaseNotFound, LimitReached
 from registry_service.history import History, Replay
 from registry_service.model import (
     Event,
@@ -80,6 +82,8 @@ class RegistryStore:
         self._by_grpc: dict[str, set[str]] = collections.defaultdict(set)
         self._revision = time.time_ns() // 1000
         self.history = History(max_events=config.history_size, max_bytes=config.history_bytes)
+        # The retained_bytes() of every registered spec, bounded by max_instances_bytes.
+        self.instances_bytes = 0
         self._listeners: list[Listener] = []
         self.epoch = uuid.uuid4().hex[:12]
         self.stats = StoreStats()
@@ -161,7 +165,11 @@ class RegistryStore:
                     f"instance {spec.instance_id!r} is registered from {old.spec.address} "
                     f"with a live lease; {spec.address} cannot take it over"
                 )
+        size = spec.retained_bytes()
+        self._check_room(spec, size, old)
+        if old is not None:
             self._drop(old, publish=old.spec.service != spec.service)
+        self.instances_bytes += size
         ttl = self.config.clamp_ttl(ttl_requested)
         lease = _Lease(uuid.uuid4().hex, spec.instance_id, ttl, now, float("-inf"))
         self._leases[lease.lease_id] = lease
@@ -225,6 +233,29 @@ class RegistryStore:
 
     # -- internals -----------------------------------------------------------
 
+    def _check_room(self, spec: InstanceSpec, size: int, old: Instance | None) -> None:
+        """Raise ``LimitReached`` unless registering ``spec`` (replacing ``old``) fits."""
+        cfg = self.config
+        if old is None and len(self._instances) >= cfg.max_instances:
+            raise LimitReached(
+                f"the registry holds {len(self._instances)} instances, its limit; "
+                "the operator can raise it with shoal registry --max-instances"
+            )
+        members = self._by_service.get(spec.service, ())
+        if spec.instance_id not in members and len(members) >= cfg.max_instances_per_service:
+            raise LimitReached(
+                f"service {spec.service!r} has {len(members)} instances, the limit per "
+                "service; the operator can raise it with shoal registry "
+                "--max-instances-per-service"
+            )
+        freed = 0 if old is None else old.spec.retained_bytes()
+        if self.instances_bytes - freed + size > cfg.max_instances_bytes:
+            raise LimitReached(
+                f"instance data would pass the registry's limit of {cfg.max_instances_bytes} "
+                f"bytes (this instance holds {size}); send less metadata, or the operator "
+                "can raise it with shoal registry --max-instances-bytes"
+            )
+
     def _publish_load(self, lease: _Lease, load: LoadReport, now: float) -> None:
         lease.load_published_at = now
         lease.pending_load = None
@@ -238,6 +269,7 @@ class RegistryStore:
             del self._leases[lease.lease_id]
         self._lapsed_at.pop(spec.instance_id, None)
         del self._instances[spec.instance_id]
+        self.instances_bytes -= spec.retained_bytes()
         members = self._by_service[spec.service]
         members.discard(spec.instance_id)
         if not members:

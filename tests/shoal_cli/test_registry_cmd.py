@@ -59,6 +59,8 @@ def test_second_signal_forces_exit(registry_process: tuple[subprocess.Popen[str]
         (["registry", "--ttl-min", "5", "--ttl-default", "2"], "ttl_default"),
         (["registry", "--sweep-interval", "-1"], "--sweep-interval"),
         (["registry", "--preservation-share", "2"], "--preservation-share"),
+        (["registry", "--max-instances", "0"], "--max-instances"),
+        (["registry", "--history-bytes", "1000"], "--history-bytes"),
         (["registry", "--log-level", "LOUD"], "log level"),
         (["registry", "--bogus"], "--bogus"),
         (["nonsense"], "nonsense"),
