@@ -129,17 +129,16 @@ async def process(*args: str, log: Path, ready: str | None = None) -> AsyncItera
         proc = await asyncio.create_subprocess_exec(
             *args, stdout=asyncio.subprocess.PIPE, stderr=err
         )
+    child = Child(proc, "", log)
     try:
-        address = ""
         if ready is not None:
             assert proc.stdout is not None
             line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
             match = re.search(ready, line)
-            child = Child(proc, "", log)
             if match is None:
                 raise RuntimeError(f"{' '.join(args[:4])} did not start{child.why()}")
-            address = match.group(1)
-        yield Child(proc, address, log)
+            child.address = match.group(1)
+        yield child
     finally:
         if proc.returncode is None:
             proc.terminate()
