@@ -83,6 +83,7 @@ class RegistryServer(GrpcServer):
             self.store,
             progress_interval=self.config.watch_progress_interval,
             queue_size=self.config.watch_queue_size,
+            queue_bytes=self.config.watch_queue_bytes,
         )
         self.metrics = CollectorRegistry()
         self.metrics.register(_StoreCollector(self))
