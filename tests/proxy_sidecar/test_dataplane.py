@@ -21,12 +21,14 @@ from typing import Any
 import grpc
 import h2.events
 import h2.settings
+import psutil
 import pytest
 from shoal_dataplane import Admission, DataPlane, Refusal
 
 from protos import registry_pb2 as rpb
 from protos import registry_pb2_grpc as rpb_grpc
 from tests.h2raw import RawH2
+from tests.proxy_sidecar.test_cli import SHOAL
 from tests.proxy_sidecar.conftest import served_by, sidecar_config, wait_for
 from tests.proxy_sidecar.upstream import SERVICE
 
@@ -333,3 +335,52 @@ async def test_healthz_fails_once_the_data_plane_is_gone(make_mesh):
     await asyncio.to_thread(mesh.client.dataplane.stop, 0.0)
     status, body = await asyncio.to_thread(healthz)
     assert status == 503 and body["dataplane"] == "stopped" and body["status"] == "down"
+
+
+async def test_memory_held_for_connections_is_given_back_when_they_close(registry, tmp_path):
+    # A sidecar process of its own, so its RSS is what an operator would see.
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("listeners: {max_connections: 5000}\n")
+    proc = await asyncio.create_subprocess_exec(
+        *SHOAL,
+        "sidecar",
+        "--listen",
+        "127.0.0.1:0",
+        "--registry",
+        registry.address,
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        address = line.split(" serving on ")[1].split()[0]
+        sidecar = psutil.Process(proc.pid)
+
+        def rss_mib() -> float:
+            return float(sidecar.memory_info().rss) / 2**20
+
+        def crowd(n: int) -> float:
+            held = [RawH2(address) for _ in range(n)]
+            try:
+                for raw in held:
+                    raw.settings()
+                return rss_mib()
+            finally:
+                for raw in held:
+                    raw.close()
+
+        base = rss_mib()
+        crowded = await asyncio.to_thread(crowd, 2000)
+        # 2,000 connections take tens of MiB (about 15 KiB each): enough to see them go.
+        assert crowded - base > 15, (base, crowded)
+        await wait_for(lambda: sidecar.num_fds() < 100, what="the connections to close")
+        await wait_for(
+            lambda: rss_mib() - base < 0.25 * (crowded - base),
+            what=f"memory to come back (base {base:.1f} MiB, crowded {crowded:.1f})",
+        )
+    finally:
+        proc.terminate()
+        await proc.wait()
