@@ -28,6 +28,7 @@ from proxy_sidecar.errors import NoHealthyEndpoint, UnknownService
 from proxy_sidecar.outlier import OutlierDetector
 from proxy_sidecar.policies import EWMA_DECAY
 from proxy_sidecar.resilience import RetryBudget
+from shoal_core.backoff import Backoff
 
 __all__ = ["Cluster"]
 
@@ -49,6 +50,7 @@ class Cluster:
         self.policy = policy
         self.balancer = balancer
         self.retry = policy.retry
+        self.backoff = Backoff(initial=policy.retry.backoff_base, maximum=policy.retry.backoff_max)
         self.per_try_timeout = policy.per_try_timeout
         self.hash_key = policy.hash_key if balancer.uses_key else None
         # The data plane holds its slots and queue places; it lives as long as this cluster.

@@ -72,6 +72,15 @@ class RetrySettings(StrictModel):
                 raise ValueError(f"{code!r} is not a gRPC status code name such as UNAVAILABLE")
         return value
 
+    @pydantic.model_validator(mode="after")
+    def _pauses(self) -> RetrySettings:
+        if self.backoff_max < self.backoff_base:
+            raise ValueError(
+                f"backoff_max ({self.backoff_max}) must not be below backoff_base "
+                f"({self.backoff_base})"
+            )
+        return self
+
     def is_idempotent(self, method: str) -> bool:
         return "*" in self.idempotent_methods or method in self.idempotent_methods
 
@@ -118,6 +127,15 @@ class DiscoverySettings(StrictModel):
     empty_set_hold: float = Field(default=10.0, ge=0.0, le=3600.0)
     # How long start-up waits for the first snapshot before serving anyway.
     initial_sync: float = Field(default=3.0, ge=0.0, le=600.0)
+
+    @pydantic.model_validator(mode="after")
+    def _pauses(self) -> DiscoverySettings:
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError(
+                f"backoff_max ({self.backoff_max}) must not be below backoff_initial "
+                f"({self.backoff_initial})"
+            )
+        return self
 
 
 class PoolSettings(StrictModel):

@@ -35,7 +35,6 @@ from proxy_sidecar.cluster import Cluster
 from proxy_sidecar.config import CODE_NAMES
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, RouteError, UnknownService
-from proxy_sidecar.resilience import backoff_delay
 from proxy_sidecar.routing import Route, Router, parse_method
 
 __all__ = ["Call", "Control", "route_refusal"]
@@ -118,7 +117,7 @@ class Call:
             retry.is_idempotent(self._method) and (try_timed_out or _name(code) in retry.retry_on)
         ):
             return None
-        pause = backoff_delay(len(self._tried), retry.backoff_base, retry.backoff_max, self._rng)
+        pause = cluster.backoff.delay(len(self._tried), self._rng)
         if left is not None and left <= pause + _MIN_RETRY_TIME:
             return None
         if not cluster.budget.try_retry():

@@ -1,4 +1,5 @@
-"""Retry pacing (no gRPC): the retry budget and the backoff between tries.
+"""Retry pacing (no gRPC): the retry budget. The pause between tries is
+``shoal_core.backoff``'s, as every retry loop's in Shoal is.
 
 The circuit breaker is the data plane's (``shoal_dataplane.Breaker``): it holds the
 slots, so a call's slot is freed however the call ends.
@@ -7,16 +8,10 @@ slots, so a call's slot is freed however the call ends.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 
-__all__ = ["RetryBudget", "backoff_delay"]
-
-
-def backoff_delay(retry: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with full jitter before retry number ``retry`` (0-based)."""
-    return rng.uniform(0.0, min(cap, base * (2.0**retry)))
+__all__ = ["RetryBudget"]
 
 
 class RetryBudget:

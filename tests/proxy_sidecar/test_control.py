@@ -19,8 +19,8 @@ from proxy_sidecar.balancers import make_balancer
 from proxy_sidecar.config import SidecarConfig
 from proxy_sidecar.control import Call, Control
 from proxy_sidecar.endpoints import Endpoint, EndpointTable, InstanceInfo
-from proxy_sidecar.resilience import backoff_delay
 from proxy_sidecar.routing import LOCAL_SERVICE, Router
+from shoal_core.backoff import Backoff
 
 OK, CANCELLED, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 0, 1, 4, 12, 13, 14
 APP = "127.0.0.1:1"
@@ -430,7 +430,7 @@ async def test_the_retry_budget_denies_retries_once_spent():
 async def test_no_retry_when_the_deadline_is_shorter_than_the_pause():
     config = services(retry={"backoff_base": 0.2, "backoff_max": 0.2})
     # The same seed as the control's: the pause its first retry will draw.
-    pause = backoff_delay(0, 0.2, 0.2, random.Random(Mesh(config).seed))
+    pause = Backoff(initial=0.2, maximum=0.2).delay(0, random.Random(Mesh(config).seed))
     short = Mesh(config)
     call, _ = short.start(remaining=pause + 0.004)
     assert call.failed(UNAVAILABLE, True, 0.0) is None
