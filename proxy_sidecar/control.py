@@ -36,6 +36,7 @@ from proxy_sidecar.config import CODE_NAMES
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, RouteError, UnknownService
 from proxy_sidecar.routing import Route, Router, parse_method
+from shoal_core.codes import ErrorCodes
 
 __all__ = ["Call", "Control", "route_refusal"]
 
@@ -43,10 +44,9 @@ _DEADLINE_EXCEEDED = 4
 _INTERNAL = 13
 _UNIMPLEMENTED = 12
 _UNAVAILABLE = 14
-_ROUTE_CODES: dict[type[RouteError], int] = {
-    UnknownService: _UNIMPLEMENTED,
-    NoHealthyEndpoint: _UNAVAILABLE,
-}
+_ROUTE_CODES = ErrorCodes[int](
+    {UnknownService: _UNIMPLEMENTED, NoHealthyEndpoint: _UNAVAILABLE}, default=_UNAVAILABLE
+)
 # Below this much time left, a retry could not finish: give the caller the failure.
 _MIN_RETRY_TIME = 0.005
 _MAX_CACHED_ROUTES = 4096
@@ -56,7 +56,7 @@ _NO_APP = Refusal(_UNIMPLEMENTED, "shoal: this sidecar has no app to deliver cal
 
 def route_refusal(exc: RouteError) -> Refusal:
     """What the caller gets when a call cannot be routed."""
-    return Refusal(_ROUTE_CODES.get(type(exc), _UNAVAILABLE), str(exc))
+    return Refusal(_ROUTE_CODES(exc), str(exc))
 
 
 class Call:
