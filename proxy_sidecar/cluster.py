@@ -16,13 +16,12 @@ iterates a structure the other thread changes.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable, Collection
 
 from shoal_dataplane import Breaker
 
 from proxy_sidecar.balancers import Balancer
-from proxy_sidecar.config import OutlierSettings, ServicePolicy
+from proxy_sidecar.config import CODE_NAMES, OutlierSettings, ServicePolicy
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, UnknownService
 from proxy_sidecar.outlier import OutlierDetector
@@ -79,14 +78,22 @@ class Cluster:
         self.known = False
         self.requests = 0
         self.retries = 0
-        self.codes: Counter[str] = Counter()
+        # Calls by gRPC status number (a list: counting is one index, every call).
+        self.codes = [0] * len(CODE_NAMES)
 
     def members(self) -> tuple[Endpoint, ...]:
         return self._members
 
+    def count(self, code: int) -> None:
+        """One call ended with ``code``; numbers gRPC does not define count as UNKNOWN."""
+        if not 0 <= code < len(self.codes):
+            code = 2
+        self.codes[code] += 1
+
     def code_counts(self) -> dict[str, int]:
-        """Calls by status name so far: a copy, safe to iterate on another thread."""
-        return dict(self.codes)
+        """Calls by status name so far: a copy, safe to read on another thread."""
+        counts = list(self.codes)
+        return {CODE_NAMES[code]: n for code, n in enumerate(counts) if n}
 
     def _refresh(self, now: float) -> None:
         self.outlier.release_due(now)
@@ -105,9 +112,12 @@ class Cluster:
         self._routable = list(self._members) if self.panic else healthy
         self._seen = seen
 
-    def pick(self, key: str | None, exclude: Collection[Endpoint] = ()) -> Endpoint:
+    def pick(
+        self, key: str | None, exclude: Collection[Endpoint] = (), now: float | None = None
+    ) -> Endpoint:
         """The endpoint for the next try; prefers endpoints not in ``exclude``."""
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         view = self._table.view
         if now >= self.outlier.next_return or self._seen[0] != view.version:
             self._refresh(now)

@@ -62,7 +62,17 @@ def route_refusal(exc: RouteError) -> Refusal:
 class Call:
     """One forwarded call's tries: endpoint choice, retry decisions, and its outcome."""
 
-    __slots__ = ("cluster", "_method", "_key", "_rng", "_clock", "_deadline", "_tried", "_at")
+    __slots__ = (
+        "cluster",
+        "_method",
+        "_key",
+        "_rng",
+        "_clock",
+        "_deadline",
+        "_tried",
+        "_at",
+        "_now",
+    )
 
     def __init__(
         self,
@@ -79,18 +89,22 @@ class Call:
         self._key = key
         self._rng = rng
         self._clock = clock
-        self._deadline = None if remaining is None else clock() + remaining
+        # One reading of the clock serves the whole admission.
+        now = clock()
+        self._deadline = None if remaining is None else now + remaining
         # Allocated on the first retry only: most calls never retry.
         self._tried: Sequence[Endpoint] = ()
         # The endpoint of the try under way, if any.
         self._at: Endpoint | None = None
         cluster.requests += 1
-        cluster.budget.record_request()
+        cluster.budget.record_request(now)
+        self._now: float | None = now
 
     def pick(self) -> Target | Refusal:
         """The next try's endpoint (another than those tried when possible)."""
+        now, self._now = self._now, None
         try:
-            endpoint = self.cluster.pick(self._key, self._tried)
+            endpoint = self.cluster.pick(self._key, self._tried, now)
         except RouteError as exc:
             return route_refusal(exc)
         endpoint.in_flight += 1
@@ -134,7 +148,7 @@ class Call:
             endpoint.in_flight -= 1
             if latency is not None:
                 self.cluster.record(endpoint, True, latency)
-        self.cluster.codes[_name(code)] += 1
+        self.cluster.count(code)
 
 
 def _name(code: int) -> str:

@@ -37,6 +37,10 @@ class RetryBudget:
         self._stamps = [-1] * window
         self._requests = [0] * window
         self._retries = [0] * window
+        # The bucket of the current second, and when the next second starts: recording a
+        # request (every call) is then one comparison and one addition.
+        self._current = 0
+        self._next_second = -math.inf
         self.granted = 0
         self.denied = 0
 
@@ -48,8 +52,15 @@ class RetryBudget:
             self._retries[i] = 0
         return i
 
-    def record_request(self) -> None:
-        self._requests[self._bucket(int(self._clock()))] += 1
+    def record_request(self, now: float | None = None) -> None:
+        """Count one request, made at ``now`` (default: the clock's time)."""
+        if now is None:
+            now = self._clock()
+        if now >= self._next_second:
+            second = int(now)
+            self._current = self._bucket(second)
+            self._next_second = second + 1
+        self._requests[self._current] += 1
 
     def try_retry(self) -> bool:
         """Take one retry from the budget; False when it is spent."""

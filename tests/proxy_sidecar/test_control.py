@@ -250,7 +250,7 @@ async def test_in_flight_rises_on_pick_and_falls_on_failed():
     assert endpoint.in_flight == 0 and endpoint.requests == 1
     call.finish(UNAVAILABLE, None)
     assert all_in_flight(mesh) == [0] * 5
-    assert call.cluster.codes["UNAVAILABLE"] == 1
+    assert call.cluster.code_counts()["UNAVAILABLE"] == 1
 
 
 async def test_finish_with_latency_records_a_success_and_counts_the_code():
@@ -262,17 +262,17 @@ async def test_finish_with_latency_records_a_success_and_counts_the_code():
     call.finish(OK, 0.04)
     assert endpoint.in_flight == 0
     assert endpoint.requests == 1 and endpoint.failures == 0 and endpoint.ewma == 0.04
-    assert call.cluster.codes == {"OK": 1}
+    assert call.cluster.code_counts() == {"OK": 1}
     # An answered call with an error status still counts the status by name.
     call, target = mesh.start()
     address = target.address
     call.finish(5, 0.01)
-    assert call.cluster.codes == {"OK": 1, "NOT_FOUND": 1}
+    assert call.cluster.code_counts() == {"OK": 1, "NOT_FOUND": 1}
     assert mesh.endpoint(address).in_flight == 0
     # Out-of-range codes count as UNKNOWN.
     call, _ = mesh.start()
     call.finish(99, None)
-    assert call.cluster.codes["UNKNOWN"] == 1
+    assert call.cluster.code_counts()["UNKNOWN"] == 1
     assert call.cluster.requests == 3
 
 
@@ -284,7 +284,7 @@ async def test_cancelled_after_pick_releases_the_endpoint_without_recording():
     call.finish(CANCELLED, None)
     assert endpoint.in_flight == 0
     assert endpoint.requests == 0 and endpoint.failures == 0
-    assert call.cluster.codes == {"CANCELLED": 1}
+    assert call.cluster.code_counts() == {"CANCELLED": 1}
 
 
 async def test_cancelled_during_the_backoff_leaves_nothing_in_flight():
@@ -293,7 +293,7 @@ async def test_cancelled_during_the_backoff_leaves_nothing_in_flight():
     assert call.failed(UNAVAILABLE, True, 0.001) is not None
     call.finish(CANCELLED, None)
     assert all_in_flight(mesh) == [0] * 5
-    assert call.cluster.codes == {"CANCELLED": 1}
+    assert call.cluster.code_counts() == {"CANCELLED": 1}
 
 
 # --- retry decisions ---------------------------------------------------------------------
