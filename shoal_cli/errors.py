@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import click
 
+from shoal_cli.output import mute
 from shoal_core.addresses import AddressError
 from shoal_core.config import ConfigError
 from shoal_core.grpc_server import ServerStartError
@@ -45,7 +46,9 @@ def run_guarded(run: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # Output piped into something that stopped reading (e.g. `| head`): not an error.
-        sys.stderr.close()
+        # Output piped into something that stopped reading (e.g. `| head`): not an error,
+        # and nothing is left to say; muted, the final flush at exit cannot complain.
+        mute(sys.stdout)
+        mute(sys.stderr)
         return 0
     return result if isinstance(result, int) else 0

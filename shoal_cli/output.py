@@ -1,40 +1,140 @@
-"""Showing results: a table on a terminal, plain lines when piped, JSON on request."""
+"""Showing results: a table on a terminal, plain lines when piped, JSON on request.
+
+Output whose reader went away (``shoal up | tee`` and the ``tee`` died with the same
+Ctrl-C, a closed terminal) must never stop what the command is doing: ``say``, the
+consoles made here and ``quiet_if_gone`` point such a stream at /dev/null and carry
+on, so every later write to it, ours or a library's, succeeds and goes nowhere.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from typing import IO, Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["emit_json", "emit_table", "is_terminal"]
+__all__ = [
+    "console",
+    "emit_json",
+    "emit_table",
+    "is_terminal",
+    "mute",
+    "quiet_if_gone",
+    "say",
+]
+
+# A pipe without a reader (EPIPE), a terminal that is gone (EIO), a closed stream (EBADF).
+_GONE = {errno.EPIPE, errno.EIO, errno.EBADF}
 
 
 def is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
+def mute(stream: IO[str]) -> None:
+    """Point ``stream``'s file descriptor at /dev/null: its reader is gone for good."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+
+
+@contextlib.contextmanager
+def quiet_if_gone(stream: IO[str]) -> Iterator[None]:
+    """Writes to ``stream`` inside; if its reader is gone, mute it instead of failing."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _GONE:
+            raise
+        mute(stream)
+
+
+def say(message: str = "", *, err: bool = False) -> None:
+    """``click.echo`` that never fails because nobody reads the stream any more."""
+    stream = sys.stderr if err else sys.stdout
+    with quiet_if_gone(stream):
+        click.echo(message, file=stream)
+
+
+class _Console(Console):
+    """A rich console that goes quiet when its reader is gone.
+
+    rich's own answer to a broken pipe is to point *stdout* at /dev/null and raise
+    ``SystemExit``, which would end ``shoal up`` without stopping its mesh.
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        mute(self.file)
+
+
+def console(*, stderr: bool = False, width: int | None = None) -> Console:
+    """A rich console on stdout (or stderr) that survives a reader going away."""
+    return _Console(stderr=stderr, width=width)
+
+
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
-def emit_table(
-    title: str, columns: Sequence[tuple[str, str]], rows: Sequence[Mapping[str, Any]]
-) -> None:
-    """``columns`` are (key, heading) pairs; a rich table on a terminal, else tab-separated."""
-    if is_terminal():
-        table = Table(title=title, title_justify="left")
-        for _, heading in columns:
-            table.add_column(heading)
-        for row in rows:
-            table.add_row(*(str(row.get(key, "")) for key, _ in columns))
-        Console().print(table)
-        return
-    # Piped: tab-separated with a header line, easy for cut/awk and stable for scripts.
-    click.echo("\t".join(heading for _, heading in columns))
+def _table(
+    title: str,
+    columns: Sequence[tuple[str, str]],
+    rows: Sequence[Mapping[str, Any]],
+    keep: Collection[str],
+) -> Table:
+    table = Table(title=title, title_justify="left")
+    for key, heading in columns:
+        if key in keep:
+            # Never cut: as wide as its longest value, so the other columns fold first.
+            widest = max((len(str(row.get(key, ""))) for row in rows), default=0)
+            table.add_column(heading, no_wrap=True, min_width=max(widest, len(heading)))
+        else:
+            table.add_column(heading, overflow="fold")
     for row in rows:
-        click.echo("\t".join(str(row.get(key, "")) for key, _ in columns))
+        table.add_row(*(str(row.get(key, "")) for key, _ in columns))
+    return table
+
+
+def emit_table(
+    title: str,
+    columns: Sequence[tuple[str, str]],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    keep: Collection[str] = (),
+    drop_first: Sequence[str] = (),
+) -> None:
+    """``columns`` are (key, heading) pairs; a rich table on a terminal, else tab-separated.
+
+    On a terminal too narrow for the table, the ``keep`` columns are never cut; the
+    others fold, and the ``drop_first`` ones are left out, in that order, until what
+    is left fits without splitting words (the title says which were left out).
+    """
+    if not is_terminal():
+        # Piped: tab-separated with a header line, easy for cut/awk and stable for scripts.
+        say("\t".join(heading for _, heading in columns))
+        for row in rows:
+            say("\t".join(str(row.get(key, "")) for key, _ in columns))
+        return
+    out = console()
+    shown = list(columns)
+    dropped: list[str] = []
+    table = _table(title, shown, rows, keep)
+    for key in drop_first:
+        if out.measure(table).minimum <= out.width:
+            break
+        dropped += [heading.lower() for k, heading in shown if k == key]
+        shown = [(k, heading) for k, heading in shown if k != key]
+        note = f" ({', '.join(dropped)}: left out to fit)"
+        table = _table(title + note, shown, rows, keep)
+    out.print(table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from protos.worker_pb2_grpc import WorkerAsyncStub
 
 __all__ = ["MeshNotReady", "RunningMesh", "run_mesh"]
+
+logger = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0
 
@@ -92,22 +95,25 @@ async def run_mesh(
 ) -> None:
     """Start the mesh, call ``on_ready``, supervise until a signal, then stop it in order.
 
-    A second signal while stopping kills every child at once.
+    A second signal while stopping kills every child at once. Stopping never waits on
+    printing: the signal is acted on before ``on_event`` is told, and a callback or
+    ``while_running`` that fails (say, writing to a pipe nobody reads) is logged and
+    the mesh is stopped all the same.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
+    supervisor = Supervisor(log_dir, on_event)
 
     def on_signal() -> None:
         nonlocal signals
         signals += 1
+        stop.set()
         if signals == 1:
-            on_event("stopping the mesh (again to force) ...")
-            stop.set()
+            supervisor.tell("stopping the mesh (again to force) ...")
         else:
             supervisor.kill_all()
 
-    supervisor = Supervisor(log_dir, on_event)
     mesh = RunningMesh(plan, supervisor)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
@@ -128,12 +134,23 @@ async def run_mesh(
         await stopped
     finally:
         if extra is not None:
-            extra.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await extra
-        await mesh.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+            await _cancel(extra)
+        try:
+            await mesh.stop()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+async def _cancel(extra: asyncio.Future[None]) -> None:
+    """Cancel what ran beside the mesh; however it ended, the mesh is stopped next."""
+    extra.cancel()
+    try:
+        await extra
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        logger.exception("what ran beside the mesh failed; stopping the mesh anyway")
 
 
 async def _start(mesh: RunningMesh) -> None:
