@@ -15,7 +15,7 @@ from typing import IO
 import psutil
 import pytest
 
-from tests.shoal_cli.conftest import SHOAL
+from tests.shoal_cli.conftest import SHOAL, call_in_flight, wait_for_text
 
 
 @dataclass
@@ -236,10 +236,17 @@ def test_up_refuses_a_taken_port(tmp_path: Path) -> None:
 def test_a_second_ctrl_c_kills_everything_at_once(tmp_path: Path) -> None:
     mesh = start_mesh(tmp_path, "--workers", "1")
     everything = {p.pid for p in psutil.Process(mesh.proc.pid).children(recursive=True)}
-    mesh.proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)
-    mesh.proc.send_signal(signal.SIGINT)
-    stop_mesh(mesh)
+    logs = tmp_path / "run"
+    with call_in_flight(mesh.address("client-sidecar"), mesh.address("worker-1")):
+        mesh.proc.send_signal(signal.SIGINT)
+        # The ordered stop has begun, and holds at the client sidecar draining the call.
+        wait_for_text(logs / "client-sidecar.log", "SIGTERM: draining")
+        mesh.proc.send_signal(signal.SIGINT)
+        stop_mesh(mesh)
     assert not alive(everything | mesh.pids)
+    # At once: the rest were killed where they stood, none was asked to drain first.
+    for name in ("sidecar-1", "worker-1", "registry"):
+        log = (logs / f"{name}.log").read_text()
+        assert "draining" not in log and "stopped" not in log, (name, log)
     # Every child was collected by its own watcher, none reaped behind asyncio's back.
     assert "Unknown child process" not in mesh.stderr()
