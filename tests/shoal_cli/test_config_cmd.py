@@ -73,18 +73,39 @@ def test_check_points_at_each_error_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("registry: [1, 2]\n", "registry: Input should be a valid dictionary"),
-        ("registry:\n  ttl_default: [\n", "not valid YAML"),
-        ("unknown_section: {}\n", "unknown_section: Extra inputs are not permitted"),
+        (b"registry: [1, 2]\n", ":1: registry: Input should be a valid dictionary"),
+        (b"registry:\n  ttl_default: [\n", ":3: not valid YAML"),
+        (b"unknown_section: {}\n", ":1: unknown_section: Extra inputs are not permitted"),
+        (b"up: &up\n  workers: *up\n", ":2: the alias *up refers to a value that contains it"),
+        (b"registry:\n  ttl_default: 4  # caf\xe9\n", ":2: not UTF-8 text (byte 0xe9)"),
     ],
 )
-def test_check_rejects_malformed_files(tmp_path: Path, text: str, message: str) -> None:
+def test_check_rejects_malformed_files(tmp_path: Path, text: bytes, message: str) -> None:
     mesh = tmp_path / "mesh.yaml"
-    mesh.write_text(text)
+    mesh.write_bytes(text)
     result = subprocess.run(
         [*SHOAL, "config", "check", str(mesh)], capture_output=True, text=True, timeout=30
     )
-    assert result.returncode == 2 and message in result.stderr
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{mesh}{message}"), lines
+    assert "Traceback" not in result.stderr
+
+
+def test_check_takes_only_true_and_false_as_booleans(tmp_path: Path) -> None:
+    (tmp_path / "worker.yaml").write_text(
+        "commands:\n  say:\n    argv: [echo]\n    allow_args: y\n    inherit_env: on\n"
+    )
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("worker:\n  config: worker.yaml\n")
+    result = subprocess.run(
+        [*SHOAL, "config", "check", str(mesh)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert sorted(result.stderr.splitlines()) == [
+        f"{tmp_path / 'worker.yaml'}:4: commands.say.allow_args: must be true or false (got 'y')",
+        f"{tmp_path / 'worker.yaml'}:5: commands.say.inherit_env: must be true or false (got 'on')",
+    ]
 
 
 def test_check_accepts_a_good_file_and_commands_refuse_a_bad_one(tmp_path: Path) -> None:
