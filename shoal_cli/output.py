@@ -17,6 +17,9 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 import click
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
@@ -25,6 +28,7 @@ __all__ = [
     "emit_json",
     "emit_table",
     "is_terminal",
+    "message_json",
     "mute",
     "quiet_if_gone",
     "say",
@@ -81,6 +85,53 @@ class _Console(Console):
 def console(*, stderr: bool = False, width: int | None = None) -> Console:
     """A rich console on stdout (or stderr) that survives a reader going away."""
     return _Console(stderr=stderr, width=width)
+
+
+_INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def _int64_as_numbers(descriptor: Any, data: dict[str, Any]) -> None:
+    # ``descriptor`` is a message Descriptor (the upb one at run time, hence Any).
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        kind = field.message_type
+        if kind is not None and kind.GetOptions().map_entry:
+            inner = kind.fields_by_name["value"]
+            if inner.message_type is not None:
+                for item in value.values():
+                    if isinstance(item, dict):
+                        _int64_as_numbers(inner.message_type, item)
+            elif inner.type in _INT64:
+                data[field.name] = {k: int(v) for k, v in value.items()}
+        elif kind is not None:
+            # Well-known types (Timestamp, Duration...) are strings in JSON: left alone.
+            for item in value if field.is_repeated else [value]:
+                if isinstance(item, dict):
+                    _int64_as_numbers(kind, item)
+        elif field.type in _INT64:
+            data[field.name] = [int(v) for v in value] if field.is_repeated else int(value)
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A protobuf message as JSON-ready data: field names as in the .proto, every field
+    present (zeros too), and 64-bit integers as numbers.
+
+    The proto3 JSON mapping writes 64-bit integers as strings (for JavaScript); a
+    revision or a count is a number to every consumer of ours.
+    """
+    data = MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    _int64_as_numbers(message.DESCRIPTOR, data)
+    return data
 
 
 def emit_json(value: Any) -> None:

@@ -24,8 +24,8 @@ from protos import worker_pb2_grpc as wpb_grpc
 from proxy_sidecar.server import ADMIN_KEY, APP_KEY
 from shoal_cli.errors import UserError
 from shoal_cli.options import ADDRESS
-from shoal_cli.output import emit_json, emit_table
-from shoal_cli.registry_ops import as_dict, registry_option, unreachable
+from shoal_cli.output import emit_json, emit_table, message_json
+from shoal_cli.registry_ops import registry_option, unreachable
 
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub
@@ -58,7 +58,7 @@ async def _worker_stats(name: str, address: str) -> dict[str, Any]:
             reply = await stub.Stats(wpb.StatsRequest(), timeout=3)
         except grpc.aio.AioRpcError as exc:
             return {"name": name, "address": address, "error": exc.code().name}
-    return {"name": name, "address": address, **as_dict(reply)}
+    return {"name": name, "address": address, **message_json(reply)}
 
 
 def _sidecar_stats(name: str, admin: str) -> dict[str, Any]:

@@ -75,6 +75,9 @@ def test_ls_json(registry_process: Registry) -> None:
     assert [i["instance_id"] for i in data["instances"]] == ["w0", "w1"]
     assert data["services"][0]["name"] == "worker"
     assert data["state"]["instances_total"] == 2
+    # 64-bit integers are JSON numbers, not the proto3 mapping's strings; zeros are there.
+    assert type(data["revision"]) is int and data["revision"] > 0
+    assert all(type(i["load"]["memory_bytes"]) is int for i in data["instances"])
 
 
 def test_watch_prints_snapshot_then_changes(registry_process: Registry) -> None:
@@ -84,7 +87,8 @@ def test_watch_prints_snapshot_then_changes(registry_process: Registry) -> None:
     first, second = (json.loads(line) for line in result.stdout.splitlines())
     assert first["type"] == "SNAPSHOT" and len(first["instances"]) == 2
     assert second["type"] == "PROGRESS"  # nothing changed meanwhile: the registry says so
-    assert int(second["revision"]) >= int(first["revision"])
+    assert type(first["revision"]) is int and type(second["revision"]) is int
+    assert second["revision"] >= first["revision"]
 
 
 def test_unreachable_registry_is_one_line() -> None:

@@ -142,6 +142,9 @@ def test_stats_reports_workers_and_sidecars(mesh: Mesh) -> None:
     assert len(data["workers"]) == 2 and all("uptime_seconds" in w for w in data["workers"])
     assert len(data["sidecars"]) == 2
     assert all("services" in s for s in data["sidecars"])
+    # 64-bit counters are JSON numbers (the proto3 mapping would make them strings).
+    assert all(type(w["echo_total"]) is int for w in data["workers"])
+    assert all(type(w["cache"]["hits"]) is int for w in data["workers"])
 
 
 def test_bench_measures_both_paths(mesh: Mesh) -> None:
