@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -152,3 +153,33 @@ def test_check_follows_the_worker_and_sidecar_files_it_names(tmp_path: Path) -> 
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{mesh}: ok (worker, sidecar)"
+
+
+def test_check_json_is_one_object_with_each_problem(tmp_path: Path) -> None:
+    (tmp_path / "worker.yaml").write_text("functions:\n  up: {target: 42}\n")
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("registry:\n  ttl_default: 4\nworker:\n  config: worker.yaml\n")
+    result = subprocess.run(
+        [*SHOAL, "config", "check", str(mesh), "--json"], capture_output=True, text=True, timeout=30
+    )
+    assert (result.returncode, result.stderr) == (2, "")
+    data = json.loads(result.stdout)
+    assert (data["file"], data["ok"], data["sections"]) == (
+        str(mesh),
+        False,
+        ["registry", "worker"],
+    )
+    [problem] = data["problems"]
+    assert (problem["file"], problem["line"]) == (str(tmp_path / "worker.yaml"), 2)
+    assert problem["message"].startswith("functions.up.target: ")
+    (tmp_path / "worker.yaml").write_text("functions: {}\n")
+    result = subprocess.run(
+        [*SHOAL, "config", "check", str(mesh), "--json"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "file": str(mesh),
+        "ok": True,
+        "sections": ["registry", "worker"],
+        "problems": [],
+    }

@@ -97,3 +97,14 @@ def test_unreachable_registry_is_one_line() -> None:
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("shoal: error: registry 127.0.0.1:1 is")
+
+
+def test_health_json(registry_process: Registry) -> None:
+    _, address = registry_process
+    result = run("health", address, "--service", "shoal.registry.v1.Registry", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "address": address,
+        "service": "shoal.registry.v1.Registry",
+        "status": "SERVING",
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -121,6 +122,43 @@ def test_call_and_exec_through_the_client_sidecar(mesh: Mesh) -> None:
     assert result.stdout.strip() == "5"
 
 
+def test_call_and_exec_json_say_what_the_text_shows(mesh: Mesh) -> None:
+    via = mesh.address("client-sidecar")
+    raw = b"\xff\x00bytes"  # not UTF-8: the exact bytes come back in base64
+    called = subprocess.run(
+        [*SHOAL, "call", "echo", "--via", via, "--json"], input=raw, capture_output=True, timeout=60
+    )
+    assert called.returncode == 0, called.stderr
+    data = json.loads(called.stdout)
+    assert base64.b64decode(data["result_base64"]) == raw
+    assert data["result"] == raw.decode("utf-8", errors="replace")
+    assert data["function"] == "echo" and type(data["pid"]) is int and data["pid"] > 0
+    assert data["served_by"].startswith("worker@") and data["run_seconds"] >= 0
+    assert data["cache"] is None  # echo is not cacheable: no cache trailer
+    result = shoal("exec", "--via", via, "--json", "--", "say", "hi", "there")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["exit_code"], data["stdout"], data["stderr"]) == (0, "hi there\n", "")
+    assert base64.b64decode(data["stdout_base64"]) == b"hi there\n"
+    assert (data["command"], data["args"]) == ("say", ["hi", "there"])
+    assert data["served_by"].startswith("worker@") and data["attempts"] == 1
+    assert result.stderr == ""  # everything is in the object
+    failed = shoal("exec", "--via", via, "--json", "--", "sleep", "x")
+    assert failed.returncode == json.loads(failed.stdout)["exit_code"] != 0
+
+
+def test_exec_env_sets_what_the_allowlist_allows(mesh: Mesh) -> None:
+    via = mesh.address("client-sidecar")
+    result = shoal("exec", "--via", via, "--env", "NAME=shoal mesh", "--", "env")
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.splitlines()) == ["GREETING=hello", "NAME=shoal mesh"]
+    refused = shoal("exec", "--via", via, "--env", "NAME=a", "--env", "HOME=/", "--", "env")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "shoal: error: command 'env' does not let callers set HOME in env (PERMISSION_DENIED)"
+    )
+
+
 def test_work_failures_and_refusals(mesh: Mesh) -> None:
     via = mesh.address("client-sidecar")
     refused = shoal("exec", "--via", via, "--", "rm", "-rf", "/")
@@ -214,6 +252,8 @@ def test_demo_shows_traffic_spread_over_workers(tmp_path: Path) -> None:
         (["up", "--restart", "sometimes"], "--restart"),
         (["up", "--config", "/nonexistent/mesh.yaml"], "cannot read file"),
         (["exec", "--via", "nowhere"], "--via"),
+        (["exec", "--env", "NAME", "--", "env"], "expected KEY=VALUE, got 'NAME'"),
+        (["exec", "--env", "=x", "--", "env"], "--env"),
         (["call"], "FUNCTION"),
         (["bench", "--seconds", "0"], "--seconds"),
     ],
