@@ -20,6 +20,7 @@ import click
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
@@ -142,19 +143,44 @@ def _table(
     title: str,
     columns: Sequence[tuple[str, str]],
     rows: Sequence[Mapping[str, Any]],
-    keep: Collection[str],
+    widths: Sequence[int] | None,
 ) -> Table:
     table = Table(title=title, title_justify="left")
-    for key, heading in columns:
-        if key in keep:
-            # Never cut: as wide as its longest value, so the other columns fold first.
-            widest = max((len(str(row.get(key, ""))) for row in rows), default=0)
-            table.add_column(heading, no_wrap=True, min_width=max(widest, len(heading)))
-        else:
-            table.add_column(heading, overflow="fold")
+    for i, (_, heading) in enumerate(columns):
+        table.add_column(heading, width=None if widths is None else widths[i], overflow="fold")
     for row in rows:
         table.add_row(*(str(row.get(key, "")) for key, _ in columns))
     return table
+
+
+def _fit(
+    columns: Sequence[tuple[str, str]],
+    rows: Sequence[Mapping[str, Any]],
+    keep: Collection[str],
+    width: int,
+) -> list[int] | None:
+    """Column widths within ``width``: kept columns whole, no word split; None if impossible.
+
+    Each column gets at least its longest word (its longest value if kept), then the
+    room left grows them, one cell at a time, toward their longest value.
+    """
+    low, high = [], []
+    for key, heading in columns:
+        cells = [heading, *(str(row.get(key, "")) for row in rows)]
+        longest = max(cell_len(cell) for cell in cells)
+        words = max(cell_len(word) for cell in cells for word in cell.split() or [""])
+        low.append(longest if key in keep else words)
+        high.append(longest)
+    room = width - (len(columns) + 1) - 2 * len(columns) - sum(low)  # rules and padding
+    if room < 0:
+        return None
+    widths = list(low)
+    while room > 0 and widths != high:
+        for i in range(len(widths)):
+            if room > 0 and widths[i] < high[i]:
+                widths[i] += 1
+                room -= 1
+    return widths
 
 
 def emit_table(
@@ -180,12 +206,13 @@ def emit_table(
     out = console()
     shown = list(columns)
     dropped: list[str] = []
-    table = _table(title, shown, rows, keep)
+    widths = _fit(shown, rows, keep, out.width)
     for key in drop_first:
-        if out.measure(table).minimum <= out.width:
+        if widths is not None:
             break
         dropped += [heading.lower() for k, heading in shown if k == key]
         shown = [(k, heading) for k, heading in shown if k != key]
-        note = f" ({', '.join(dropped)}: left out to fit)"
-        table = _table(title + note, shown, rows, keep)
-    out.print(table)
+        widths = _fit(shown, rows, keep, out.width)
+    if dropped:
+        title += f" (not shown, to fit: {', '.join(dropped)})"
+    out.print(_table(title, shown, rows, widths))

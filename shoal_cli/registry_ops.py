@@ -55,6 +55,10 @@ COLUMNS = [
     ("weight", "WEIGHT"),
     ("lease_age", "LEASE AGE"),
 ]
+# On a narrow terminal: what must stay whole (what an operator copies out of the
+# table), and what goes first to make room for it.
+KEEP = ("instance", "address")
+DROP_FIRST = ("weight", "zone", "load", "lease_age", "health", "service")
 
 
 def instance_row(inst: pb.Instance) -> dict[str, Any]:
@@ -99,7 +103,8 @@ def ls(registry: str, as_json: bool) -> None:
         f"{len(listing.services)} services, {state.instances_healthy}/"
         f"{state.instances_total} instances healthy, {state.watchers} watchers"
     )
-    emit_table(title, COLUMNS, [instance_row(i) for i in instances])
+    rows = [instance_row(i) for i in instances]
+    emit_table(title, COLUMNS, rows, keep=KEEP, drop_first=DROP_FIRST)
     if state.self_preservation:
         click.echo(f"registry is in self-preservation: {state.self_preservation_reason}")
 
