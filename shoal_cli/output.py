@@ -215,4 +215,5 @@ def emit_table(
         widths = _fit(shown, rows, keep, out.width)
     if dropped:
         title += f" (not shown, to fit: {', '.join(dropped)})"
-    out.print(_table(title, shown, rows, widths))
+    with quiet_if_gone(out.file):
+        out.print(_table(title, shown, rows, widths))

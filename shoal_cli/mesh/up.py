@@ -29,6 +29,8 @@ __all__ = ["MeshNotReady", "RunningMesh", "run_mesh"]
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0
+# SIGHUP too: the terminal (a tmux pane, an ssh session) went away with the mesh on it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class MeshNotReady(RuntimeError):
@@ -115,7 +117,7 @@ async def run_mesh(
             supervisor.kill_all()
 
     mesh = RunningMesh(plan, supervisor)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal)
     extra: asyncio.Future[None] | None = None
     try:
@@ -138,7 +140,7 @@ async def run_mesh(
         try:
             await mesh.stop()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
 
 

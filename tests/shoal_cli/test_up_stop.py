@@ -119,7 +119,7 @@ def signal_to(proc: subprocess.Popen[bytes], name: str) -> Callable[[], None]:
     return lambda: proc.send_signal(getattr(signal, name))
 
 
-@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_up_stops_everything_when_its_pipe_reader_is_gone(tmp_path: Path, name: str) -> None:
     proc, _ = up_into_a_pipe(tmp_path)
     assert proc.stdout is not None
