@@ -169,3 +169,25 @@ def test_ls_on_a_narrow_terminal_keeps_instance_and_address_whole(
     assert "not shown, to fit: weight, zone, load" in " ".join(shown.split())  # the title
     wide = in_a_terminal(200, "ls", "--registry", address)
     assert "LEASE AGE" in wide and "WEIGHT" in wide and "not shown" not in wide
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["text", "json"])
+def test_output_into_a_closed_pipe_is_not_an_error(
+    registry_process: Registry, json_flag: list[str]
+) -> None:
+    # `shoal ls | head -0`: the reader is gone before the first line is written.
+    _, address = registry_process
+    populate(address)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [*SHOAL, "ls", "--registry", address, *json_flag],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (0, "")
