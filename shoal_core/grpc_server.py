@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from shoal_core.addresses import dial_address, parse_address
 from shoal_core.decoding import StrictDecodingServer
+from shoal_core.logs import quiet_vanished_clients
 
 __all__ = ["ConnectionLimits", "GrpcServer", "ServerStartError"]
 
@@ -196,6 +197,7 @@ class GrpcServer(abc.ABC):
         return self._health
 
     async def start(self) -> None:
+        quiet_vanished_clients()
         server = grpc.aio.server(options=_options(self.limits, self._max_message_bytes))
         # Generated add_*_to_server functions only call the two methods the proxy has.
         names = list(self._add_servicers(cast(grpc.aio.Server, StrictDecodingServer(server))))

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import grpc
+import psutil
 
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
@@ -21,6 +29,7 @@ from worker_node import WorkerServer
 DISCOVER = "/shoal.registry.v1.Registry/Discover"
 ECHO = "/shoal.worker.v1.Worker/Echo"
 ENHANCE_YOUR_CALM = 11
+MIB = 1024 * 1024
 
 
 async def _discover_until(done: asyncio.Future[RapidReset], stub: pb_grpc.RegistryAsyncStub) -> int:
@@ -97,3 +106,48 @@ async def test_a_non_reading_client_holds_no_more_calls_than_the_stream_cap() ->
         client.vanish()
     assert len(client.answered) <= 8
     assert len(client.refused) >= 12
+
+
+def _rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+async def test_a_non_reading_client_that_vanishes_is_one_quiet_line_and_its_memory_returns(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "worker.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shoal_cli.main", "worker", "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env={**os.environ, "SHOAL_LOG_LEVEL": "DEBUG"},
+        )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.to_thread(proc.stdout.readline)
+        port = int(line.rsplit(":", 1)[1])
+        before = _rss(proc.pid)
+        client = NonReader(port, ECHO, calls=40, payload=os.urandom(MIB))
+        await asyncio.to_thread(client.send_all, 60.0)
+        await asyncio.to_thread(client.hold, 1.0)
+        during = _rss(proc.pid)
+        client.vanish()
+        # The 40 replies it never read are let go of: RSS comes back to near where it was.
+        deadline = time.monotonic() + 30
+        while _rss(proc.pid) > before + 64 * MIB and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        after = _rss(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    text = log.read_text()
+    assert len(client.answered) == 40, "the scenario really held 40 replies"
+    assert during > before + 40 * MIB, "the scenario really loaded the worker"
+    assert after <= before + 64 * MIB, f"RSS {before >> 20} -> {during >> 20} -> {after >> 20} MiB"
+    assert "ERROR" not in text and "Traceback" not in text, text
+    quiet = [ln for ln in text.splitlines() if re.search(r"DEBUG .*client went away", ln)]
+    assert quiet, text
