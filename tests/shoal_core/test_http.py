@@ -118,7 +118,8 @@ def _reset(sock: socket.socket) -> None:
 async def test_silent_connections_hold_no_thread_and_are_closed_after_the_head_timeout(
     start_server: StartServer,
 ) -> None:
-    server = await start_server(head_timeout=0.5, max_connections=1000)
+    # Long enough for all 500 to be open at once on a loaded machine, short for a test.
+    server = await start_server(head_timeout=3.0, max_connections=1000)
     me = psutil.Process()
     threads = me.num_threads()
     clients = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(500)]
@@ -251,7 +252,7 @@ async def test_only_get_and_head_without_a_body_are_served(start_server: StartSe
 async def test_a_kept_alive_connection_serves_in_turn_then_idles_out(
     start_server: StartServer,
 ) -> None:
-    server = await start_server(idle_timeout=0.3)
+    server = await start_server(idle_timeout=2.0)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     client = h11.Connection(h11.CLIENT)
     for _ in range(3):
