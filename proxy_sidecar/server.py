@@ -25,7 +25,7 @@ import grpc
 from prometheus_client.registry import CollectorRegistry
 from shoal_dataplane import DataPlane
 
-from proxy_sidecar.admin import AdminEndpoint, Page, json_page
+from proxy_sidecar.admin import Page, json_page
 from proxy_sidecar.balancers import balancer_class
 from proxy_sidecar.config import MembershipSettings, SidecarConfig
 from proxy_sidecar.control import Control
@@ -37,7 +37,8 @@ from proxy_sidecar.metrics import SidecarCollector
 from proxy_sidecar.routing import Router
 from shoal_core.addresses import HostPort, dial_address, parse_address
 from shoal_core.grpc_server import GrpcServer, ServerStartError
-from shoal_core.metrics import render
+from shoal_core.http import HttpServer
+from shoal_core.metrics import metrics_page
 
 __all__ = ["SidecarServer"]
 
@@ -109,13 +110,14 @@ class SidecarServer(GrpcServer):
             SidecarCollector(self.router.clusters, self.discovery, self._connections)
         )
         self._admin = (
-            AdminEndpoint(
+            HttpServer(
                 admin,
                 {
                     "/healthz": self._healthz,
                     "/endpoints": self._endpoints,
-                    "/metrics": self._metrics,
+                    "/metrics": metrics_page(self.metrics),
                 },
+                name="admin",
             )
             if admin
             else None
@@ -195,7 +197,11 @@ class SidecarServer(GrpcServer):
             raise
         dataplane.set_local(f"127.0.0.1:{super().port}")
         if self._admin is not None:
-            self._admin.start()
+            try:
+                await self._admin.start()
+            except BaseException:
+                await self.close(0)
+                raise
         if self._service is not None and self._app is not None:
             advertise = self._advertise or self.inbound_address
             assert advertise is not None
@@ -249,7 +255,7 @@ class SidecarServer(GrpcServer):
             await self.membership.close()
         await self.discovery.close()
         if self._admin is not None:
-            await asyncio.to_thread(self._admin.close)
+            await self._admin.close()
 
     def _healthz(self) -> Page:
         # A sidecar whose data plane is gone forwards nothing, whatever else is well.
@@ -294,6 +300,3 @@ class SidecarServer(GrpcServer):
                 "services": services,
             }
         )
-
-    def _metrics(self) -> Page:
-        return 200, "text/plain; version=0.0.4; charset=utf-8", render(self.metrics)
