@@ -27,7 +27,7 @@ from shoal_dataplane import Admission, DataPlane, Refusal
 
 from protos import registry_pb2 as rpb
 from protos import registry_pb2_grpc as rpb_grpc
-from tests.h2raw import RawH2
+from tests.h2peers import RawH2
 from tests.proxy_sidecar.conftest import served_by, sidecar_config, wait_for
 from tests.proxy_sidecar.test_cli import SHOAL
 from tests.proxy_sidecar.upstream import SERVICE
