@@ -6,9 +6,8 @@ Domain errors become status codes here and only here.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
-from functools import wraps
-from typing import Any, NoReturn, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -26,37 +25,23 @@ from registry_service.store import RegistryStore
 from registry_service.validation import MAX_TTL_MS, check_lease_id, check_service_name
 from registry_service.watch import WatchHub
 from registry_service.wire import InstanceRenderer, load_from_pb, spec_from_pb, status_from_pb
+from shoal_core.codes import ErrorCodes
+from shoal_core.servicing import maps_errors
 
-__all__ = ["RegistryServicer"]
+__all__ = ["CODES", "RegistryServicer"]
 
 logger = logging.getLogger(__name__)
 
-_CODES: dict[type[RegistryError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    LeaseNotFound: grpc.StatusCode.NOT_FOUND,
-    LimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Coroutine[Any, Any, Resp]]
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: RegistryError) -> NoReturn:
-    await context.abort(_CODES.get(type(exc), grpc.StatusCode.FAILED_PRECONDITION), str(exc))
-    raise AssertionError("abort returned")  # pragma: no cover - abort always raises
-
-
-def _mapped(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    @wraps(handler)
-    async def run(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
-        try:
-            return await handler(self, request, context)
-        except RegistryError as exc:
-            await _abort(context, exc)
-
-    return run
+CODES = ErrorCodes[grpc.StatusCode](
+    {
+        InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+        AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+        LeaseNotFound: grpc.StatusCode.NOT_FOUND,
+        LimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    },
+    default=grpc.StatusCode.FAILED_PRECONDITION,
+)
+_mapped = maps_errors(RegistryError, CODES)
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
@@ -137,15 +122,13 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         self._fill(reply.instances, found)
         return reply
 
+    @_mapped
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchEvent]:
         service = request.service
         if service:
-            try:
-                check_service_name("service", service)
-            except InvalidArgument as exc:
-                await _abort(context, exc)
+            check_service_name("service", service)
         store = self._store
         # Subscribing and reading the snapshot happen with no await between them, so no
         # event can fall in the gap; any duplicate is dropped by the revision check below.

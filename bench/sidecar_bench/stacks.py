@@ -3,7 +3,7 @@
 One hop: the worker registered by itself (no sidecar of its own), so the sidecar's path
 is one proxy like nginx's and HAProxy's. Two hops, as the mesh runs: a client sidecar,
 then the worker's own sidecar (``--service/--app``, which registers the worker at its
-address), then the worker; against two nginx and two HAProxy in a row.
+inbound address), then the worker; against two nginx and two HAProxy in a row.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ async def two_hop(
     )
     worker_side = await stack.enter_async_context(
         shoal(tmp / "worker-sidecar.log", "sidecar", "--listen", "127.0.0.1:0",
-              "--registry", registry.address, "--service", "bench", "--app", upstream,
-              "--grpc-service", SERVICE, "--grace", "1")
+              "--inbound", "127.0.0.1:0", "--registry", registry.address, "--service", "bench",
+              "--app", upstream, "--grpc-service", SERVICE, "--grace", "1")
     )  # fmt: skip
     client_side = await stack.enter_async_context(
         shoal(tmp / "client-sidecar.log", "sidecar", "--listen", "127.0.0.1:0",

@@ -23,14 +23,17 @@ from pathlib import Path
 
 import psutil
 
+from shoal_core.backoff import Attempts, Backoff
+
 __all__ = ["Child", "ChildSpec", "Restart", "StartError", "Supervisor"]
 
 logger = logging.getLogger(__name__)
 
 READY_MARK = " serving on "
-# Restart backoff: doubles from the first delay up to the cap; a child that stayed
-# up for `STABLE_AFTER` seconds is considered healthy again and starts from the first.
-FIRST_DELAY, MAX_DELAY, STABLE_AFTER = 0.5, 15.0, 30.0
+# Restarts are paced by the one backoff (doubling from 0.5 s up to 15 s, jittered); a
+# child that stayed up for `STABLE_AFTER` seconds is healthy again and starts over.
+RESTART_BACKOFF = Backoff(initial=0.5, maximum=15.0)
+STABLE_AFTER = 30.0
 
 
 class Restart(enum.Enum):
@@ -155,7 +158,7 @@ class Supervisor:
 
     async def _watch(self, child: Child) -> None:
         """Drain the child's stdout, and restart it per policy when it exits."""
-        delay = FIRST_DELAY
+        attempts = Attempts(RESTART_BACKOFF)
         while True:
             assert child.proc.stdout is not None
             while await child.proc.stdout.read(65536):
@@ -172,10 +175,10 @@ class Supervisor:
                 )
                 return
             if time.monotonic() - child.started_at > STABLE_AFTER:
-                delay = FIRST_DELAY
+                attempts.succeeded()
+            delay = attempts.failed()
             self.tell(f"{child.spec.name} {how}; restarting in {delay:.1f}s")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_DELAY)
             if self._stopping:
                 return
             try:

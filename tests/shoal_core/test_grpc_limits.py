@@ -22,8 +22,8 @@ import psutil
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from registry_service import RegistryServer
+from tests.h2peers import NonReader, RapidReset
 from tests.registry_service.conftest import instance, read
-from tests.shoal_core.h2_peers import NonReader, RapidReset
 from worker_node import WorkerServer
 
 DISCOVER = "/shoal.registry.v1.Registry/Discover"
