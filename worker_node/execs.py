@@ -4,9 +4,8 @@ A command runs in its own process group with a deadline; past it the whole
 group is killed and the caller gets what it printed so far. When the leader
 exits, whatever it left running in its group is killed too, so a command
 cannot leave orphans or hold its output pipes open. The restart policy reruns
-a one-shot command: ``on-failure`` after a non-zero exit or fatal signal,
-``unless-stopped`` also after exit 0 but not after SIGTERM/SIGINT, ``always``
-after any exit; at most ``max_restarts`` times and within the one deadline.
+a one-shot command as the table in ``policy`` says, at most ``max_restarts``
+times and within the one deadline.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from worker_node.errors import (
     TaskTimeout,
 )
 from worker_node.limits import LimitSpec, Watchdog, rlimit_argv, split_limits
+from worker_node.policy import should_rerun
 from worker_node.procs import kill_tree, new_group_kwargs
 
 __all__ = ["ExecResult", "ExecRunner", "Output", "Prepared"]
@@ -38,13 +38,6 @@ T = TypeVar("T")
 READ_SIZE = 64 * 1024
 # After the leader exits, how long its leftovers may keep the pipes open.
 LEFTOVER_GRACE = 0.2
-_RERUN_ON = {
-    "never": frozenset[str](),
-    "on-failure": frozenset({"failure"}),
-    "always": frozenset({"failure", "clean", "stopped"}),
-    "unless-stopped": frozenset({"failure", "clean"}),
-}
-_STOPPED = {-signal.SIGTERM, -signal.SIGINT}
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +132,7 @@ class ExecRunner:
         started = time.monotonic()
         deadline = started + job.timeout
         attempts = 0
-        policy = _RERUN_ON[job.config.restart]
+        cfg = job.config
         while True:
             attempts += 1
             outcome: tuple[int, int] | None = None
@@ -151,8 +144,7 @@ class ExecRunner:
                         outcome = item
             assert outcome is not None
             code, pid = outcome
-            kind = "clean" if code == 0 else "stopped" if code in _STOPPED else "failure"
-            if attempts > job.config.max_restarts or kind not in policy:
+            if not should_rerun(cfg.restart, code, attempts, cfg.max_restarts):
                 yield ExecResult(code, time.monotonic() - started, pid, attempts)
                 return
 
