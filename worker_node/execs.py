@@ -28,7 +28,7 @@ from worker_node.errors import (
     PermissionDenied,
     TaskTimeout,
 )
-from worker_node.limits import LimitSpec, Watchdog, rlimit_argv, split_limits
+from worker_node.limits import LimitSpec, Watchdog, resolve_limits, rlimit_argv, split_limits
 from worker_node.policy import should_rerun
 from worker_node.procs import kill_tree, new_group_kwargs
 
@@ -90,6 +90,11 @@ class ExecRunner:
 
     def __init__(self, commands: Mapping[str, CommandConfig]) -> None:
         self._commands = dict(commands)
+        # (what rlimits enforce, what the watchdog must) for each command.
+        self._limits = {
+            name: split_limits(resolve_limits(cmd.limits, cmd.timeout))
+            for name, cmd in self._commands.items()
+        }
         self.running: dict[int, str] = {}
 
     def prepare(
@@ -121,8 +126,7 @@ class ExecRunner:
         base = dict(os.environ) if cmd.inherit_env else {}
         full_env = {**base, **cmd.env, **env}
         program = _find_program(name, cmd.argv[0], full_env.get("PATH"), workdir)
-        limits = cmd.limits
-        rlimits, watched = split_limits(limits.max_memory_mb, limits.cpu_seconds, limits.open_files)
+        rlimits, watched = self._limits[name]
         argv = rlimit_argv(rlimits, [program, *cmd.argv[1:], *args])
         limit = min(timeout, cmd.timeout) if timeout > 0 else cmd.timeout
         return Prepared(name, argv, full_env, workdir, limit, cmd, watched)

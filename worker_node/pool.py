@@ -6,6 +6,7 @@ functions, run warm-up calls and only then take tasks. Tasks go to an idle
 process first; tasks of functions seen to be tiny are also pipelined behind
 other tiny ones (up to ``DEPTH`` per process), which is where the pool's speed on
 small tasks comes from. Slow tasks never queue behind anything in a process.
+Limits and their watchdogs are ``poollimits``'.
 
 Which processes to start, retire and replace, and when, is decided by the pure
 functions in ``policy`` (the restart table is there); this module gathers what
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from worker_node import policy
 from worker_node.config import FunctionConfig, PoolConfig
 from worker_node.errors import Overloaded, ProcessDied, ShuttingDown, TaskTimeout, WorkerError
-from worker_node.limits import Watchdog, split_limits
+from worker_node.poollimits import PoolLimits
 from worker_node.poolproc import PoolProcess, PoolStartError, ProcState, Task, TaskOutcome
 from worker_node.protocol import INIT, Status, encode_request
 
@@ -71,17 +72,10 @@ class Pool:
         self._timeouts = [f.timeout for f in functions.values()]
         self._ewma = [1.0] * len(functions)
         self._seen = [0] * len(functions)
-        limits = config.limits
-        rlimits, self._watched = split_limits(
-            limits.max_memory_mb, limits.cpu_seconds, limits.open_files
-        )
+        self._limits = PoolLimits(config.limits, functions)
         spec = {
             "functions": [[n, f.target, f.warmup] for n, f in functions.items()],
-            "limits": {
-                "memory_bytes": rlimits.memory_bytes,
-                "cpu_seconds": rlimits.cpu_seconds,
-                "open_files": rlimits.open_files,
-            },
+            **self._limits.init_spec(),
             "cwd": config.cwd,
             "max_result": max_result_bytes,
         }
@@ -92,7 +86,6 @@ class Pool:
         self._argv = [sys.executable, "-m", "worker_node.child"]
         self._procs: list[PoolProcess] = []
         self._leaving: set[PoolProcess] = set()
-        self._watchdogs: dict[PoolProcess, Watchdog] = {}
         self._starting = 0
         self._queue: collections.deque[Task] = collections.deque()
         self._ids = itertools.count(1)
@@ -215,8 +208,7 @@ class Pool:
         for proc in procs:
             proc.kill("shutdown")
         await self._wait_exited(procs, 5.0)
-        for watchdog in self._watchdogs.values():
-            watchdog.stop()
+        self._limits.unwatch_all()
 
     # -- process owner callbacks ---------------------------------------------------
 
@@ -251,9 +243,7 @@ class Pool:
     def exited(self, proc: PoolProcess) -> None:
         self._retire_from_service(proc)
         self._leaving.discard(proc)
-        watchdog = self._watchdogs.pop(proc, None)
-        if watchdog is not None:
-            watchdog.stop()
+        self._limits.unwatch(proc)
         kind = policy.classify_exit(proc.stop_reason, proc.returncode)
         restart = policy.should_restart(self.config.restart, kind, closing=self._closing)
         if kind != "retired":
@@ -372,10 +362,7 @@ class Pool:
             proc.retire("shutdown")
             return
         self._procs.append(proc)
-        if self._watched.any:
-            watchdog = Watchdog(proc.pid, self._watched, lambda _why: proc.kill("limit"))
-            self._watchdogs[proc] = watchdog
-            watchdog.start()
+        self._limits.watch(proc)
         self._pump()
 
     async def _scale_down(self) -> None:

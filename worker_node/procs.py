@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 POSIX = os.name == "posix"
+# Signals the kernel sends for a passed rlimit.
+_WHY = {"SIGXCPU": " (over its CPU time limit)", "SIGXFSZ": " (over its file size limit)"}
 
 
 def new_group_kwargs() -> dict[str, object]:
@@ -59,9 +61,10 @@ def describe_exit(returncode: int | None) -> str:
         return "still running"
     if returncode < 0 and sys.platform != "win32":
         try:
-            return f"killed by {signal.Signals(-returncode).name}"
+            name = signal.Signals(-returncode).name
         except ValueError:
             return f"killed by signal {-returncode}"
+        return f"killed by {name}{_WHY.get(name, '')}"
     return f"exit code {returncode}"
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import resource
 import sys
 from typing import Any
 
@@ -10,8 +14,14 @@ import pytest
 
 from protos import worker_pb2 as pb
 from tests.worker_node.conftest import config, running
+from worker_node.limits import MIB
 
 PY = sys.executable
+SHOW_LIMITS = (
+    "import json, resource; "
+    "print(json.dumps({n: resource.getrlimit(getattr(resource, 'RLIMIT_' + n)) "
+    "for n in ('AS', 'CPU', 'NOFILE')}))"
+)
 TEXT = f"""
 functions:
   upper: {{target: "worker_node.demo_tasks:upper"}}
@@ -31,6 +41,10 @@ commands:
   spin:
     argv: ["{PY}", "-c", "while True: pass"]
     limits: {{cpu_seconds: 1}}
+  limits: {{argv: ["{PY}", "-c", "{SHOW_LIMITS}"], timeout: 2.5}}
+  lifted:
+    argv: ["{PY}", "-c", "{SHOW_LIMITS}"]
+    limits: {{max_memory_mb: unlimited, cpu_seconds: 7, open_files: unlimited}}
 """
 
 
@@ -104,6 +118,19 @@ async def test_restart_policy_reruns_a_failing_command(execs):
 async def test_cpu_rlimit_ends_a_runaway_command(execs):
     reply = await execs.Exec(pb.ExecRequest(command="spin", timeout_ms=20_000))
     assert reply.exit_code in (-24, -9)  # SIGXCPU at the soft limit, SIGKILL at the hard one
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="rlimits as Linux has them")
+async def test_commands_get_default_limits_an_entry_can_change_or_lift(execs):
+    got = json.loads((await execs.Exec(pb.ExecRequest(command="limits"))).stdout)
+    cpu = math.ceil(2.5 * (os.cpu_count() or 1))  # the timeout times the CPUs
+    assert got == {"AS": [4096 * MIB] * 2, "CPU": [cpu, cpu + 1], "NOFILE": [1024, 1024]}
+    lifted = json.loads((await execs.Exec(pb.ExecRequest(command="lifted"))).stdout)
+    assert lifted == {
+        "AS": list(resource.getrlimit(resource.RLIMIT_AS)),
+        "CPU": [7, 8],
+        "NOFILE": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+    }
 
 
 async def test_cacheable_exec_says_hit_in_trailing_metadata(execs):
