@@ -11,14 +11,14 @@ times and within the one deadline.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 from worker_node.config import CommandConfig
 from worker_node.errors import (
@@ -34,8 +34,6 @@ from worker_node.procs import kill_tree, new_group_kwargs
 
 __all__ = ["ExecResult", "ExecRunner", "Output", "Prepared"]
 
-T = TypeVar("T")
-READ_SIZE = 64 * 1024
 # After the leader exits, how long its leftovers may keep the pipes open.
 LEFTOVER_GRACE = 0.2
 
@@ -46,7 +44,7 @@ class Prepared:
 
     name: str
     argv: list[str]
-    env: dict[str, str]
+    env: dict[str, str] | None  # None: the worker's environment
     cwd: str | None
     timeout: float
     config: CommandConfig
@@ -123,9 +121,11 @@ class ExecRunner:
         workdir = cwd or cmd.cwd
         if workdir and not os.path.isdir(workdir):
             raise InvalidRequest(f"cwd: directory {workdir!r} does not exist")
-        base = dict(os.environ) if cmd.inherit_env else {}
-        full_env = {**base, **cmd.env, **env}
-        program = _find_program(name, cmd.argv[0], full_env.get("PATH"), workdir)
+        full_env: dict[str, str] | None = None  # the worker's own, passed on as it is
+        if env or cmd.env or not cmd.inherit_env:
+            full_env = {**(os.environ if cmd.inherit_env else {}), **cmd.env, **env}
+        path = (os.environ if full_env is None else full_env).get("PATH")
+        program = _find_program(name, cmd.argv[0], path, workdir)
         rlimits, watched = self._limits[name]
         argv = rlimit_argv(rlimits, [program, *cmd.argv[1:], *args])
         limit = min(timeout, cmd.timeout) if timeout > 0 else cmd.timeout
@@ -155,8 +155,11 @@ class ExecRunner:
     async def _attempt(
         self, job: Prepared, stdin: bytes, deadline: float
     ) -> AsyncGenerator[Output | tuple[int, int]]:
+        loop = asyncio.get_running_loop()
+        run = _Run(loop)
         try:
-            proc = await asyncio.create_subprocess_exec(
+            transport, _ = await loop.subprocess_exec(
+                lambda: run,
                 *job.argv,
                 stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -169,47 +172,45 @@ class ExecRunner:
             raise MissingExecutable(
                 f"command {job.name!r}: cannot run {job.argv[0]!r} ({exc.strerror})"
             ) from exc
-        self.running[proc.pid] = job.name
-        queue: asyncio.Queue[Output | None] = asyncio.Queue(maxsize=16)
-        helpers = [
-            asyncio.create_task(_pump(proc.stdout, 1, queue)),
-            asyncio.create_task(_pump(proc.stderr, 2, queue)),
-            asyncio.create_task(_reap_leftovers(proc)),
-        ]
+        pid = transport.get_pid()
+        self.running[pid] = job.name
         if stdin:
-            helpers.append(asyncio.create_task(_feed(proc, stdin)))
+            pipe = transport.get_pipe_transport(0)
+            assert isinstance(pipe, asyncio.WriteTransport)
+            pipe.write(stdin)
+            pipe.close()  # once written; a command that exits unread just breaks the pipe
+        timer = loop.call_at(loop.time() + deadline - time.monotonic(), run.expire)
         watchdog = None
         if job.watched.any:
-            watchdog = Watchdog(proc.pid, job.watched, lambda _why: kill_tree(proc.pid))
+            watchdog = Watchdog(pid, job.watched, lambda _why: kill_tree(pid))
             watchdog.start()
         try:
-            open_pipes = 2
-            while open_pipes:
-                item = await _before(queue.get(), deadline)
-                if item is None:
-                    open_pipes -= 1
-                else:
-                    yield item
-            code = await _before(proc.wait(), deadline)
-            yield code, proc.pid
-        except TimeoutError:
-            raise TaskTimeout(
-                f"command {job.name!r} ran past its timeout of {job.timeout:g}s; "
-                f"its process group (pid {proc.pid}) was killed"
-            ) from None
+            while True:
+                while run.chunks:
+                    yield run.take()
+                if run.finished:
+                    break
+                if run.expired:
+                    raise TaskTimeout(
+                        f"command {job.name!r} ran past its timeout of {job.timeout:g}s; "
+                        f"its process group (pid {pid}) was killed"
+                    )
+                await run.changed()
+            code = transport.get_returncode()
+            assert code is not None
+            yield code, pid
         finally:
-            if proc.returncode is None:
-                kill_tree(proc.pid)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if os.name == "posix":
-                    os.killpg(proc.pid, signal.SIGKILL)
+            timer.cancel()
+            run.stop_reaper()
+            if transport.get_returncode() is None:
+                kill_tree(pid)
+            _kill_group(pid)
             if watchdog is not None:
                 watchdog.stop()
-            for helper in helpers:
-                helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
-            await proc.wait()
-            self.running.pop(proc.pid, None)
+            while not run.exited:
+                await run.changed()
+            transport.close()
+            self.running.pop(pid, None)
 
     def kill_all(self) -> None:
         """Kill every running command (used when the grace period is over)."""
@@ -217,35 +218,97 @@ class ExecRunner:
             kill_tree(pid)
 
 
-async def _before(aw: Awaitable[T], deadline: float) -> T:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError
-    return await asyncio.wait_for(aw, remaining)
+class _Run(asyncio.SubprocessProtocol):
+    """One attempt's output and exit, gathered by the loop's callbacks, no task of its own.
+
+    At most ``BUFFERED`` chunks wait to be taken; past that the pipes stop being
+    read, so a slow consumer holds the command back instead of filling memory.
+    When the command exits, what it left in its group has ``LEFTOVER_GRACE`` to
+    finish and is then killed, so leftovers cannot hold the pipes open.
+    """
+
+    BUFFERED = 16
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._transport: asyncio.SubprocessTransport | None = None
+        self.chunks: collections.deque[Output] = collections.deque()
+        self._paused = False
+        self._open_pipes = 2
+        self.exited = False
+        self.expired = False
+        self._wake: asyncio.Future[None] | None = None
+        self._reaper: asyncio.TimerHandle | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.exited and not self._open_pipes and not self.chunks
+
+    def take(self) -> Output:
+        chunk = self.chunks.popleft()
+        if self._paused and len(self.chunks) < self.BUFFERED // 2:
+            self._pause(False)
+        return chunk
+
+    async def changed(self) -> None:
+        self._wake = self._loop.create_future()
+        try:
+            await self._wake
+        finally:
+            self._wake = None
+
+    def expire(self) -> None:
+        self.expired = True
+        self._notify()
+
+    def stop_reaper(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+
+    # -- protocol callbacks --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self._transport = transport
+
+    def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
+        self.chunks.append(Output(fd, bytes(data)))
+        if not self._paused and len(self.chunks) >= self.BUFFERED:
+            self._pause(True)
+        self._notify()
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd in (1, 2):
+            self._open_pipes -= 1
+            self._notify()
+
+    def process_exited(self) -> None:
+        self.exited = True
+        if self._transport is not None:
+            self._reaper = self._loop.call_later(
+                LEFTOVER_GRACE, _kill_group, self._transport.get_pid()
+            )
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def _pause(self, pause: bool) -> None:
+        self._paused = pause
+        if self._transport is None:
+            return
+        for fd in (1, 2):
+            pipe = self._transport.get_pipe_transport(fd)
+            if isinstance(pipe, asyncio.ReadTransport) and not pipe.is_closing():
+                if pause:
+                    pipe.pause_reading()
+                else:
+                    pipe.resume_reading()
 
 
-async def _pump(
-    stream: asyncio.StreamReader | None, fd: int, queue: asyncio.Queue[Output | None]
-) -> None:
-    if stream is not None:
-        while chunk := await stream.read(READ_SIZE):
-            await queue.put(Output(fd, chunk))
-    await queue.put(None)
-
-
-async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
-    assert proc.stdin is not None
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        proc.stdin.write(data)
-        await proc.stdin.drain()
-        proc.stdin.close()
-        await proc.stdin.wait_closed()
-
-
-async def _reap_leftovers(proc: asyncio.subprocess.Process) -> None:
-    # What the command left running in its group would hold our pipes open: end it.
-    await proc.wait()
-    await asyncio.sleep(LEFTOVER_GRACE)
+def _kill_group(pid: int) -> None:
+    # A command leads its own group (pgid == pid): end whatever is left in it.
     if os.name == "posix":
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -22,7 +23,10 @@ SHOW_LIMITS = (
     "print(json.dumps({n: resource.getrlimit(getattr(resource, 'RLIMIT_' + n)) "
     "for n in ('AS', 'CPU', 'NOFILE')}))"
 )
+# 10 MB of output: 100 runs of 100,000 equal letters, A to Z and round again.
+FLOOD = "import sys; [sys.stdout.buffer.write(bytes([65 + i % 26]) * 100_000) for i in range(100)]"
 TEXT = f"""
+exec: {{max_output_bytes: 1048576}}
 functions:
   upper: {{target: "worker_node.demo_tasks:upper"}}
 commands:
@@ -42,6 +46,7 @@ commands:
     argv: ["{PY}", "-c", "while True: pass"]
     limits: {{cpu_seconds: 1}}
   limits: {{argv: ["{PY}", "-c", "{SHOW_LIMITS}"], timeout: 2.5}}
+  flood: {{argv: ["{PY}", "-c", "{FLOOD}"]}}
   lifted:
     argv: ["{PY}", "-c", "{SHOW_LIMITS}"]
     limits: {{max_memory_mb: unlimited, cpu_seconds: 7, open_files: unlimited}}
@@ -108,6 +113,18 @@ async def test_exec_stream_sends_chunks_then_status(execs):
             got.append(chunk)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert b"".join(c.stdout for c in got) == b"started\n"
+
+
+async def test_big_output_is_streamed_in_order_and_capped_in_a_unary_reply(execs):
+    expected = b"".join(bytes([65 + i % 26]) * 100_000 for i in range(100))
+    got = bytearray()
+    async for chunk in execs.ExecStream(pb.ExecRequest(command="flood")):
+        got += chunk.stdout
+        await asyncio.sleep(0.001)  # a slow reader: the command is held back, not buffered
+    assert got == expected
+    reply = await execs.Exec(pb.ExecRequest(command="flood"))
+    assert reply.truncated and reply.exit_code == 0
+    assert reply.stdout == expected[: 1024 * 1024]
 
 
 async def test_restart_policy_reruns_a_failing_command(execs):
