@@ -6,36 +6,49 @@ exits, whatever it left running in its group is killed too, so a command
 cannot leave orphans or hold its output pipes open. The restart policy reruns
 a one-shot command as the table in ``policy`` says, at most ``max_restarts``
 times and within the one deadline.
+
+Its rlimits hold from its first instruction: a spawner that holds them starts
+it (``spawn``), or where none can, the trampoline in its argv sets them
+(``limits.rlimit_argv``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import logging
 import os
 import shutil
-import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from worker_node.cmdproc import Command, Output, kill_group, start_direct, start_spawned
 from worker_node.config import CommandConfig
 from worker_node.errors import (
     InvalidRequest,
     MissingExecutable,
     NotFound,
     PermissionDenied,
+    ProcessDied,
     TaskTimeout,
 )
-from worker_node.limits import LimitSpec, Watchdog, resolve_limits, rlimit_argv, split_limits
+from worker_node.limits import (
+    LimitSpec,
+    Watchdog,
+    encode_rlimits,
+    resolve_limits,
+    rlimit_argv,
+    rlimit_pairs,
+    split_limits,
+)
 from worker_node.policy import should_rerun
-from worker_node.procs import kill_tree, new_group_kwargs
+from worker_node.procs import kill_tree
+from worker_node.spawn import Spawners, SpawnerUnavailable, spawnable
 
 __all__ = ["ExecResult", "ExecRunner", "Output", "Prepared"]
 
-# After the leader exits, how long its leftovers may keep the pipes open.
-LEFTOVER_GRACE = 0.2
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,15 +61,15 @@ class Prepared:
     cwd: str | None
     timeout: float
     config: CommandConfig
+
+
+@dataclass(slots=True)
+class _Limits:
+    """How one command's limits are kept: rlimits (a spawner or the trampoline), a watchdog."""
+
+    rlimits: LimitSpec
     watched: LimitSpec
-
-
-@dataclass(frozen=True, slots=True)
-class Output:
-    """A chunk of output: ``fd`` 1 for stdout, 2 for stderr."""
-
-    fd: int
-    data: bytes
+    spawner: str | None  # the encoded rlimits a spawner holds, if one can
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +101,8 @@ class ExecRunner:
 
     def __init__(self, commands: Mapping[str, CommandConfig]) -> None:
         self._commands = dict(commands)
-        # (what rlimits enforce, what the watchdog must) for each command.
-        self._limits = {
-            name: split_limits(resolve_limits(cmd.limits, cmd.timeout))
-            for name, cmd in self._commands.items()
-        }
+        self._limits = {name: _limits_of(cmd) for name, cmd in self._commands.items()}
+        self._spawners = Spawners()
         self.running: dict[int, str] = {}
 
     def prepare(
@@ -126,10 +136,8 @@ class ExecRunner:
             full_env = {**(os.environ if cmd.inherit_env else {}), **cmd.env, **env}
         path = (os.environ if full_env is None else full_env).get("PATH")
         program = _find_program(name, cmd.argv[0], path, workdir)
-        rlimits, watched = self._limits[name]
-        argv = rlimit_argv(rlimits, [program, *cmd.argv[1:], *args])
         limit = min(timeout, cmd.timeout) if timeout > 0 else cmd.timeout
-        return Prepared(name, argv, full_env, workdir, limit, cmd, watched)
+        return Prepared(name, [program, *cmd.argv[1:], *args], full_env, workdir, limit, cmd)
 
     async def stream(self, job: Prepared, stdin: bytes) -> AsyncIterator[Output | ExecResult]:
         """Output chunks as they come, then one ExecResult; TaskTimeout past the deadline."""
@@ -156,159 +164,87 @@ class ExecRunner:
         self, job: Prepared, stdin: bytes, deadline: float
     ) -> AsyncGenerator[Output | tuple[int, int]]:
         loop = asyncio.get_running_loop()
-        run = _Run(loop)
+        limits = self._limits[job.name]
         try:
-            transport, _ = await loop.subprocess_exec(
-                lambda: run,
-                *job.argv,
-                stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=job.cwd,
-                env=job.env,
-                **new_group_kwargs(),  # type: ignore[arg-type]
-            )
+            command = await self._start(job, limits, stdin)
         except OSError as exc:
             raise MissingExecutable(
                 f"command {job.name!r}: cannot run {job.argv[0]!r} ({exc.strerror})"
             ) from exc
-        pid = transport.get_pid()
+        pid = command.pid
         self.running[pid] = job.name
-        if stdin:
-            pipe = transport.get_pipe_transport(0)
-            assert isinstance(pipe, asyncio.WriteTransport)
-            pipe.write(stdin)
-            pipe.close()  # once written; a command that exits unread just breaks the pipe
-        timer = loop.call_at(loop.time() + deadline - time.monotonic(), run.expire)
+        timer = loop.call_at(loop.time() + deadline - time.monotonic(), command.expire)
         watchdog = None
-        if job.watched.any:
-            watchdog = Watchdog(pid, job.watched, lambda _why: kill_tree(pid))
+        if limits.watched.any:
+            watchdog = Watchdog(pid, limits.watched, lambda _why: kill_tree(pid))
             watchdog.start()
         try:
             while True:
-                while run.chunks:
-                    yield run.take()
-                if run.finished:
+                while command.chunks:
+                    yield command.take()
+                if command.finished:
                     break
-                if run.expired:
+                if command.expired:
                     raise TaskTimeout(
                         f"command {job.name!r} ran past its timeout of {job.timeout:g}s; "
                         f"its process group (pid {pid}) was killed"
                     )
-                await run.changed()
-            code = transport.get_returncode()
-            assert code is not None
-            yield code, pid
+                await command.changed()
+            if command.lost is not None:
+                raise ProcessDied(
+                    f"command {job.name!r}: {command.lost}; "
+                    f"its process group (pid {pid}) was killed"
+                )
+            assert command.returncode is not None
+            yield command.returncode, pid
         finally:
             timer.cancel()
-            run.stop_reaper()
-            if transport.get_returncode() is None:
+            if not command.exited:
                 kill_tree(pid)
-            _kill_group(pid)
+            kill_group(pid)
             if watchdog is not None:
                 watchdog.stop()
-            while not run.exited:
-                await run.changed()
-            transport.close()
+            while not command.exited:
+                await command.changed()
+            command.release()
             self.running.pop(pid, None)
+
+    async def _start(self, job: Prepared, limits: _Limits, stdin: bytes) -> Command:
+        for _ in range(2):  # a spawner found dead is replaced once
+            if limits.spawner is None:
+                break
+            try:
+                spawner = await self._spawners.get(limits.spawner, limits.rlimits.cpu_seconds)
+            except OSError as exc:
+                logger.warning(
+                    "command %r: no spawner could start (%s); using the trampoline", job.name, exc
+                )
+                limits.spawner = None
+                break
+            try:
+                command = await start_spawned(spawner, job.argv, job.env, job.cwd, stdin)
+            except SpawnerUnavailable:
+                continue
+            if command is None:  # too large a request for a spawner
+                break
+            return command
+        argv = rlimit_argv(limits.rlimits, job.argv)
+        return await start_direct(argv, job.env, job.cwd, stdin)
 
     def kill_all(self) -> None:
         """Kill every running command (used when the grace period is over)."""
         for pid in list(self.running):
             kill_tree(pid)
 
+    def spawner_pids(self) -> list[int]:
+        return self._spawners.pids()
 
-class _Run(asyncio.SubprocessProtocol):
-    """One attempt's output and exit, gathered by the loop's callbacks, no task of its own.
-
-    At most ``BUFFERED`` chunks wait to be taken; past that the pipes stop being
-    read, so a slow consumer holds the command back instead of filling memory.
-    When the command exits, what it left in its group has ``LEFTOVER_GRACE`` to
-    finish and is then killed, so leftovers cannot hold the pipes open.
-    """
-
-    BUFFERED = 16
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._transport: asyncio.SubprocessTransport | None = None
-        self.chunks: collections.deque[Output] = collections.deque()
-        self._paused = False
-        self._open_pipes = 2
-        self.exited = False
-        self.expired = False
-        self._wake: asyncio.Future[None] | None = None
-        self._reaper: asyncio.TimerHandle | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.exited and not self._open_pipes and not self.chunks
-
-    def take(self) -> Output:
-        chunk = self.chunks.popleft()
-        if self._paused and len(self.chunks) < self.BUFFERED // 2:
-            self._pause(False)
-        return chunk
-
-    async def changed(self) -> None:
-        self._wake = self._loop.create_future()
-        try:
-            await self._wake
-        finally:
-            self._wake = None
-
-    def expire(self) -> None:
-        self.expired = True
-        self._notify()
-
-    def stop_reaper(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-
-    # -- protocol callbacks --------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self._transport = transport
-
-    def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
-        self.chunks.append(Output(fd, bytes(data)))
-        if not self._paused and len(self.chunks) >= self.BUFFERED:
-            self._pause(True)
-        self._notify()
-
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd in (1, 2):
-            self._open_pipes -= 1
-            self._notify()
-
-    def process_exited(self) -> None:
-        self.exited = True
-        if self._transport is not None:
-            self._reaper = self._loop.call_later(
-                LEFTOVER_GRACE, _kill_group, self._transport.get_pid()
-            )
-        self._notify()
-
-    def _notify(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
-
-    def _pause(self, pause: bool) -> None:
-        self._paused = pause
-        if self._transport is None:
-            return
-        for fd in (1, 2):
-            pipe = self._transport.get_pipe_transport(fd)
-            if isinstance(pipe, asyncio.ReadTransport) and not pipe.is_closing():
-                if pause:
-                    pipe.pause_reading()
-                else:
-                    pipe.resume_reading()
+    async def close(self) -> None:
+        """Stop the spawners (after ``kill_all``)."""
+        await self._spawners.close()
 
 
-def _kill_group(pid: int) -> None:
-    # A command leads its own group (pgid == pid): end whatever is left in it.
-    if os.name == "posix":
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+def _limits_of(cmd: CommandConfig) -> _Limits:
+    rlimits, watched = split_limits(resolve_limits(cmd.limits, cmd.timeout))
+    pairs = rlimit_pairs(rlimits)
+    return _Limits(rlimits, watched, encode_rlimits(pairs) if spawnable(pairs) else None)

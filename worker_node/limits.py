@@ -11,14 +11,15 @@ enforces CPU time and open files but not address space; Windows has no
 rlimits. What the OS cannot enforce, ``Watchdog`` polls for and enforces by
 killing the process tree.
 
-rlimits are set by the limited process itself, never through ``preexec_fn``,
-which is unsafe in a process with threads such as gRPC's. A command starts
-under util-linux's ``prlimit``, a small C program that sets them and then execs
-the command, so the command never runs a single instruction unlimited; where
-``prlimit`` is missing a ``python -I -S`` trampoline does the same, at the cost
-of an interpreter start per command. Soft and hard limits are set alike (CPU's
-hard one a second later, so SIGXCPU comes first), capped at the hard limits the
-worker itself has, so a command cannot raise them again.
+rlimits are never set through ``preexec_fn``, which is unsafe in a process with
+threads such as gRPC's, and a command never runs a single instruction without
+them. On Linux a spawner process that holds them starts it, so it inherits them
+(``spawn``); elsewhere, or for limits too small for a spawner, it starts under
+a trampoline that sets them and then execs it: util-linux's ``prlimit``, or
+where that is missing ``python -I -S`` (an interpreter start per command). Soft
+and hard limits are set alike (CPU's hard one a second later, so SIGXCPU comes
+first), capped at the hard limits the worker itself has, so a command cannot
+raise them again.
 
 In pool processes CPU time is a budget per task, not per process: a warm process
 runs many tasks, and a lifetime RLIMIT_CPU would kill a healthy one once its
@@ -63,8 +64,10 @@ __all__ = [
     "Watchdog",
     "apply_rlimits",
     "cpu_budget",
+    "encode_rlimits",
     "resolve_limits",
     "rlimit_argv",
+    "rlimit_pairs",
     "split_limits",
 ]
 
@@ -140,7 +143,7 @@ def split_limits(spec: LimitSpec) -> tuple[LimitSpec, LimitSpec]:
     )
 
 
-def _rlimit_pairs(spec: LimitSpec) -> list[tuple[str, int, int]]:
+def rlimit_pairs(spec: LimitSpec) -> list[tuple[str, int, int]]:
     """(name, soft, hard) for each limit in ``spec``, capped at this process's hard limits."""
     pairs = []
     for name, value in (
@@ -170,14 +173,15 @@ def _set_rlimits(encoded: str) -> None:
         resource.setrlimit(getattr(resource, "RLIMIT_" + name), (int(soft), int(hard)))
 
 
-def _encode(pairs: list[tuple[str, int, int]]) -> str:
+def encode_rlimits(pairs: list[tuple[str, int, int]]) -> str:
+    """``AS=soft:hard,...``: how the trampoline and the spawner are told their limits."""
     return ",".join(f"{name}={soft}:{hard}" for name, soft, hard in pairs)
 
 
 def apply_rlimits(spec: LimitSpec) -> None:
     """Set rlimits on this process (called by a pool process at start)."""
     if HAVE_RLIMIT and spec.any:
-        _set_rlimits(_encode(_rlimit_pairs(spec)))
+        _set_rlimits(encode_rlimits(rlimit_pairs(spec)))
 
 
 # Run by `python -I -S -c`: set the limits named in argv[1], then become the command.
@@ -192,11 +196,11 @@ def rlimit_argv(spec: LimitSpec, argv: list[str]) -> list[str]:
     """``argv`` wrapped so that it runs under ``spec``'s rlimits (unchanged when none)."""
     if not HAVE_RLIMIT or not spec.any:
         return argv
-    pairs = _rlimit_pairs(spec)
+    pairs = rlimit_pairs(spec)
     if _PRLIMIT is not None:
         options = [f"--{name.lower()}={soft}:{hard}" for name, soft, hard in pairs]
         return [_PRLIMIT, *options, "--", *argv]
-    return [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, _encode(pairs), *argv]
+    return [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, encode_rlimits(pairs), *argv]
 
 
 class TaskCpuLimit:

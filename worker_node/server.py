@@ -162,6 +162,7 @@ class WorkerServer(GrpcServer):
 
     async def _after_stop(self) -> None:
         self.runner.kill_all()
+        await self.runner.close()
         await asyncio.gather(*(pool.close(POOL_GRACE) for pool in self.pools.values()))
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()

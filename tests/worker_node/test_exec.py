@@ -47,6 +47,9 @@ commands:
     limits: {{cpu_seconds: 1}}
   limits: {{argv: ["{PY}", "-c", "{SHOW_LIMITS}"], timeout: 2.5}}
   flood: {{argv: ["{PY}", "-c", "{FLOOD}"]}}
+  small:  # too small for a spawner to run under: set by the trampoline
+    argv: ["{PY}", "-c", "{SHOW_LIMITS}"]
+    limits: {{max_memory_mb: 128, cpu_seconds: 3, open_files: 32}}
   lifted:
     argv: ["{PY}", "-c", "{SHOW_LIMITS}"]
     limits: {{max_memory_mb: unlimited, cpu_seconds: 7, open_files: unlimited}}
@@ -142,6 +145,8 @@ async def test_commands_get_default_limits_an_entry_can_change_or_lift(execs):
     got = json.loads((await execs.Exec(pb.ExecRequest(command="limits"))).stdout)
     cpu = math.ceil(2.5 * (os.cpu_count() or 1))  # the timeout times the CPUs
     assert got == {"AS": [4096 * MIB] * 2, "CPU": [cpu, cpu + 1], "NOFILE": [1024, 1024]}
+    small = json.loads((await execs.Exec(pb.ExecRequest(command="small"))).stdout)
+    assert small == {"AS": [128 * MIB] * 2, "CPU": [3, 4], "NOFILE": [32, 32]}
     lifted = json.loads((await execs.Exec(pb.ExecRequest(command="lifted"))).stdout)
     assert lifted == {
         "AS": list(resource.getrlimit(resource.RLIMIT_AS)),

@@ -20,10 +20,10 @@ def test_children_are_waited_for_without_a_thread_on_any_loop():
     use_pidfd_child_watcher()
 
     async def run() -> tuple[int, int]:
-        before = threading.active_count()
+        before = set(threading.enumerate())
         proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "raise SystemExit(3)")
-        during = threading.active_count()
-        return await proc.wait(), during - before
+        started = set(threading.enumerate()) - before
+        return await proc.wait(), len(started)
 
     got: list[tuple[int, int]] = []
     # A loop of its own in another thread: no watcher was ever attached to it.
