@@ -7,6 +7,7 @@ import json
 import math
 import os
 import resource
+import subprocess
 import sys
 from typing import Any
 
@@ -15,7 +16,8 @@ import pytest
 
 from protos import worker_pb2 as pb
 from tests.worker_node.conftest import config, running, stats
-from worker_node.limits import MIB, LimitSpec, TaskCpu, Watchdog
+from worker_node import limits as limits_module
+from worker_node.limits import MIB, LimitSpec, TaskCpu, Watchdog, rlimit_argv
 from worker_node.procs import kill_tree
 
 
@@ -149,3 +151,21 @@ async def test_the_watchdog_keeps_a_cpu_budget_per_task_where_rlimits_do_not():
             await spinner.wait()
     assert code == -9
     assert reasons and "the task's CPU time" in reasons[0] and "limit of 1s" in reasons[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="rlimits as Linux has them")
+@pytest.mark.parametrize("prlimit", [True, False], ids=["prlimit", "python"])
+def test_both_trampolines_set_the_limits_before_the_command_runs(monkeypatch, prlimit):
+    if not prlimit:
+        monkeypatch.setattr(limits_module, "_PRLIMIT", None)
+    elif limits_module._PRLIMIT is None:
+        pytest.skip("no util-linux prlimit here")
+    show = (
+        "import json, resource; print(json.dumps([resource.getrlimit(getattr(resource, "
+        "'RLIMIT_' + n)) for n in ('AS', 'CPU', 'NOFILE')]))"
+    )
+    spec = LimitSpec(memory_bytes=512 * MIB, cpu_seconds=9, open_files=77)
+    argv = rlimit_argv(spec, [sys.executable, "-c", show])
+    assert (argv[0] == limits_module._PRLIMIT) == prlimit
+    out = subprocess.run(argv, capture_output=True, check=True).stdout
+    assert json.loads(out) == [[512 * MIB] * 2, [9, 10], [77, 77]]
