@@ -6,25 +6,28 @@ it hands to the balancer is rebuilt only when the endpoint table, the ejections
 or an endpoint's reachability change, so a pick costs a couple of comparisons
 plus the policy itself.
 
-Calls are decided on the data plane's thread while the event loop updates the
-endpoint table and serves the admin pages; the lock keeps a refresh or an ejection
-whole when both touch the same cluster.
+Threads: a cluster is used by the data plane's thread, which alone changes its
+state (picks, outcomes, ejections, the routable list); it reads the endpoint table
+only through the table's immutable ``view``. The event loop only reads it, for the
+admin page and metrics (``snapshot``, ``code_counts`` and the counters), and never
+iterates a structure the other thread changes.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Collection
 
+from shoal_dataplane import Breaker
+
 from proxy_sidecar.balancers import Balancer
-from proxy_sidecar.config import OutlierSettings, ServicePolicy
+from proxy_sidecar.config import CODE_NAMES, OutlierSettings, ServicePolicy
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, UnknownService
 from proxy_sidecar.outlier import OutlierDetector
 from proxy_sidecar.policies import EWMA_DECAY
-from proxy_sidecar.resilience import CircuitBreaker, RetryBudget, no_counts
+from proxy_sidecar.resilience import RetryBudget
+from shoal_core.backoff import Backoff
 
 __all__ = ["Cluster"]
 
@@ -41,19 +44,18 @@ class Cluster:
         outlier: OutlierSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
-        breaker_counts: Callable[[str], tuple[int, int, int]] = no_counts,
     ) -> None:
         self.service = service
         self.policy = policy
         self.balancer = balancer
         self.retry = policy.retry
+        self.backoff = Backoff(initial=policy.retry.backoff_base, maximum=policy.retry.backoff_max)
         self.per_try_timeout = policy.per_try_timeout
         self.hash_key = policy.hash_key if balancer.uses_key else None
-        self.breaker = CircuitBreaker(
-            service,
+        # The data plane holds its slots and queue places; it lives as long as this cluster.
+        self.breaker = Breaker(
             max_in_flight=policy.circuit_breaker.max_in_flight,
             max_pending=policy.circuit_breaker.max_pending,
-            counts=breaker_counts,
         )
         self.budget = RetryBudget(
             percent=policy.retry.budget_percent,
@@ -70,48 +72,60 @@ class Cluster:
         self._table = table
         self._clock = clock
         self._seen = (-1, -1)
-        self._members: list[Endpoint] = []
+        self._members: tuple[Endpoint, ...] = ()
         self._routable: list[Endpoint] = []
         self.panic = False
         self.known = False
         self.requests = 0
         self.retries = 0
-        self.codes: Counter[str] = Counter()
-        self._lock = threading.Lock()
+        # Calls by gRPC status number (a list: counting is one index, every call).
+        self.codes = [0] * len(CODE_NAMES)
 
-    def members(self) -> list[Endpoint]:
+    def members(self) -> tuple[Endpoint, ...]:
         return self._members
 
-    def _refresh(self, now: float) -> None:
-        with self._lock:
-            self._refresh_locked(now)
+    def count(self, code: int) -> None:
+        """One call ended with ``code``; numbers gRPC does not define count as UNKNOWN."""
+        if not 0 <= code < len(self.codes):
+            code = 2
+        self.codes[code] += 1
 
-    def _refresh_locked(self, now: float) -> None:
+    def code_counts(self) -> dict[str, int]:
+        """Calls by status name so far: a copy, safe to read on another thread."""
+        counts = list(self.codes)
+        return {CODE_NAMES[code]: n for code, n in enumerate(counts) if n}
+
+    def _refresh(self, now: float) -> None:
         self.outlier.release_due(now)
-        seen = (self._table.version, self.outlier.version)
+        view = self._table.view
+        seen = (view.version, self.outlier.version)
         if seen == self._seen:
             return
-        members = self._table.members(self.service)
+        members = view.members_of(self.service)
         self.known = members is not None
-        self._members = members or []
+        self._members = members or ()
         self.outlier.forget(set(self._members))
         healthy = [e for e in self._members if e.reachable and not self.outlier.is_ejected(e)]
         # Panic: with too few healthy endpoints, spreading over all of them beats
         # crushing the few that are left (and a wrong health view heals itself).
         self.panic = bool(self._members) and len(healthy) < self._panic_share * len(self._members)
         self._routable = list(self._members) if self.panic else healthy
-        self._seen = (self._table.version, self.outlier.version)
+        self._seen = seen
 
-    def pick(self, key: str | None, exclude: Collection[Endpoint] = ()) -> Endpoint:
+    def pick(
+        self, key: str | None, exclude: Collection[Endpoint] = (), now: float | None = None
+    ) -> Endpoint:
         """The endpoint for the next try; prefers endpoints not in ``exclude``."""
-        now = self._clock()
-        if now >= self.outlier.next_return or self._seen[0] != self._table.version:
+        if now is None:
+            now = self._clock()
+        view = self._table.view
+        if now >= self.outlier.next_return or self._seen[0] != view.version:
             self._refresh(now)
         routable = self._routable
         if not routable:
-            if not self.known and self._table.synced:
+            if not self.known and view.synced:
                 raise UnknownService(self.service)
-            if not self._table.synced:
+            if not view.synced:
                 raise NoHealthyEndpoint(self.service, "the registry has not been reached yet")
             raise NoHealthyEndpoint(self.service, "every instance is down or ejected")
         endpoint = self.balancer.pick(routable, key, exclude)
@@ -130,17 +144,19 @@ class Cluster:
             self.outlier.success(endpoint)
             return
         endpoint.failures += 1
-        with self._lock:
-            ejected = self.outlier.failure(endpoint, now, len(self._members))
-        if ejected:
+        if self.outlier.failure(endpoint, now, len(self._members)):
             self._refresh(now)
 
     def snapshot(self) -> dict[str, object]:
-        """This cluster's state for the admin endpoint (JSON-ready)."""
+        """This cluster's state for the admin endpoint (JSON-ready), read on the event loop.
+
+        It reads the table's current view and changes nothing: the cluster's own state
+        belongs to the data plane's thread.
+        """
         now = self._clock()
-        self._refresh(now)
+        members = self._table.view.members_of(self.service) or ()
         endpoints = []
-        for e in self._members:
+        for e in members:
             until = self.outlier.ejected_until(e)
             endpoints.append(
                 {
@@ -148,7 +164,7 @@ class Cluster:
                     "address": e.address,
                     "state": e.state,
                     "reachable": e.reachable,
-                    "routable": e in self._routable,
+                    "routable": e.reachable and (until is None or self.panic),
                     "in_flight": e.in_flight,
                     "ewma_ms": round(e.latency_estimate(now, EWMA_DECAY) * 1000, 3),
                     "ejected": until is not None,
@@ -173,6 +189,6 @@ class Cluster:
             "retries": self.retries,
             "retry_budget_denied": self.budget.denied,
             "breaker_rejected": self.breaker.rejected,
-            "codes": dict(self.codes),
+            "codes": self.code_counts(),
             "endpoints": endpoints,
         }

@@ -13,6 +13,7 @@ Everything has a default, so a sidecar runs with no file. Example::
     outlier: {consecutive_failures: 5, base_ejection: 30}
     discovery: {empty_set_hold: 10}
     membership: {ttl: 10, grpc_services: [shoal.worker.v1.Worker], weight: 100}
+    listeners: {max_connections: 1024, max_streams: 1000, idle_timeout: 600}
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from shoal_core.config import StrictModel, load_yaml
 __all__ = [
     "BreakerSettings",
     "DiscoverySettings",
+    "ListenerSettings",
     "MembershipSettings",
     "OutlierSettings",
     "PoolSettings",
@@ -69,6 +71,15 @@ class RetrySettings(StrictModel):
             if code not in STATUS_CODE_NAMES or code == "OK":
                 raise ValueError(f"{code!r} is not a gRPC status code name such as UNAVAILABLE")
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _pauses(self) -> RetrySettings:
+        if self.backoff_max < self.backoff_base:
+            raise ValueError(
+                f"backoff_max ({self.backoff_max}) must not be below backoff_base "
+                f"({self.backoff_base})"
+            )
+        return self
 
     def is_idempotent(self, method: str) -> bool:
         return "*" in self.idempotent_methods or method in self.idempotent_methods
@@ -117,6 +128,15 @@ class DiscoverySettings(StrictModel):
     # How long start-up waits for the first snapshot before serving anyway.
     initial_sync: float = Field(default=3.0, ge=0.0, le=600.0)
 
+    @pydantic.model_validator(mode="after")
+    def _pauses(self) -> DiscoverySettings:
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError(
+                f"backoff_max ({self.backoff_max}) must not be below backoff_initial "
+                f"({self.backoff_initial})"
+            )
+        return self
+
 
 class PoolSettings(StrictModel):
     """Upstream connections: closed after ``idle_timeout`` seconds without calls.
@@ -128,6 +148,21 @@ class PoolSettings(StrictModel):
 
     idle_timeout: float = Field(default=300.0, gt=0.0, le=86_400.0)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=4096, le=1024 * 1024 * 1024)
+
+
+class ListenerSettings(StrictModel):
+    """What a caller can make the sidecar hold, for each of its listeners.
+
+    Past ``max_connections`` a new connection is closed at once; a connection may have
+    ``max_streams`` calls open (HTTP/2's MAX_CONCURRENT_STREAMS; a gRPC client queues
+    beyond it); a connection with no call for ``idle_timeout`` seconds gets GOAWAY and
+    is closed. The idle timeout is longer than ``pool.idle_timeout``, so the sidecars
+    calling this one let their connections go first.
+    """
+
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    max_streams: int = Field(default=1000, ge=1, le=100_000)
+    idle_timeout: float = Field(default=600.0, gt=0.0, le=86_400.0)
 
 
 class MembershipSettings(StrictModel):
@@ -159,6 +194,7 @@ class SidecarConfig(StrictModel):
     outlier: OutlierSettings = OutlierSettings()
     discovery: DiscoverySettings = DiscoverySettings()
     pool: PoolSettings = PoolSettings()
+    listeners: ListenerSettings = ListenerSettings()
     membership: MembershipSettings = MembershipSettings()
 
     def policy(self, service: str) -> ServicePolicy:

@@ -3,21 +3,23 @@
 The data plane (``shoal_dataplane``, in Rust) moves the bytes; every decision stays
 here, in the same domain objects as before: the router picks the cluster, the
 cluster's balancer the endpoint, outlier detection and the retry budget judge the
-outcome. The data plane calls, from its own thread:
+outcome. ``Control`` is the data plane's ``ControlPlane`` and ``Call`` its
+``CallControl`` (typed in ``shoal_dataplane``); it calls, from its own thread:
 
 - ``Control.begin(path, target, inbound, metadata, remaining)``: route a new call;
-  a ``(code, message)`` refusal, or ``(call, breaker_key, max_in_flight,
-  max_pending, outbound, pick)`` with the call's ``Call`` and its first pick;
-- ``Call.pick()``: the endpoint of the next try, ``(address, instance_id, timeout)``,
-  or a ``(code, message)`` refusal;
+  an ``Admission`` (the call's ``Call``, its cluster's ``Breaker``, whether it goes
+  out to the mesh, the per-try timeout, and its first pick) or a ``Refusal``;
+- ``Call.pick()``: the ``Target`` of the next try, or a ``Refusal``;
 - ``Call.failed(code, replayable, elapsed)``: a try ended before the upstream
   answered; the pause before a retry, or ``None``;
 - ``Call.finish(code, latency)``: the call ended; ``latency`` (the last try's time to
   the response headers) when the upstream answered;
 - ``Control.connection_state(address, state)``: an upstream connection changed.
 
-Status codes are gRPC's numbers. Everything here is synchronous and quick: the data
-plane waits for it.
+The data plane bounds each try by the per-try timeout and what is left of the
+caller's deadline. Status codes are gRPC's numbers. Everything here is synchronous
+and quick: the data plane waits for it. ``connection_state`` is the one call whose
+effect belongs to the event loop (the endpoint tables): it is handed over there.
 """
 
 from __future__ import annotations
@@ -27,39 +29,50 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from shoal_dataplane import Admission, Refusal, Target
+
 from proxy_sidecar.cluster import Cluster
 from proxy_sidecar.config import CODE_NAMES
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, RouteError, UnknownService
-from proxy_sidecar.resilience import backoff_delay
 from proxy_sidecar.routing import Route, Router, parse_method
+from shoal_core.codes import ErrorCodes
 
-__all__ = ["Call", "Control"]
+__all__ = ["Call", "Control", "route_refusal"]
 
 _DEADLINE_EXCEEDED = 4
+_INTERNAL = 13
 _UNIMPLEMENTED = 12
 _UNAVAILABLE = 14
-_ROUTE_CODES: dict[type[RouteError], int] = {
-    UnknownService: _UNIMPLEMENTED,
-    NoHealthyEndpoint: _UNAVAILABLE,
-}
+_ROUTE_CODES = ErrorCodes[int](
+    {UnknownService: _UNIMPLEMENTED, NoHealthyEndpoint: _UNAVAILABLE}, default=_UNAVAILABLE
+)
 # Below this much time left, a retry could not finish: give the caller the failure.
 _MIN_RETRY_TIME = 0.005
 _MAX_CACHED_ROUTES = 4096
-_MALFORMED = (_UNIMPLEMENTED, "shoal: the method path is not /package.Service/Method")
-
-Refusal = tuple[int, str]
-Pick = tuple[str, str, float | None]
+_MALFORMED = Refusal(_UNIMPLEMENTED, "shoal: the method path is not /package.Service/Method")
+_NO_APP = Refusal(_UNIMPLEMENTED, "shoal: this sidecar has no app to deliver calls to")
 
 
-def route_code(exc: RouteError) -> int:
-    return _ROUTE_CODES.get(type(exc), _UNAVAILABLE)
+def route_refusal(exc: RouteError) -> Refusal:
+    """What the caller gets when a call cannot be routed."""
+    return Refusal(_ROUTE_CODES(exc), str(exc))
 
 
 class Call:
     """One forwarded call's tries: endpoint choice, retry decisions, and its outcome."""
 
-    __slots__ = ("cluster", "_method", "_key", "_rng", "_clock", "_deadline", "_tried", "_at")
+    __slots__ = (
+        "cluster",
+        "_method",
+        "_key",
+        "_rng",
+        "_clock",
+        "_deadline",
+        "_tried",
+        "_at",
+        "_now",
+    )
 
     def __init__(
         self,
@@ -76,31 +89,27 @@ class Call:
         self._key = key
         self._rng = rng
         self._clock = clock
-        self._deadline = None if remaining is None else clock() + remaining
+        # One reading of the clock serves the whole admission.
+        now = clock()
+        self._deadline = None if remaining is None else now + remaining
         # Allocated on the first retry only: most calls never retry.
         self._tried: Sequence[Endpoint] = ()
         # The endpoint of the try under way, if any.
         self._at: Endpoint | None = None
         cluster.requests += 1
-        cluster.budget.record_request()
+        cluster.budget.record_request(now)
+        self._now: float | None = now
 
-    def pick(self) -> Pick | Refusal:
-        """The next try's endpoint (another than those tried when possible) and timeout."""
+    def pick(self) -> Target | Refusal:
+        """The next try's endpoint (another than those tried when possible)."""
+        now, self._now = self._now, None
         try:
-            endpoint = self.cluster.pick(self._key, self._tried)
+            endpoint = self.cluster.pick(self._key, self._tried, now)
         except RouteError as exc:
-            return route_code(exc), str(exc)
+            return route_refusal(exc)
         endpoint.in_flight += 1
         self._at = endpoint
-        return endpoint.address, endpoint.instance_id, self._timeout()
-
-    def _timeout(self) -> float | None:
-        """The per-try timeout within what is left of the caller's deadline."""
-        per_try = self.cluster.per_try_timeout
-        if self._deadline is None:
-            return per_try
-        left = max(0.0, self._deadline - self._clock())
-        return per_try if per_try is not None and per_try < left else left
+        return endpoint.target
 
     def failed(self, code: int, replayable: bool, elapsed: float) -> float | None:
         """A try ended with ``code`` before an answer: record it; the backoff, or ``None``."""
@@ -122,7 +131,7 @@ class Call:
             retry.is_idempotent(self._method) and (try_timed_out or _name(code) in retry.retry_on)
         ):
             return None
-        pause = backoff_delay(len(self._tried), retry.backoff_base, retry.backoff_max, self._rng)
+        pause = cluster.backoff.delay(len(self._tried), self._rng)
         if left is not None and left <= pause + _MIN_RETRY_TIME:
             return None
         if not cluster.budget.try_retry():
@@ -139,7 +148,7 @@ class Call:
             endpoint.in_flight -= 1
             if latency is not None:
                 self.cluster.record(endpoint, True, latency)
-        self.cluster.codes[_name(code)] += 1
+        self.cluster.count(code)
 
 
 def _name(code: int) -> str:
@@ -171,7 +180,7 @@ class Control:
         inbound: bool,
         metadata: Sequence[tuple[str, str]],
         remaining: float | None,
-    ) -> tuple[Call, str, int, int, bool, Pick | Refusal] | Refusal:
+    ) -> Admission | Refusal:
         route = self._routes.get(path)
         if route is None:
             route = parse_method(path)
@@ -180,13 +189,16 @@ class Control:
             if len(self._routes) < _MAX_CACHED_ROUTES:
                 self._routes[path] = route
         router = self._router
-        if inbound and router.local is not None:
+        if inbound:
+            # From another sidecar, on the mesh-facing listener: only ever to our app.
+            if router.local is None:
+                return _NO_APP
             cluster, outbound = router.local, False
         else:
             try:
                 cluster = router.cluster(target or route.service)
             except RouteError as exc:
-                return route_code(exc), str(exc)
+                return route_refusal(exc)
             outbound = True
         key: str | None = None
         if cluster.hash_key is not None:
@@ -195,8 +207,13 @@ class Control:
                     key = value
                     break
         call = Call(cluster, route.method, key, remaining, rng=self._rng, clock=self._clock)
-        limits = cluster.breaker
-        return call, limits.key, limits.max_in_flight, limits.max_pending, outbound, call.pick()
+        first = call.pick()
+        try:
+            return Admission(call, cluster.breaker, outbound, cluster.per_try_timeout, first)
+        except Exception:
+            # Never a call in flight that the data plane does not know of.
+            call.finish(_INTERNAL, None)
+            raise
 
     def connection_state(self, address: str, state: str) -> None:
         """From the data plane's thread: apply on the event loop, where the tables live."""

@@ -20,6 +20,7 @@ from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from proxy_sidecar.config import DiscoverySettings
 from proxy_sidecar.endpoints import EndpointTable, InstanceInfo
+from shoal_core.backoff import Attempts, Backoff
 
 __all__ = ["Discovery", "info_from_pb"]
 
@@ -59,7 +60,10 @@ class Discovery:
         self._registry = registry
         self._table = table
         self._settings = settings
-        self._rng = rng or random.Random()
+        self._attempts = Attempts(
+            Backoff(initial=settings.backoff_initial, maximum=settings.backoff_max),
+            rng or random.Random(),
+        )
         self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -86,21 +90,21 @@ class Discovery:
     async def _run(self) -> None:
         assert self._channel is not None
         stub = pb_grpc.RegistryStub(self._channel)
-        failures = 0
+        attempts = self._attempts
         while True:
             try:
                 call = stub.Watch(pb.WatchRequest(since_revision=self.revision))
                 async for event in call:
                     if not self.connected:
                         self.connected = True
-                        if failures:
+                        if attempts.failures:
                             logger.info("watching the registry at %s again", self._registry)
-                        failures = 0
+                        attempts.succeeded()
                     self._apply(event)
                 reason = "the registry ended the watch"
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
-            if self.connected or failures == 0:
+            if self.connected or attempts.failures == 0:
                 logger.warning(
                     "watch of %s broke (%s); keeping the last %d endpoints",
                     self._registry,
@@ -109,12 +113,7 @@ class Discovery:
                 )
             self.connected = False
             self.reconnects += 1
-            # Exponential backoff with "equal jitter": never zero, never in lock step.
-            ceiling = min(
-                self._settings.backoff_max, self._settings.backoff_initial * 2.0**failures
-            )
-            failures = min(failures + 1, 30)
-            await asyncio.sleep(ceiling / 2 + self._rng.uniform(0.0, ceiling / 2))
+            await asyncio.sleep(attempts.failed())
 
     def _apply(self, event: pb.WatchEvent) -> None:
         self.events += 1

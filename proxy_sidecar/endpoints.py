@@ -10,16 +10,27 @@ registry that is wrong for a moment:
   endpoints with none is held for ``empty_hold`` seconds; the service keeps its
   last endpoints until the registry has gone on saying "none" for that long, and
   any endpoint that reappears ends the hold at once.
+
+Threads: the table is changed only on the event loop (discovery, connection states),
+while calls are routed on the data plane's thread. Routing reads nothing of the table
+but its ``view``, an immutable ``RouteView`` that each change replaces by one
+reference assignment, so a pick never sees a half-applied update. Of an ``Endpoint``,
+the loop writes ``info``, ``state`` and ``reachable``; the data plane thread writes
+the call counts and latency (``in_flight``, ``ewma``, ``requests``, ``failures``).
+Each field has one writer; the other thread only reads it.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
-__all__ = ["Endpoint", "EndpointTable", "InstanceInfo"]
+from shoal_dataplane import Target
+
+__all__ = ["Endpoint", "EndpointTable", "InstanceInfo", "RouteView"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +55,7 @@ class Endpoint:
     __slots__ = (
         "instance_id",
         "address",
+        "target",
         "info",
         "in_flight",
         "ewma",
@@ -57,6 +69,8 @@ class Endpoint:
     def __init__(self, info: InstanceInfo) -> None:
         self.instance_id = info.instance_id
         self.address = info.address
+        # What a pick hands the data plane: made once, so picking allocates nothing.
+        self.target = Target(info.address, info.instance_id)
         self.info = info
         self.in_flight = 0
         # Peak EWMA of latency in seconds; 0 until the first observation.
@@ -94,6 +108,30 @@ class Endpoint:
 Listener = Callable[[Sequence[Endpoint], Sequence[Endpoint]], None]
 
 
+@dataclass(frozen=True, slots=True)
+class RouteView:
+    """What routing may read of the table, fixed once published.
+
+    ``members`` maps each gRPC service to its routable endpoints; ``known`` holds every
+    gRPC service some registered instance declares, routable or not.
+    """
+
+    members: Mapping[str, tuple[Endpoint, ...]]
+    known: frozenset[str]
+    synced: bool
+    version: int
+
+    def members_of(self, service: str) -> tuple[Endpoint, ...] | None:
+        """The endpoints of ``service``, ``()`` when it has none now, ``None`` when unknown."""
+        found = self.members.get(service)
+        if found is None and service in self.known:
+            return ()
+        return found
+
+
+_EMPTY_VIEW = RouteView(MappingProxyType({}), frozenset(), False, 0)
+
+
 class EndpointTable:
     """Routable endpoints by gRPC service name, updated from registry events."""
 
@@ -102,23 +140,29 @@ class EndpointTable:
         self._clock = clock
         self._registry: dict[str, InstanceInfo] = {}
         self._endpoints: dict[str, Endpoint] = {}
-        self._members: dict[str, list[Endpoint]] = {}
+        self._members: dict[str, tuple[Endpoint, ...]] = {}
         self._held_since: dict[str, float] = {}
         self._listeners: list[Listener] = []
-        # Bumped on every change that can alter a routable list; clusters compare it.
-        self.version = 0
-        self.synced = False
+        # Replaced whole on every change that can alter a routable list; never mutated.
+        self.view = _EMPTY_VIEW
+
+    @property
+    def version(self) -> int:
+        """Bumped on every change that can alter a routable list; clusters compare it."""
+        return self.view.version
+
+    @property
+    def synced(self) -> bool:
+        """Whether a registry snapshot has arrived."""
+        return self.view.synced
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(added, removed)`` whenever endpoints appear or leave."""
         self._listeners.append(listener)
 
-    def members(self, service: str) -> list[Endpoint] | None:
-        """The endpoints of ``service``, ``[]`` when it has none now, ``None`` when unknown."""
-        found = self._members.get(service)
-        if found is None and any(service in i.grpc_services for i in self._registry.values()):
-            return []
-        return found
+    def members(self, service: str) -> tuple[Endpoint, ...] | None:
+        """The endpoints of ``service``, ``()`` when it has none now, ``None`` when unknown."""
+        return self.view.members_of(service)
 
     def endpoints(self) -> list[Endpoint]:
         return list(self._endpoints.values())
@@ -129,13 +173,12 @@ class EndpointTable:
 
     def touch(self) -> None:
         """Note a change made outside the table (reachability) that routing must see."""
-        self.version += 1
+        self._publish(self.view.known, self.view.synced)
 
     def replace(self, infos: Iterable[InstanceInfo]) -> None:
         """Apply a snapshot: it replaces the whole registry view."""
         self._registry = {info.instance_id: info for info in infos}
-        self.synced = True
-        self._rebuild()
+        self._rebuild(synced=True)
 
     def upsert(self, info: InstanceInfo) -> None:
         old = self._registry.get(info.instance_id)
@@ -164,12 +207,19 @@ class EndpointTable:
         if any(now - since >= self._hold for since in self._held_since.values()):
             self._rebuild()
 
-    def _rebuild(self) -> None:
+    def _publish(self, known: frozenset[str], synced: bool) -> None:
+        # One assignment: the data plane thread sees the old view or the new one, whole.
+        # `_members` is never changed in place after this: the next rebuild makes anew.
+        self.view = RouteView(MappingProxyType(self._members), known, synced, self.view.version + 1)
+
+    def _rebuild(self, *, synced: bool | None = None) -> None:
         now = self._clock()
         previous = self._endpoints
         current: dict[str, Endpoint] = {}
-        members: dict[str, list[Endpoint]] = {}
+        lists: dict[str, list[Endpoint]] = {}
+        known: set[str] = set()
         for info in self._registry.values():
+            known.update(info.grpc_services)
             if not info.routable:
                 continue
             endpoint = previous.get(info.instance_id)
@@ -178,8 +228,10 @@ class EndpointTable:
             endpoint.info = info
             current[info.instance_id] = endpoint
             for service in info.grpc_services:
-                members.setdefault(service, []).append(endpoint)
-        for service, old in self._members.items():
+                lists.setdefault(service, []).append(endpoint)
+        old_members = self._members
+        members = {service: tuple(found) for service, found in lists.items()}
+        for service, old in old_members.items():
             if service in members or not old:
                 self._held_since.pop(service, None)
                 continue
@@ -192,7 +244,9 @@ class EndpointTable:
                 del self._held_since[service]
         self._members = members
         self._endpoints = current
-        self.version += 1
+        # A service whose emptying is held is still known: its calls go to the held set.
+        known.update(members)
+        self._publish(frozenset(known), self.view.synced if synced is None else synced)
         added = [e for key, e in current.items() if previous.get(key) is not e]
         removed = [e for key, e in previous.items() if current.get(key) is not e]
         if added or removed:

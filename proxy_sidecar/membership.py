@@ -23,6 +23,7 @@ from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from proxy_sidecar.config import MembershipSettings
 from proxy_sidecar.reflect import list_services
+from shoal_core.backoff import Attempts, Backoff
 
 __all__ = ["Membership"]
 
@@ -43,12 +44,14 @@ class Membership:
         advertise: str,
         settings: MembershipSettings,
         load: Callable[[], int],
+        forwarding: Callable[[], bool] = lambda: True,
         rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
         self._service = service
         self._advertise = advertise
         self._load = load
+        self._forwarding = forwarding
         self._rng = rng or random.Random()
         host_port = advertise.replace("[", "").replace("]", "")
         self.instance_id = settings.instance_id or f"{service}@{host_port}"
@@ -81,7 +84,12 @@ class Membership:
         self._task = asyncio.create_task(self._run(interval), name="membership")
 
     async def check_app(self) -> pb.ServingStatus.ValueType:
-        """The app's grpc.health.v1 status as a registry status."""
+        """The app's grpc.health.v1 status as a registry status.
+
+        NOT_SERVING, whatever the app says, while this sidecar cannot forward to it.
+        """
+        if not self._forwarding():
+            return pb.NOT_SERVING
         try:
             reply = await self._health.Check(
                 health_pb2.HealthCheckRequest(service=self._settings.health_service),
@@ -128,7 +136,9 @@ class Membership:
         return reply.heartbeat_interval_ms / 1000
 
     async def _run(self, interval: float | None) -> None:
-        failures = 0
+        # Registering again is paced like every retry, and never waits past a heartbeat.
+        ceiling = self._settings.ttl / 3
+        attempts = Attempts(Backoff(initial=min(0.2, ceiling), maximum=ceiling), self._rng)
         while True:
             if interval is not None:
                 await self._heartbeat_until_lost(interval)
@@ -137,14 +147,12 @@ class Membership:
             try:
                 interval = await self._register()
             except grpc.aio.AioRpcError as exc:
-                failures += 1
-                if failures == 1:
+                if attempts.failures == 0:
                     logger.warning("cannot register %s: %s", self.instance_id, exc.details())
-                ceiling = min(self._settings.ttl / 3, 0.2 * 2.0**failures)
-                await asyncio.sleep(self._rng.uniform(ceiling / 2, ceiling))
+                await asyncio.sleep(attempts.failed())
                 interval = None
                 continue
-            failures = 0
+            attempts.succeeded()
 
     async def _heartbeat_until_lost(self, interval: float) -> None:
         while True:

@@ -59,7 +59,7 @@ class SidecarCollector(Collector):
             labels=["service", "endpoint"],
         )
         for name, cluster in self._clusters().items():
-            for code, count in cluster.codes.items():
+            for code, count in cluster.code_counts().items():
                 calls.add_metric([name, code], count)
             retries.add_metric([name], cluster.retries)
             denied.add_metric([name], cluster.budget.denied)

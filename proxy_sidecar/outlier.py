@@ -55,9 +55,12 @@ class OutlierDetector:
         return len(self._ejected)
 
     def ejected_until(self, endpoint: Endpoint) -> float | None:
-        if endpoint not in self._ejected:
+        # Read from the event loop while the data plane thread may forget the endpoint:
+        # single lookups only, never a check then an index.
+        record = self._records.get(endpoint)
+        if record is None or endpoint not in self._ejected:
             return None
-        return self._records[endpoint].ejected_until
+        return record.ejected_until
 
     def ejections(self, endpoint: Endpoint) -> int:
         record = self._records.get(endpoint)

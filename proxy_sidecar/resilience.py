@@ -1,18 +1,17 @@
-"""Retry pacing and admission (no gRPC): the retry budget, backoff and circuit breaker limits."""
+"""Retry pacing (no gRPC): the retry budget. The pause between tries is
+``shoal_core.backoff``'s, as every retry loop's in Shoal is.
+
+The circuit breaker is the data plane's (``shoal_dataplane.Breaker``): it holds the
+slots, so a call's slot is freed however the call ends.
+"""
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 
-__all__ = ["CircuitBreaker", "RetryBudget", "backoff_delay", "no_counts"]
-
-
-def backoff_delay(retry: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with full jitter before retry number ``retry`` (0-based)."""
-    return rng.uniform(0.0, min(cap, base * (2.0**retry)))
+__all__ = ["RetryBudget"]
 
 
 class RetryBudget:
@@ -38,6 +37,10 @@ class RetryBudget:
         self._stamps = [-1] * window
         self._requests = [0] * window
         self._retries = [0] * window
+        # The bucket of the current second, and when the next second starts: recording a
+        # request (every call) is then one comparison and one addition.
+        self._current = 0
+        self._next_second = -math.inf
         self.granted = 0
         self.denied = 0
 
@@ -49,8 +52,15 @@ class RetryBudget:
             self._retries[i] = 0
         return i
 
-    def record_request(self) -> None:
-        self._requests[self._bucket(int(self._clock()))] += 1
+    def record_request(self, now: float | None = None) -> None:
+        """Count one request, made at ``now`` (default: the clock's time)."""
+        if now is None:
+            now = self._clock()
+        if now >= self._next_second:
+            second = int(now)
+            self._current = self._bucket(second)
+            self._next_second = second + 1
+        self._requests[self._current] += 1
 
     def try_retry(self) -> bool:
         """Take one retry from the budget; False when it is spent."""
@@ -68,44 +78,3 @@ class RetryBudget:
         self._retries[current] += 1
         self.granted += 1
         return True
-
-
-class CircuitBreaker:
-    """The limits of one upstream's circuit breaker, and its counts.
-
-    The data plane holds the slots (``max_in_flight`` calls running, ``max_pending``
-    waiting, then RESOURCE_EXHAUSTED at once); ``counts(key)`` reads them back as
-    (in flight, pending, rejected).
-    """
-
-    __slots__ = ("key", "max_in_flight", "max_pending", "_counts")
-
-    def __init__(
-        self,
-        key: str,
-        *,
-        max_in_flight: int,
-        max_pending: int,
-        counts: Callable[[str], tuple[int, int, int]],
-    ) -> None:
-        self.key = key
-        self.max_in_flight = max_in_flight
-        self.max_pending = max_pending
-        self._counts = counts
-
-    @property
-    def in_flight(self) -> int:
-        return self._counts(self.key)[0]
-
-    @property
-    def pending(self) -> int:
-        return self._counts(self.key)[1]
-
-    @property
-    def rejected(self) -> int:
-        return self._counts(self.key)[2]
-
-
-def no_counts(key: str) -> tuple[int, int, int]:
-    """Counts of a breaker no data plane holds yet."""
-    return (0, 0, 0)

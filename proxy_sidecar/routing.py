@@ -1,9 +1,15 @@
 """From a call's method path and metadata to the cluster that serves it (no gRPC).
 
-Outgoing calls route by the gRPC service in the path (``/pkg.Service/Method``)
-to the instances that declared it at registration; the ``shoal-target-service``
-metadata key overrides the service. Calls marked with ``shoal-hop`` come from
-another sidecar and go to this sidecar's own app.
+Calls from the app (on the sidecar's app-facing listener) route by the gRPC service
+in the path (``/pkg.Service/Method``) to the instances that declared it at
+registration; the ``shoal-target-service`` metadata key overrides the service.
+Calls from other sidecars (on the mesh-facing listener) go to this sidecar's own app.
+
+A cluster exists only for a service the registry knows: before the first snapshot
+nothing is created (the caller gets UNAVAILABLE), a name nobody declares is refused
+without a trace, and the cluster of a service that left the registry is dropped, so
+callers cannot make the sidecar hold state for names they invent. The clusters map
+belongs to the data plane's thread; the event loop only copies it (``clusters()``).
 """
 
 from __future__ import annotations
@@ -22,8 +28,7 @@ from proxy_sidecar.config import (
     SidecarConfig,
 )
 from proxy_sidecar.endpoints import EndpointTable, InstanceInfo
-from proxy_sidecar.errors import UnknownService
-from proxy_sidecar.resilience import no_counts
+from proxy_sidecar.errors import NoHealthyEndpoint, UnknownService
 
 __all__ = [
     "HOP_KEY",
@@ -76,14 +81,13 @@ class Router:
         *,
         app: str | None = None,
         clock: Callable[[], float] = time.monotonic,
-        breaker_counts: Callable[[str], tuple[int, int, int]] = no_counts,
     ) -> None:
         self._table = table
         self._config = config
         self._clock = clock
-        # Where the clusters' breaker counts are read: the data plane holds the slots.
-        self.breaker_counts = breaker_counts
         self._clusters: dict[str, Cluster] = {}
+        # The table version the clusters were last pruned at.
+        self._pruned = -1
         self.local_table = EndpointTable(empty_hold=0.0, clock=clock)
         self.local: Cluster | None = None
         if app is not None:
@@ -98,18 +102,20 @@ class Router:
                 make_balancer("round_robin"),
                 OutlierSettings(max_ejected_percent=0.0, panic_threshold=0.0),
                 clock=clock,
-                breaker_counts=lambda key: self.breaker_counts(key),
             )
 
     def cluster(self, service: str) -> Cluster:
-        """The cluster for ``service``; ``UnknownService`` when no instance declares it."""
+        """The cluster for ``service``; ``UnknownService`` when no instance declares it,
+        ``NoHealthyEndpoint`` before the registry's first snapshot."""
+        view = self._table.view
+        if view.version != self._pruned:
+            self._prune()
         found = self._clusters.get(service)
         if found is not None:
             return found
-        if self._table.synced and self._table.members(service) is None:
-            # Not cached: callers inventing service names must not grow this map.
-            raise UnknownService(service)
-        if not valid_service(service):
+        if not view.synced:
+            raise NoHealthyEndpoint(service, "the registry has not been reached yet")
+        if service not in view.known or not valid_service(service):
             raise UnknownService(service)
         cluster = Cluster(
             service,
@@ -118,10 +124,18 @@ class Router:
             make_balancer(self._config.balancer_name(service)),
             self._config.outlier,
             clock=self._clock,
-            breaker_counts=lambda key: self.breaker_counts(key),
         )
         self._clusters[service] = cluster
         return cluster
+
+    def _prune(self) -> None:
+        """Drop the clusters of services the registry no longer knows."""
+        view = self._table.view
+        self._pruned = view.version
+        if view.synced:
+            gone = [name for name in self._clusters if name not in view.known]
+            for name in gone:
+                del self._clusters[name]
 
     def clusters(self) -> dict[str, Cluster]:
         return dict(self._clusters)

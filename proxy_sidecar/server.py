@@ -1,9 +1,13 @@
 """The sidecar's lifecycle: discovery, the data plane, membership, admin.
 
-Calls are forwarded by the native data plane (``shoal_dataplane``) on the listen
-address; it asks ``control.Control`` where each goes. The sidecar's own services
-(health, reflection) run on a grpc.aio server on a loopback port of its own, which
-the data plane forwards those calls to.
+Calls are forwarded by the native data plane (``shoal_dataplane``); it asks
+``control.Control`` where each goes. It has two listeners, as Linkerd's proxy does:
+the app-facing (outbound) one on ``listen``, bound to loopback by default, takes the
+app's calls and routes them into the mesh; the mesh-facing (inbound) one, for a
+sidecar with an app, takes other sidecars' calls and delivers them to the app only.
+The registered address is the inbound one. The sidecar's own services (health,
+reflection) run on a grpc.aio server on a loopback port of its own, which the data
+plane forwards the app's calls for them to.
 
 Start-up order: watch the registry first (so the first calls find endpoints),
 then serve, then register the app (it is reachable through us only once we
@@ -21,7 +25,7 @@ import grpc
 from prometheus_client.registry import CollectorRegistry
 from shoal_dataplane import DataPlane
 
-from proxy_sidecar.admin import AdminEndpoint, Page, json_page
+from proxy_sidecar.admin import Page, json_page
 from proxy_sidecar.balancers import balancer_class
 from proxy_sidecar.config import MembershipSettings, SidecarConfig
 from proxy_sidecar.control import Control
@@ -33,7 +37,8 @@ from proxy_sidecar.metrics import SidecarCollector
 from proxy_sidecar.routing import Router
 from shoal_core.addresses import HostPort, dial_address, parse_address
 from shoal_core.grpc_server import GrpcServer, ServerStartError
-from shoal_core.metrics import render
+from shoal_core.http import HttpServer
+from shoal_core.metrics import metrics_page
 
 __all__ = ["SidecarServer"]
 
@@ -44,11 +49,12 @@ APP_KEY, ADMIN_KEY = "shoal.app", "shoal.admin"
 
 
 class SidecarServer(GrpcServer):
-    """A sidecar on ``listen`` forwarding to the mesh found through ``registry``.
+    """A sidecar on ``listen`` forwarding its app's calls to the mesh found through
+    ``registry``.
 
-    With ``service`` and ``app`` it also registers the app at ``app`` as an
-    instance of ``service``, reachable at ``advertise`` (default: this sidecar's
-    own address), and delivers calls from other sidecars to it.
+    With ``service`` and ``app`` it also listens on ``inbound`` for other sidecars'
+    calls, delivers them to the app at ``app``, and registers the app as an instance
+    of ``service`` reachable at ``advertise`` (default: the inbound address).
     """
 
     def __init__(
@@ -59,12 +65,21 @@ class SidecarServer(GrpcServer):
         *,
         service: str | None = None,
         app: str | None = None,
+        inbound: str | None = None,
         advertise: str | None = None,
         admin: str | None = None,
     ) -> None:
         self.config = config = config or SidecarConfig()
         if (service is None) != (app is None):
             raise PolicyError("--service and --app go together: give both or neither")
+        if (app is None) != (inbound is None):
+            raise PolicyError(
+                "--inbound (where other sidecars call) goes with --service/--app"
+                if app is None
+                else "--service/--app need --inbound: the address other sidecars call"
+            )
+        if inbound is not None:
+            parse_address(inbound, allow_port_zero=True)
         for name in {config.lb, *(p.lb for p in config.services.values() if p.lb)}:
             balancer_class(name)
         parse_address(registry)
@@ -77,6 +92,8 @@ class SidecarServer(GrpcServer):
         super().__init__("127.0.0.1:0", max_message_bytes=config.pool.max_message_bytes)
         self._public_listen = listen
         self._public_port = 0
+        self._inbound_listen = inbound
+        self._inbound_port = 0
         self.dataplane: DataPlane | None = None
         self._grace: float | None = None
         self._registry_address = registry
@@ -93,13 +110,14 @@ class SidecarServer(GrpcServer):
             SidecarCollector(self.router.clusters, self.discovery, self._connections)
         )
         self._admin = (
-            AdminEndpoint(
+            HttpServer(
                 admin,
                 {
                     "/healthz": self._healthz,
                     "/endpoints": self._endpoints,
-                    "/metrics": self._metrics,
+                    "/metrics": metrics_page(self.metrics),
                 },
+                name="admin",
             )
             if admin
             else None
@@ -117,7 +135,15 @@ class SidecarServer(GrpcServer):
 
     @property
     def address(self) -> str:
+        """Where the app calls: the app-facing listener."""
         return dial_address(self._public_listen, self._public_port)
+
+    @property
+    def inbound_address(self) -> str | None:
+        """Where other sidecars call: the mesh-facing listener (with an app only)."""
+        if self._inbound_listen is None:
+            return None
+        return dial_address(self._inbound_listen, self._inbound_port)
 
     def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
         return []
@@ -137,21 +163,28 @@ class SidecarServer(GrpcServer):
         for endpoint in added:
             dataplane.warm(endpoint.address)
 
+    def _forwarding(self) -> bool:
+        return self.dataplane is not None and self.dataplane.alive()
+
     def _local_in_flight(self) -> int:
         local = self.router.local
         return 0 if local is None else local.breaker.in_flight
 
     async def start(self) -> None:
+        limits = self.config.listeners
         dataplane = DataPlane(
             Control(self.router, self._tables),
             idle_timeout=self.config.pool.idle_timeout,
+            max_connections=limits.max_connections,
+            max_streams=limits.max_streams,
+            connection_idle_timeout=limits.idle_timeout,
         )
         try:
-            self._public_port = dataplane.start(self._public_listen)
+            outbound, inbound = dataplane.start(self._public_listen, self._inbound_listen)
         except (OSError, ValueError) as exc:
             raise ServerStartError(str(exc)) from None
+        self._public_port, self._inbound_port = outbound, inbound or 0
         self.dataplane = dataplane
-        self.router.breaker_counts = dataplane.breaker
         for table in self._tables:
             table.subscribe(self._on_endpoints)
             self._on_endpoints(table.endpoints(), ())
@@ -164,9 +197,14 @@ class SidecarServer(GrpcServer):
             raise
         dataplane.set_local(f"127.0.0.1:{super().port}")
         if self._admin is not None:
-            self._admin.start()
+            try:
+                await self._admin.start()
+            except BaseException:
+                await self.close(0)
+                raise
         if self._service is not None and self._app is not None:
-            advertise = self._advertise or self.address
+            advertise = self._advertise or self.inbound_address
+            assert advertise is not None
             self.membership = Membership(
                 self._registry_address,
                 service=self._service,
@@ -174,6 +212,7 @@ class SidecarServer(GrpcServer):
                 advertise=advertise,
                 settings=self._membership_settings(advertise),
                 load=self._local_in_flight,
+                forwarding=self._forwarding,
             )
             try:
                 await self.membership.start()
@@ -216,11 +255,15 @@ class SidecarServer(GrpcServer):
             await self.membership.close()
         await self.discovery.close()
         if self._admin is not None:
-            await asyncio.to_thread(self._admin.close)
+            await self._admin.close()
 
     def _healthz(self) -> Page:
+        # A sidecar whose data plane is gone forwards nothing, whatever else is well.
+        forwarding = self._forwarding()
+        status = "draining" if self._draining else "serving" if forwarding else "down"
         body = {
-            "status": "draining" if self._draining else "serving",
+            "status": status,
+            "dataplane": "running" if forwarding else "stopped",
             "registry_connected": self.discovery.connected,
             "registry_synced": self.table.synced,
             "endpoints": len(self.table.endpoints()),
@@ -228,7 +271,7 @@ class SidecarServer(GrpcServer):
         if self.membership is not None:
             body["app_registered"] = bool(self.membership.lease_id)
             body["instance_id"] = self.membership.instance_id
-        return json_page(body, 503 if self._draining else 200)
+        return json_page(body, 200 if status == "serving" else 503)
 
     def _endpoints(self) -> Page:
         services = {name: c.snapshot() for name, c in sorted(self.router.clusters().items())}
@@ -257,6 +300,3 @@ class SidecarServer(GrpcServer):
                 "services": services,
             }
         )
-
-    def _metrics(self) -> Page:
-        return 200, "text/plain; version=0.0.4; charset=utf-8", render(self.metrics)

@@ -1,8 +1,8 @@
 """Shoal's service registry: leases, heartbeats, two-stage expiry, discovery and watch.
 
-Domain modules (``model``, ``store``, ``preservation``, ``watch``, ``validation``)
-never import grpc; ``servicer`` maps the wire onto them and ``server`` owns the
-lifecycle.
+Domain modules (``model``, ``store``, ``history``, ``preservation``, ``watch``,
+``validation``) never import grpc; ``servicer`` maps the wire onto them and
+``server`` owns the lifecycle.
 """
 
 from __future__ import annotations

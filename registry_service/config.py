@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 __all__ = ["RegistryConfig"]
 
+_MIB = 1024 * 1024
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RegistryConfig:
@@ -26,9 +28,29 @@ class RegistryConfig:
     # A heartbeat that only changes the load report publishes it at most this often.
     load_publish_interval: float = 1.0
     watch_progress_interval: float = 5.0
+    # A watcher's queue of changes not yet sent: past either bound it is dropped and the
+    # watcher gets a fresh snapshot. A snapshot fits in one message (max_message_bytes),
+    # so a backlog of several times that costs more to hold and send than the snapshot.
     watch_queue_size: int = 4096
+    watch_queue_bytes: int = 4 * _MIB
+    # The change history watchers resume from. At typical sizes (a few hundred bytes
+    # per change) the count binds; the byte bound keeps changes with the largest
+    # metadata (~80 KB each) from filling memory: 64 MiB is ~800 of those.
     history_size: int = 100_000
-    max_message_bytes: int = 1024 * 1024
+    history_bytes: int = 64 * _MIB
+    # Instances in all, per service, and the bytes their data holds (the sum of
+    # InstanceSpec.retained_bytes; the rendered copy kept for Discover and Watch adds
+    # about as much again). A watch of every service (what a sidecar opens) starts with
+    # one snapshot message of at most max_message_bytes (1 MiB): 10,000 instances of a
+    # typical 80-100 B fit, and 10,000 is what bench/registry_bench.py runs; Consul and
+    # Eureka deployments hold thousands. One service's Discover is one message too:
+    # 2,000 fit with room for metadata (Kubernetes' Endpoints stops at 1,000 addresses
+    # for the same reason). The byte budget binds only for large metadata: 64 MiB is
+    # 10,000 instances of ~6 KB, or ~800 with the largest metadata validation allows.
+    max_instances: int = 10_000
+    max_instances_per_service: int = 2_000
+    max_instances_bytes: int = 64 * _MIB
+    max_message_bytes: int = _MIB
 
     def __post_init__(self) -> None:
         positive = {
@@ -58,6 +80,16 @@ class RegistryConfig:
             raise ValueError("watch_queue_size and history_size must be >= 16")
         if self.max_message_bytes < 4096:
             raise ValueError("max_message_bytes must be >= 4096")
+        at_least = {
+            "watch_queue_bytes": (self.watch_queue_bytes, 64 * 1024),
+            "history_bytes": (self.history_bytes, 64 * 1024),
+            "max_instances_bytes": (self.max_instances_bytes, 64 * 1024),
+            "max_instances": (self.max_instances, 1),
+            "max_instances_per_service": (self.max_instances_per_service, 1),
+        }
+        for name, (value, low) in at_least.items():
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
 
     def clamp_ttl(self, requested: float) -> float:
         """The TTL granted for a request: the default for 0, else clamped to min..max."""

@@ -4,11 +4,12 @@ RegistryError
 +-- InvalidArgument   a field of the request is wrong (names the field)
 +-- AlreadyExists     the instance id is held by a live lease from another address
 +-- LeaseNotFound     the lease is unknown or has expired: register again
++-- LimitReached      a bound on what the registry holds would be passed
 """
 
 from __future__ import annotations
 
-__all__ = ["AlreadyExists", "InvalidArgument", "LeaseNotFound", "RegistryError"]
+__all__ = ["AlreadyExists", "InvalidArgument", "LeaseNotFound", "LimitReached", "RegistryError"]
 
 
 class RegistryError(Exception):
@@ -29,3 +30,7 @@ class AlreadyExists(RegistryError):
 
 class LeaseNotFound(RegistryError):
     """The lease is unknown or has lapsed; the caller should register again."""
+
+
+class LimitReached(RegistryError):
+    """Registering would pass a bound of the registry's config; the message names it."""

@@ -17,7 +17,7 @@ from registry_service.config import RegistryConfig
 from registry_service.servicer import RegistryServicer
 from registry_service.store import RegistryStore
 from shoal_core.grpc_server import GrpcServer
-from shoal_core.metrics import MetricsEndpoint
+from shoal_core.metrics import metrics_endpoint
 
 __all__ = ["RegistryServer"]
 
@@ -83,13 +83,19 @@ class RegistryServer(GrpcServer):
             self.store,
             progress_interval=self.config.watch_progress_interval,
             queue_size=self.config.watch_queue_size,
+            queue_bytes=self.config.watch_queue_bytes,
         )
         self.metrics = CollectorRegistry()
         self.metrics.register(_StoreCollector(self))
         self._metrics_endpoint = (
-            MetricsEndpoint(metrics_listen, self.metrics) if metrics_listen else None
+            metrics_endpoint(metrics_listen, self.metrics) if metrics_listen else None
         )
         self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound ``--metrics`` port once started; 0 without ``metrics_listen``."""
+        return 0 if self._metrics_endpoint is None else self._metrics_endpoint.port
 
     def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
         pb_grpc.add_RegistryServicer_to_server(self.servicer, server)
@@ -99,7 +105,11 @@ class RegistryServer(GrpcServer):
         await super().start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="registry-sweeper")
         if self._metrics_endpoint is not None:
-            self._metrics_endpoint.start()
+            try:
+                await self._metrics_endpoint.start()
+            except BaseException:
+                await self.close(0)
+                raise
 
     async def _sweep_forever(self) -> None:
         interval = self.config.sweep_interval
@@ -122,4 +132,4 @@ class RegistryServer(GrpcServer):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         if self._metrics_endpoint is not None:
-            self._metrics_endpoint.close()
+            await self._metrics_endpoint.close()

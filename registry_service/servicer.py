@@ -6,61 +6,64 @@ Domain errors become status codes here and only here.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
-from functools import wraps
-from typing import Any, NoReturn, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
-from registry_service.errors import AlreadyExists, InvalidArgument, LeaseNotFound, RegistryError
+from registry_service.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    LeaseNotFound,
+    LimitReached,
+    RegistryError,
+)
 from registry_service.model import Instance
 from registry_service.store import RegistryStore
 from registry_service.validation import MAX_TTL_MS, check_lease_id, check_service_name
 from registry_service.watch import WatchHub
 from registry_service.wire import InstanceRenderer, load_from_pb, spec_from_pb, status_from_pb
+from shoal_core.codes import ErrorCodes
+from shoal_core.servicing import maps_errors
 
-__all__ = ["RegistryServicer"]
+__all__ = ["CODES", "RegistryServicer"]
 
 logger = logging.getLogger(__name__)
 
-_CODES: dict[type[RegistryError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    LeaseNotFound: grpc.StatusCode.NOT_FOUND,
-}
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Coroutine[Any, Any, Resp]]
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: RegistryError) -> NoReturn:
-    await context.abort(_CODES.get(type(exc), grpc.StatusCode.FAILED_PRECONDITION), str(exc))
-    raise AssertionError("abort returned")  # pragma: no cover - abort always raises
-
-
-def _mapped(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    @wraps(handler)
-    async def run(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
-        try:
-            return await handler(self, request, context)
-        except RegistryError as exc:
-            await _abort(context, exc)
-
-    return run
+CODES = ErrorCodes[grpc.StatusCode](
+    {
+        InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+        AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+        LeaseNotFound: grpc.StatusCode.NOT_FOUND,
+        LimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    },
+    default=grpc.StatusCode.FAILED_PRECONDITION,
+)
+_mapped = maps_errors(RegistryError, CODES)
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
     """Maps Registry RPCs onto a ``RegistryStore`` and a ``WatchHub``."""
 
-    def __init__(self, store: RegistryStore, *, progress_interval: float, queue_size: int) -> None:
+    def __init__(
+        self,
+        store: RegistryStore,
+        *,
+        progress_interval: float,
+        queue_size: int,
+        queue_bytes: int,
+    ) -> None:
         self._store = store
-        self._render = InstanceRenderer()
+        self._render = InstanceRenderer(store.get)
         store.subscribe(self._render.on_event)
         self._hub: WatchHub[pb.WatchEvent] = WatchHub(
-            store, lambda e: self._render.event(e, store.epoch), queue_size
+            store,
+            lambda e: self._render.event(e, store.epoch),
+            pb.WatchEvent.ByteSize,
+            limit=queue_size,
+            limit_bytes=queue_bytes,
         )
         self._progress_interval = progress_interval
 
@@ -119,21 +122,19 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         self._fill(reply.instances, found)
         return reply
 
+    @_mapped
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchEvent]:
         service = request.service
         if service:
-            try:
-                check_service_name("service", service)
-            except InvalidArgument as exc:
-                await _abort(context, exc)
+            check_service_name("service", service)
         store = self._store
         # Subscribing and reading the snapshot happen with no await between them, so no
         # event can fall in the gap; any duplicate is dropped by the revision check below.
         sub = self._hub.open(service)
         try:
-            backlog = (
+            replay = (
                 store.events_since(request.since_revision, service)
                 if request.since_revision
                 else None
@@ -142,11 +143,12 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             # yield: changes made while a yield waits are queued with higher revisions and
             # must not be dropped as duplicates.
             sent = store.revision
-            if backlog is None:
-                yield self._snapshot(service)
-            else:
-                for event in backlog:
+            if replay is not None:
+                for event in replay:
                     yield self._render.event(event, store.epoch)
+            if replay is None or replay.lost:
+                sent = store.revision
+                yield self._snapshot(service)
             while not sub.closed:
                 if not await sub.wait(self._progress_interval):
                     # Nothing was queued, so nothing at or below this revision is pending.
@@ -158,14 +160,16 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                     continue
                 if sub.overflowed:
                     sub.overflowed = False
-                    sub.drain()
+                    sub.clear()
                     logger.warning(
                         "watcher of %r fell behind; sending a fresh snapshot", service or "*"
                     )
                     sent = store.revision
                     yield self._snapshot(service)
                     continue
-                for revision, msg in sub.drain():
+                # One at a time, so what is not sent yet stays counted against the queue.
+                while (queued := sub.pop()) is not None:
+                    revision, msg = queued
                     if revision > sent:
                         sent = revision
                         yield msg

@@ -5,19 +5,21 @@ completion. Every change bumps the revision by one and yields exactly one
 ``Event``, which is kept in a bounded history (for watchers resuming from a
 revision) and handed to listeners (the watch hub). Revisions start at the
 wall-clock microsecond, so a restarted registry never reuses an old revision.
+What callers can make it hold is bounded: instances in all, per service and in
+bytes (``LimitReached`` beyond), and the history in events and in bytes.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from registry_service.config import RegistryConfig
-from registry_service.errors import AlreadyExists, LeaseNotFound
+from registry_service.errors import AlreadyExists, LeaseNotFound, LimitReached
+from registry_service.history import History, Replay
 from registry_service.model import (
     Event,
     EventKind,
@@ -79,7 +81,9 @@ class RegistryStore:
         self._by_service: dict[str, set[str]] = collections.defaultdict(set)
         self._by_grpc: dict[str, set[str]] = collections.defaultdict(set)
         self._revision = time.time_ns() // 1000
-        self._history: collections.deque[Event] = collections.deque(maxlen=config.history_size)
+        self.history = History(max_events=config.history_size, max_bytes=config.history_bytes)
+        # The retained_bytes() of every registered spec, bounded by max_instances_bytes.
+        self.instances_bytes = 0
         self._listeners: list[Listener] = []
         self.epoch = uuid.uuid4().hex[:12]
         self.stats = StoreStats()
@@ -130,18 +134,12 @@ class RegistryStore:
             found = [inst for inst in found if inst.healthy]
         return found
 
-    def events_since(self, revision: int, service: str = "") -> list[Event] | None:
-        """Events after ``revision`` in order, or None when history cannot bridge the gap."""
+    def events_since(self, revision: int, service: str = "") -> Replay | None:
+        """Events after ``revision`` up to now, read lazily in order; None when the history
+        cannot bridge the gap. If it moves past a slow reader, the replay ends ``lost``."""
         if revision > self._revision:
             return None  # from another run of the registry, or made up
-        if revision == self._revision:
-            return []
-        if not self._history or revision + 1 < self._history[0].revision:
-            return None
-        events = itertools.islice(self._history, revision + 1 - self._history[0].revision, None)
-        if service:
-            return [e for e in events if e.instance.spec.service == service]
-        return list(events)
+        return self.history.replay(after=revision, until=self._revision, service=service)
 
     def services(self) -> list[ServiceSummary]:
         out = []
@@ -167,7 +165,11 @@ class RegistryStore:
                     f"instance {spec.instance_id!r} is registered from {old.spec.address} "
                     f"with a live lease; {spec.address} cannot take it over"
                 )
+        size = spec.retained_bytes()
+        self._check_room(spec, size, old)
+        if old is not None:
             self._drop(old, publish=old.spec.service != spec.service)
+        self.instances_bytes += size
         ttl = self.config.clamp_ttl(ttl_requested)
         lease = _Lease(uuid.uuid4().hex, spec.instance_id, ttl, now, float("-inf"))
         self._leases[lease.lease_id] = lease
@@ -231,6 +233,29 @@ class RegistryStore:
 
     # -- internals -----------------------------------------------------------
 
+    def _check_room(self, spec: InstanceSpec, size: int, old: Instance | None) -> None:
+        """Raise ``LimitReached`` unless registering ``spec`` (replacing ``old``) fits."""
+        cfg = self.config
+        if old is None and len(self._instances) >= cfg.max_instances:
+            raise LimitReached(
+                f"the registry holds {len(self._instances)} instances, its limit; "
+                "the operator can raise it with shoal registry --max-instances"
+            )
+        members = self._by_service.get(spec.service, ())
+        if spec.instance_id not in members and len(members) >= cfg.max_instances_per_service:
+            raise LimitReached(
+                f"service {spec.service!r} has {len(members)} instances, the limit per "
+                "service; the operator can raise it with shoal registry "
+                "--max-instances-per-service"
+            )
+        freed = 0 if old is None else old.spec.retained_bytes()
+        if self.instances_bytes - freed + size > cfg.max_instances_bytes:
+            raise LimitReached(
+                f"instance data would pass the registry's limit of {cfg.max_instances_bytes} "
+                f"bytes (this instance holds {size}); send less metadata, or the operator "
+                "can raise it with shoal registry --max-instances-bytes"
+            )
+
     def _publish_load(self, lease: _Lease, load: LoadReport, now: float) -> None:
         lease.load_published_at = now
         lease.pending_load = None
@@ -244,6 +269,7 @@ class RegistryStore:
             del self._leases[lease.lease_id]
         self._lapsed_at.pop(spec.instance_id, None)
         del self._instances[spec.instance_id]
+        self.instances_bytes -= spec.retained_bytes()
         members = self._by_service[spec.service]
         members.discard(spec.instance_id)
         if not members:
@@ -262,7 +288,7 @@ class RegistryStore:
         if kind is EventKind.UPSERT:
             self._instances[inst.spec.instance_id] = inst
         event = Event(kind, self._revision, inst)
-        self._history.append(event)
+        self.history.append(event)
         for listener in self._listeners:
             listener(event)
         return inst

@@ -3,8 +3,10 @@
 Each change is rendered once (by the ``render`` function the servicer gives,
 typically to a wire message) and then appended to the queue of every watcher of
 that service: many watchers cost one render and N appends, never N polls. A
-watcher that falls more than ``limit`` events behind is marked overflowed and
-resynchronised with a fresh snapshot instead of holding memory without bound.
+watcher whose queue would pass ``limit`` events or ``limit_bytes`` (the rendered
+sizes, as ``size`` measures them) is marked overflowed and resynchronised with a
+fresh snapshot instead of holding memory without bound. The stream takes events
+off the queue one at a time, so what it has not sent yet stays counted.
 """
 
 from __future__ import annotations
@@ -27,20 +29,23 @@ ALL_SERVICES = ""
 class Subscription(Generic[T]):
     """One watcher's queue of rendered events, each with its revision."""
 
-    def __init__(self, service: str, limit: int) -> None:
+    def __init__(self, service: str, limit: int, limit_bytes: int) -> None:
         self.service = service
         self._limit = limit
-        self._items: collections.deque[tuple[int, T]] = collections.deque()
+        self._limit_bytes = limit_bytes
+        self._items: collections.deque[tuple[int, T, int]] = collections.deque()
+        self._bytes = 0
         self._wake = asyncio.Event()
         self.overflowed = False
         self.closed = False
 
-    def push(self, revision: int, item: T) -> None:
-        if len(self._items) >= self._limit:
-            self._items.clear()
+    def push(self, revision: int, item: T, size: int) -> None:
+        if len(self._items) >= self._limit or self._bytes + size > self._limit_bytes:
+            self.clear()
             self.overflowed = True
         else:
-            self._items.append((revision, item))
+            self._items.append((revision, item, size))
+            self._bytes += size
         self._wake.set()
 
     def close(self) -> None:
@@ -58,18 +63,35 @@ class Subscription(Generic[T]):
             return False
         return True
 
-    def drain(self) -> list[tuple[int, T]]:
-        items = list(self._items)
+    def pop(self) -> tuple[int, T] | None:
+        """The oldest queued event and its revision, or None when the queue is empty."""
+        if not self._items:
+            return None
+        revision, item, size = self._items.popleft()
+        self._bytes -= size
+        return revision, item
+
+    def clear(self) -> None:
         self._items.clear()
-        return items
+        self._bytes = 0
 
 
 class WatchHub(Generic[T]):
     """Routes each store event to the watchers of its service and of all services."""
 
-    def __init__(self, store: RegistryStore, render: Callable[[Event], T], limit: int) -> None:
+    def __init__(
+        self,
+        store: RegistryStore,
+        render: Callable[[Event], T],
+        size: Callable[[T], int],
+        *,
+        limit: int,
+        limit_bytes: int,
+    ) -> None:
         self._render = render
+        self._size = size
         self._limit = limit
+        self._limit_bytes = limit_bytes
         self._subs: dict[str, set[Subscription[T]]] = collections.defaultdict(set)
         self.closed = False
         store.subscribe(self._on_event)
@@ -79,7 +101,7 @@ class WatchHub(Generic[T]):
         return sum(len(subs) for subs in self._subs.values())
 
     def open(self, service: str) -> Subscription[T]:
-        sub: Subscription[T] = Subscription(service, self._limit)
+        sub: Subscription[T] = Subscription(service, self._limit, self._limit_bytes)
         if self.closed:
             sub.close()
         else:
@@ -106,7 +128,8 @@ class WatchHub(Generic[T]):
         if not targets and not everyone:
             return
         item = self._render(event)
+        size = self._size(item)
         for subs in (targets, everyone):
             if subs:
                 for sub in subs:
-                    sub.push(event.revision, item)
+                    sub.push(event.revision, item, size)

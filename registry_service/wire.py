@@ -1,10 +1,14 @@
 """Conversions between wire messages and domain values (protobuf, no gRPC).
 
 Rendering an instance is cached by its revision: Discover and Watch then copy
-ready messages instead of rebuilding them on every call.
+ready messages instead of rebuilding them on every call. Only the current state
+of a registered instance is cached, so the cache holds at most one message per
+instance: replays of the past and removals are rendered but not kept.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
@@ -66,10 +70,17 @@ def _render(inst: Instance) -> pb.Instance:
 
 
 class InstanceRenderer:
-    """Renders instances to messages, once per instance revision."""
+    """Renders instances to messages, once per instance revision.
 
-    def __init__(self) -> None:
+    ``current`` looks up the registered instance of an id (the store's ``get``).
+    """
+
+    def __init__(self, current: Callable[[str], Instance | None]) -> None:
+        self._current = current
         self._cache: dict[str, tuple[int, pb.Instance]] = {}
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def _message(self, inst: Instance) -> pb.Instance:
         entry = self._cache.get(inst.spec.instance_id)
@@ -77,7 +88,8 @@ class InstanceRenderer:
         if entry is not None and entry[0] == inst.revision:
             return entry[1]
         msg = _render(inst)
-        self._cache[inst.spec.instance_id] = (inst.revision, msg)
+        if self._current(inst.spec.instance_id) is inst:
+            self._cache[inst.spec.instance_id] = (inst.revision, msg)
         return msg
 
     def add_to(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from shoal_cli.errors import USER_ERROR
 from shoal_cli.mesh.config import load_mesh_file
+from shoal_cli.options import json_option
+from shoal_cli.output import emit_json
 from shoal_core.config import ConfigError
 
 __all__ = ["config"]
@@ -16,39 +20,52 @@ def config() -> None:
     """Work with mesh files."""
 
 
-def _report(file: str, exc: ConfigError) -> None:
+def _problems(file: str, exc: ConfigError) -> list[dict[str, Any]]:
+    """Each problem of ``exc`` as (file, line or None, message)."""
+    found = []
     for problem in exc.problems:
         where, sep, rest = problem.partition(": ")
-        line = where.removeprefix("line ") if sep and where.startswith("line ") else ""
-        click.echo(f"{file}:{line}: {rest}" if line else f"{file}: {problem}", err=True)
+        line = where.removeprefix("line ")
+        if sep and where.startswith("line ") and line.isdigit():
+            found.append({"file": file, "line": int(line), "message": rest})
+        else:
+            found.append({"file": file, "line": None, "message": problem})
+    return found
 
 
 @config.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-def check(file: str) -> int:
+@json_option()
+def check(file: str, as_json: bool) -> int:
     """Validate FILE and the worker and sidecar files it names.
 
     Prints FILE:LINE: field: problem for each error, and exits 2 if there is any.
     """
+    problems: list[dict[str, Any]] = []
+    sections: list[str] = []
     try:
         mesh = load_mesh_file(file)
     except ConfigError as exc:
-        _report(file, exc)
-        return USER_ERROR
-    from proxy_sidecar.config import load_config as load_sidecar
-    from worker_node.config import load_config as load_worker
+        problems = _problems(file, exc)
+    else:
+        from proxy_sidecar.config import load_config as load_sidecar
+        from worker_node.config import load_config as load_worker
 
-    ok = True
-    for named, loader in ((mesh.worker.config, load_worker), (mesh.sidecar.config, load_sidecar)):
-        if named is None:
-            continue
-        try:
-            loader(named)
-        except ConfigError as exc:
-            _report(exc.source, exc)
-            ok = False
-    if not ok:
-        return USER_ERROR
-    sections = [name for name, values in mesh.default_map().items() if values]
-    click.echo(f"{file}: ok ({', '.join(sections) or 'no sections set'})")
-    return 0
+        named = ((mesh.worker.config, load_worker), (mesh.sidecar.config, load_sidecar))
+        for path, loader in named:
+            if path is None:
+                continue
+            try:
+                loader(path)
+            except ConfigError as exc:
+                problems += _problems(exc.source, exc)
+        sections = [name for name, values in mesh.default_map().items() if values]
+    if as_json:
+        emit_json({"file": file, "ok": not problems, "sections": sections, "problems": problems})
+    else:
+        for p in problems:
+            where = f"{p['file']}:{p['line']}" if p["line"] is not None else p["file"]
+            click.echo(f"{where}: {p['message']}", err=True)
+        if not problems:
+            click.echo(f"{file}: ok ({', '.join(sections) or 'no sections set'})")
+    return USER_ERROR if problems else 0

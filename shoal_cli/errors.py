@@ -7,11 +7,12 @@ from collections.abc import Callable
 
 import click
 
+from shoal_cli.output import mute
 from shoal_core.addresses import AddressError
 from shoal_core.config import ConfigError
 from shoal_core.grpc_server import ServerStartError
 
-__all__ = ["USER_ERROR", "UserError", "WorkFailed", "run_guarded"]
+__all__ = ["USER_ERROR", "Group", "ReaderGone", "UserError", "WorkFailed", "run_guarded"]
 
 USER_ERROR = 2
 
@@ -29,6 +30,31 @@ def _fail(message: str) -> int:
     return USER_ERROR
 
 
+class ReaderGone(Exception):
+    """The reader of our output went away (``shoal ls | head``)."""
+
+
+class Group(click.Group):
+    """The ``shoal`` group: a broken pipe in a command reaches ``run_guarded``.
+
+    click answers EPIPE itself, even when not standalone, with exit status 1.
+    """
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise ReaderGone() from None
+
+
+def _reader_gone() -> int:
+    """Output piped into something that stopped reading (``| head``): not an error, and
+    nothing is left to say; muted, the final flush at exit cannot complain either."""
+    mute(sys.stdout)
+    mute(sys.stderr)
+    return 0
+
+
 def run_guarded(run: Callable[[], object]) -> int:
     """Run a click entry point in non-standalone mode and map its outcome to an exit status."""
     try:
@@ -44,8 +70,6 @@ def run_guarded(run: Callable[[], object]) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # Output piped into something that stopped reading (e.g. `| head`): not an error.
-        sys.stderr.close()
-        return 0
+    except (BrokenPipeError, ReaderGone):
+        return _reader_gone()
     return result if isinstance(result, int) else 0

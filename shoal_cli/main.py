@@ -19,7 +19,7 @@ import click  # noqa: E402
 
 from shoal_cli.bench_cmd import bench  # noqa: E402
 from shoal_cli.config_cmd import config  # noqa: E402
-from shoal_cli.errors import run_guarded  # noqa: E402
+from shoal_cli.errors import Group, run_guarded  # noqa: E402
 from shoal_cli.probe_cmd import health  # noqa: E402
 from shoal_cli.registry_cmd import registry, registry_demo  # noqa: E402
 from shoal_cli.registry_ops import ls, watch  # noqa: E402
@@ -32,7 +32,7 @@ from shoal_cli.worker_ops import call, exec_  # noqa: E402
 __all__ = ["cli", "main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="shoal")
 def cli() -> None:
     """Shoal: a service mesh for Python on gRPC."""

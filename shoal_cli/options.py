@@ -9,7 +9,15 @@ import click
 
 from shoal_core.addresses import AddressError, parse_address
 
-__all__ = ["ADDRESS", "LISTEN", "F", "grace_option", "log_level_option", "metrics_option"]
+__all__ = [
+    "ADDRESS",
+    "LISTEN",
+    "F",
+    "grace_option",
+    "json_option",
+    "log_level_option",
+    "metrics_option",
+]
 
 # What click's option decorators take and return; naming it keeps commands typed.
 F = TypeVar("F", bound=Callable[..., Any])
@@ -58,4 +66,11 @@ def metrics_option() -> Callable[[F], F]:
         type=LISTEN,
         default=None,
         help="Serve Prometheus metrics over HTTP on this address.",
+    )
+
+
+def json_option() -> Callable[[F], F]:
+    """``--json`` (parameter ``as_json``): one JSON object on stdout instead of text."""
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead."
     )

@@ -9,7 +9,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shoal_cli.errors import UserError
-from shoal_cli.options import ADDRESS
+from shoal_cli.options import ADDRESS, json_option
+from shoal_cli.output import emit_json
 
 __all__ = ["health"]
 
@@ -34,8 +35,12 @@ async def _check(address: str, service: str, timeout: float) -> str:
 @click.option(
     "--timeout", type=click.FloatRange(min=0.0, min_open=True), default=3.0, show_default=True
 )
-def health(address: str, service: str, timeout: float) -> int:
+@json_option()
+def health(address: str, service: str, timeout: float, as_json: bool) -> int:
     """Check ADDRESS with grpc.health.v1; exit 0 when SERVING, 1 otherwise."""
     status = asyncio.run(_check(address, service, timeout))
-    click.echo(status)
+    if as_json:
+        emit_json({"address": address, "service": service, "status": status})
+    else:
+        click.echo(status)
     return 0 if status == "SERVING" else 1

@@ -16,6 +16,7 @@ from shoal_core.logs import setup_logging
 __all__ = ["registry", "registry_demo"]
 
 _SECONDS = click.FloatRange(min=0.0, min_open=True)
+_DEFAULTS = RegistryConfig()
 
 
 @click.command()
@@ -66,6 +67,34 @@ _SECONDS = click.FloatRange(min=0.0, min_open=True)
     show_default=True,
     help="Longest time evictions stay held.",
 )
+@click.option(
+    "--max-instances",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS.max_instances,
+    show_default=True,
+    help="Instances the registry holds in all; Register beyond gets RESOURCE_EXHAUSTED.",
+)
+@click.option(
+    "--max-instances-per-service",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS.max_instances_per_service,
+    show_default=True,
+    help="Instances one service may have.",
+)
+@click.option(
+    "--max-instances-bytes",
+    type=click.IntRange(min=64 * 1024),
+    default=_DEFAULTS.max_instances_bytes,
+    show_default=True,
+    help="Bytes all instances' data (ids, addresses, metadata) may hold.",
+)
+@click.option(
+    "--history-bytes",
+    type=click.IntRange(min=64 * 1024),
+    default=_DEFAULTS.history_bytes,
+    show_default=True,
+    help="Bytes the change history (for resuming watchers) may hold.",
+)
 @grace_option(5.0)
 @log_level_option()
 def registry(
@@ -79,6 +108,10 @@ def registry(
     preservation_share: float,
     preservation_window: float,
     preservation_max: float,
+    max_instances: int,
+    max_instances_per_service: int,
+    max_instances_bytes: int,
+    history_bytes: int,
     grace: float,
     log_level: str | None,
 ) -> None:
@@ -94,6 +127,10 @@ def registry(
             preservation_share=preservation_share,
             preservation_window=preservation_window,
             preservation_max=preservation_max,
+            max_instances=max_instances,
+            max_instances_per_service=max_instances_per_service,
+            max_instances_bytes=max_instances_bytes,
+            history_bytes=history_bytes,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc

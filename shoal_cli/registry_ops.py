@@ -10,14 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import grpc
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
 
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from shoal_cli.errors import UserError
 from shoal_cli.options import ADDRESS, F
-from shoal_cli.output import emit_json, emit_table
+from shoal_cli.output import emit_json, emit_table, message_json
 
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub
@@ -57,6 +55,10 @@ COLUMNS = [
     ("weight", "WEIGHT"),
     ("lease_age", "LEASE AGE"),
 ]
+# On a narrow terminal: what must stay whole (what an operator copies out of the
+# table), and what goes first to make room for it.
+KEEP = ("instance", "address")
+DROP_FIRST = ("weight", "zone", "load", "lease_age", "health", "service")
 
 
 def instance_row(inst: pb.Instance) -> dict[str, Any]:
@@ -73,10 +75,6 @@ def instance_row(inst: pb.Instance) -> dict[str, Any]:
         "weight": inst.weight,
         "lease_age": f"{inst.lease_age_seconds:.1f}s",
     }
-
-
-def as_dict(message: Message) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True)
 
 
 async def _ls(address: str) -> tuple[pb.ListServicesResponse, pb.DiscoverResponse]:
@@ -99,13 +97,14 @@ def ls(registry: str, as_json: bool) -> None:
     instances = sorted(found.instances, key=lambda i: (i.service, i.instance_id))
     state = listing.state
     if as_json:
-        emit_json({**as_dict(listing), "instances": [as_dict(i) for i in instances]})
+        emit_json({**message_json(listing), "instances": [message_json(i) for i in instances]})
         return
     title = (
         f"{len(listing.services)} services, {state.instances_healthy}/"
         f"{state.instances_total} instances healthy, {state.watchers} watchers"
     )
-    emit_table(title, COLUMNS, [instance_row(i) for i in instances])
+    rows = [instance_row(i) for i in instances]
+    emit_table(title, COLUMNS, rows, keep=KEEP, drop_first=DROP_FIRST)
     if state.self_preservation:
         click.echo(f"registry is in self-preservation: {state.self_preservation_reason}")
 
@@ -139,7 +138,7 @@ def _show(event: pb.WatchEvent, as_json: bool) -> None:
     kind = _EVENT.get(event.type, "?")
     if as_json:
         # One compact object per line, so a consumer can parse the stream line by line.
-        click.echo(json.dumps(as_dict(event), sort_keys=True))
+        click.echo(json.dumps(message_json(event), sort_keys=True))
         return
     stamp = time.strftime("%H:%M:%S")
     if event.type == pb.WatchEvent.PROGRESS:

@@ -23,7 +23,8 @@ __all__ = ["sidecar"]
     type=LISTEN,
     default="127.0.0.1:7701",
     show_default=True,
-    help="Address the app (and other sidecars) call (port 0 picks a free one).",
+    help="Where the app calls: the app-facing listener, routed into the mesh "
+    "(port 0 picks a free one).",
 )
 @click.option(
     "--registry",
@@ -41,10 +42,17 @@ __all__ = ["sidecar"]
     help="gRPC service the app serves (repeatable); default: ask the app's reflection.",
 )
 @click.option(
+    "--inbound",
+    type=LISTEN,
+    default=None,
+    help="Where other sidecars call, with --service/--app: the mesh-facing listener, "
+    "delivered to the app only.",
+)
+@click.option(
     "--advertise",
     type=ADDRESS,
     default=None,
-    help="Address other sidecars reach this one at (default: the listen address).",
+    help="Address registered for other sidecars to reach this one (default: --inbound).",
 )
 @click.option("--lb", default=None, help="Default load balancer (e.g. round_robin, peak_ewma).")
 @click.option(
@@ -65,6 +73,7 @@ def sidecar(
     service: str | None,
     app: str | None,
     grpc_services: tuple[str, ...],
+    inbound: str | None,
     advertise: str | None,
     lb: str | None,
     admin: str | None,
@@ -96,6 +105,7 @@ def sidecar(
             config,
             service=service,
             app=app,
+            inbound=inbound,
             advertise=advertise,
             admin=admin,
         )
@@ -104,6 +114,8 @@ def sidecar(
 
     def ready() -> None:
         line = f"shoal sidecar serving on {server.address}"
+        if server.inbound_address is not None:
+            line += f" (inbound on {server.inbound_address})"
         if server.admin_port:
             line += f" (admin on port {server.admin_port})"
         click.echo(line)

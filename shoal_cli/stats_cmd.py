@@ -9,6 +9,7 @@ as the client sidecar's admin address, which is not registered.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -24,8 +25,8 @@ from protos import worker_pb2_grpc as wpb_grpc
 from proxy_sidecar.server import ADMIN_KEY, APP_KEY
 from shoal_cli.errors import UserError
 from shoal_cli.options import ADDRESS
-from shoal_cli.output import emit_json, emit_table
-from shoal_cli.registry_ops import as_dict, registry_option, unreachable
+from shoal_cli.output import emit_json, emit_table, message_json
+from shoal_cli.registry_ops import registry_option, unreachable
 
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub
@@ -51,23 +52,69 @@ async def find_targets(registry: str) -> tuple[dict[str, str], dict[str, str]]:
     return workers, admins
 
 
+# What a sidecar's admin page may send back; more is not a sidecar's page.
+MAX_PAGE_BYTES = 8 * 1024 * 1024
+TIMEOUT = 3.0
+
+
+class _Unusable(Exception):
+    """A target that did not answer as what it was named; ``str()`` says how, for users."""
+
+
 async def _worker_stats(name: str, address: str) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub: WorkerAsyncStub = wpb_grpc.WorkerStub(channel)
         try:
-            reply = await stub.Stats(wpb.StatsRequest(), timeout=3)
+            reply = await stub.Stats(wpb.StatsRequest(), timeout=TIMEOUT)
         except grpc.aio.AioRpcError as exc:
-            return {"name": name, "address": address, "error": exc.code().name}
-    return {"name": name, "address": address, **as_dict(reply)}
+            code = exc.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                problem = f"is unreachable ({exc.details()})"
+            elif code == grpc.StatusCode.UNIMPLEMENTED:
+                problem = f"is not a worker (UNIMPLEMENTED: {exc.details()})"
+            else:
+                problem = f"did not answer Stats ({code.name}: {exc.details()})"
+            return {"name": name, "address": address, "error": problem}
+    return {"name": name, "address": address, **message_json(reply)}
+
+
+def _endpoints_page(admin: str) -> dict[str, Any]:
+    """GET /endpoints of a sidecar's admin address, or ``_Unusable`` saying what it is instead."""
+    not_admin = "is not a sidecar's admin address"
+    try:
+        with urllib.request.urlopen(f"http://{admin}/endpoints", timeout=TIMEOUT) as page:
+            body = page.read(MAX_PAGE_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        raise _Unusable(f"{not_admin}: GET /endpoints answered HTTP {exc.code}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, TimeoutError):
+            raise _Unusable(f"did not answer within {TIMEOUT:g}s") from None
+        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
+        raise _Unusable(f"is unreachable ({text})") from None
+    except (http.client.HTTPException, ConnectionResetError):
+        # An HTTP/2-only server (gRPC) answers an HTTP/1.1 request with frames or a reset.
+        raise _Unusable(f"{not_admin}: it does not answer HTTP/1.1 (a gRPC port?)") from None
+    except TimeoutError:
+        raise _Unusable(f"did not answer within {TIMEOUT:g}s") from None
+    except OSError as exc:
+        raise _Unusable(f"is unreachable ({exc.strerror or exc})") from None
+    if len(body) > MAX_PAGE_BYTES:
+        raise _Unusable(f"{not_admin}: /endpoints is over {MAX_PAGE_BYTES // 2**20} MiB")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise _Unusable(f"{not_admin}: /endpoints is not JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("services"), dict):
+        raise _Unusable(f"{not_admin}: /endpoints has no services")
+    return data
 
 
 def _sidecar_stats(name: str, admin: str) -> dict[str, Any]:
     try:
-        with urllib.request.urlopen(f"http://{admin}/endpoints", timeout=3) as page:
-            data: dict[str, Any] = json.load(page)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return {"name": name, "admin": admin, **_endpoints_page(admin)}
+    except _Unusable as exc:
         return {"name": name, "admin": admin, "error": str(exc)}
-    return {"name": name, "admin": admin, **data}
 
 
 def _worker_row(w: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +194,15 @@ def stats(
 
     worker_stats = asyncio.run(gather()) if workers else []
     sidecar_stats = [_sidecar_stats(n, a) for n, a in admins.items()]
+    # Found through the registry, a target that fails is a row saying so; named on the
+    # command line, it is the user's mistake (a wrong port, say): one line, exit 2.
+    for flag, named, found, key in (
+        ("--worker", extra_workers, worker_stats, "address"),
+        ("--sidecar-admin", extra_admins, sidecar_stats, "admin"),
+    ):
+        for entry in found:
+            if "error" in entry and entry[key] in named:
+                raise UserError(f"{flag} {entry[key]} {entry['error']}")
     if as_json:
         emit_json({"workers": worker_stats, "sidecars": sidecar_stats})
         return

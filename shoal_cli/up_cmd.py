@@ -15,13 +15,13 @@ from shoal_cli.mesh.config import MeshFile, config_option
 from shoal_cli.mesh.plan import MeshPlan, PortInUse, plan_mesh
 from shoal_cli.mesh.supervisor import Restart, StartError
 from shoal_cli.mesh.up import MeshNotReady, RunningMesh, run_mesh
-from shoal_cli.output import emit_table
+from shoal_cli.output import emit_table, say
 
 __all__ = ["up"]
 
 
 def _say(message: str) -> None:
-    click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+    say(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
 
 
 def _show(mesh: RunningMesh) -> None:
@@ -57,7 +57,7 @@ def _show(mesh: RunningMesh) -> None:
         rows,
     )
     via, reg = plan.client_address, plan.registry_address
-    click.echo(f"""
+    say(f"""
 Call the mesh through the client sidecar at {via}, for example:
   shoal call upper --data hello --via {via}
   shoal exec --via {via} -- say hello from the mesh

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,8 @@ import grpc
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
 from shoal_cli.errors import UserError, WorkFailed
-from shoal_cli.options import ADDRESS, F
+from shoal_cli.options import ADDRESS, F, json_option
+from shoal_cli.output import emit_json
 
 if TYPE_CHECKING:
     from protos.worker_pb2_grpc import WorkerAsyncStub
@@ -44,6 +46,26 @@ def served_by(meta: dict[str, str]) -> str:
     return meta.get(UPSTREAM_KEY, "an instance the reply does not name (called directly?)")
 
 
+def _bytes_json(name: str, data: bytes) -> dict[str, str]:
+    """Bytes for JSON: as text (undecodable bytes replaced) and exactly, in base64."""
+    return {
+        name: data.decode("utf-8", errors="replace"),
+        f"{name}_base64": base64.b64encode(data).decode("ascii"),
+    }
+
+
+def _parse_env(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        env[key] = value
+    return env
+
+
 def _failure(via: str, exc: grpc.aio.AioRpcError) -> UserError | WorkFailed:
     code = exc.code()
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -70,11 +92,24 @@ async def _invoke(via: str, start: Callable[[WorkerAsyncStub], Any]) -> tuple[An
         return reply, await trailers(rpc)
 
 
-async def _exec(via: str, command: str, args: list[str], stdin: bytes, timeout: float) -> int:
-    request = wpb.ExecRequest(
-        command=command, args=args, stdin=stdin, timeout_ms=round(timeout * 1000)
-    )
+async def _exec(via: str, request: wpb.ExecRequest, timeout: float, as_json: bool) -> int:
     reply, meta = await _invoke(via, lambda stub: stub.Exec(request, timeout=timeout + 5))
+    if as_json:
+        emit_json(
+            {
+                "command": request.command,
+                "args": list(request.args),
+                "exit_code": reply.exit_code,
+                **_bytes_json("stdout", reply.stdout),
+                **_bytes_json("stderr", reply.stderr),
+                "duration_seconds": reply.duration_seconds,
+                "pid": reply.pid,
+                "truncated": reply.truncated,
+                "attempts": reply.attempts,
+                "served_by": meta.get(UPSTREAM_KEY),
+            }
+        )
+        return int(reply.exit_code)
     sys.stdout.buffer.write(reply.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(reply.stderr)
@@ -102,27 +137,63 @@ async def _exec(via: str, command: str, args: list[str], stdin: bytes, timeout: 
     default=None,
     help="File to feed to the command's stdin ('-' for this stdin).",
 )
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_parse_env,
+    help="Set an environment variable for the command (repeatable); the worker's "
+    "allowlist (allow_env) decides which names a caller may set.",
+)
+@json_option()
 @click.argument("argv", nargs=-1, required=True)
-def exec_(via: str, timeout: float, stdin_file: Any, argv: tuple[str, ...]) -> int:
+def exec_(
+    via: str,
+    timeout: float,
+    stdin_file: Any,
+    env: dict[str, str],
+    as_json: bool,
+    argv: tuple[str, ...],
+) -> int:
     """Run an allowlisted command on a worker: shoal exec -- COMMAND ARGS...
 
     Prints its output, then (on stderr) its exit status and which worker ran it;
     exits with the command's own status.
     """
     stdin = stdin_file.read() if stdin_file is not None else b""
-    return asyncio.run(_exec(via, argv[0], list(argv[1:]), stdin, timeout))
+    request = wpb.ExecRequest(
+        command=argv[0],
+        args=argv[1:],
+        stdin=stdin,
+        env=env,
+        timeout_ms=round(timeout * 1000),
+    )
+    return asyncio.run(_exec(via, request, timeout, as_json))
 
 
-async def _call(via: str, function: str, payload: bytes, timeout: float) -> None:
-    request = wpb.CallRequest(function=function, payload=payload, timeout_ms=round(timeout * 1000))
+async def _call(via: str, request: wpb.CallRequest, timeout: float, as_json: bool) -> None:
     reply, meta = await _invoke(via, lambda stub: stub.Call(request, timeout=timeout + 5))
+    cache = meta.get("shoal-cache")
+    if as_json:
+        emit_json(
+            {
+                "function": request.function,
+                **_bytes_json("result", reply.result),
+                "run_seconds": reply.run_seconds,
+                "pid": reply.pid,
+                "cache": cache,
+                "served_by": meta.get(UPSTREAM_KEY),
+            }
+        )
+        return
     sys.stdout.buffer.write(reply.result)
     if sys.stdout.isatty() and not reply.result.endswith(b"\n"):
         sys.stdout.write("\n")
     sys.stdout.flush()
-    cached = " from cache" if meta.get("shoal-cache") == "hit" else ""
+    cached = " from cache" if cache == "hit" else ""
     click.echo(
-        f"shoal: {function} ran in {reply.run_seconds * 1000:.2f} ms on "
+        f"shoal: {request.function} ran in {reply.run_seconds * 1000:.2f} ms on "
         f"{served_by(meta)} (pid {reply.pid}){cached}",
         err=True,
     )
@@ -132,8 +203,10 @@ async def _call(via: str, function: str, payload: bytes, timeout: float) -> None
 @via_option()
 @click.option("--data", default=None, help="Payload as text (default: read stdin).")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True)
+@json_option()
 @click.argument("function")
-def call(via: str, data: str | None, timeout: float, function: str) -> None:
+def call(via: str, data: str | None, timeout: float, as_json: bool, function: str) -> None:
     """Call a worker's Python FUNCTION with a payload; print its result."""
     payload = data.encode() if data is not None else sys.stdin.buffer.read()
-    asyncio.run(_call(via, function, payload, timeout))
+    request = wpb.CallRequest(function=function, payload=payload, timeout_ms=round(timeout * 1000))
+    asyncio.run(_call(via, request, timeout, as_json))

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from protos import worker_pb2 as pb
 from protos import worker_pb2_grpc as pb_grpc
 from shoal_core.grpc_server import GrpcServer
-from shoal_core.metrics import MetricsEndpoint
+from shoal_core.metrics import metrics_endpoint
 from worker_node.cache import ResponseCache
 from worker_node.config import WorkerConfig, default_config
 from worker_node.execs import ExecRunner
@@ -137,8 +137,13 @@ class WorkerServer(GrpcServer):
         self.metrics = CollectorRegistry()
         self.metrics.register(_WorkerCollector(self))
         self._metrics_endpoint = (
-            MetricsEndpoint(metrics_listen, self.metrics) if metrics_listen else None
+            metrics_endpoint(metrics_listen, self.metrics) if metrics_listen else None
         )
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound ``--metrics`` port once started; 0 without ``metrics_listen``."""
+        return 0 if self._metrics_endpoint is None else self._metrics_endpoint.port
 
     def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
         pb_grpc.add_WorkerServicer_to_server(self.servicer, server)
@@ -158,11 +163,15 @@ class WorkerServer(GrpcServer):
             await self._after_stop()
             raise
         if self._metrics_endpoint is not None:
-            self._metrics_endpoint.start()
+            try:
+                await self._metrics_endpoint.start()
+            except BaseException:
+                await self.close(0)
+                raise
 
     async def _after_stop(self) -> None:
         self.runner.kill_all()
         await self.runner.close()
         await asyncio.gather(*(pool.close(POOL_GRACE) for pool in self.pools.values()))
         if self._metrics_endpoint is not None:
-            self._metrics_endpoint.close()
+            await self._metrics_endpoint.close()

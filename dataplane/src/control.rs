@@ -1,18 +1,202 @@
-//! The calls into the Python control plane, which decides where each call goes.
+//! The calls into the Python control plane, which decides where each call goes, and
+//! the typed values that cross that boundary.
 //!
-//! Each forwarded call costs two short calls into Python (begin, which also picks the
-//! first endpoint, and finish; one more per retry), made on the data plane's one
+//! Each forwarded call costs two short calls into Python (`begin`, which also picks the
+//! first endpoint, and `finish`; one more per retry), made on the data plane's one
 //! thread. Python never blocks here: every decision is synchronous and in memory.
+//!
+//! What crosses the boundary is typed: Python answers with the classes defined here
+//! (`Admission`, `Target`, `Refusal`, and the cluster's `Breaker`), which Rust reads by
+//! a type check, never by unpacking tuples. Anything else is a control plane bug: the
+//! call gets INTERNAL and the log says what came back.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http::HeaderValue;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyString, PyTuple};
 
+use crate::breaker::{Breaker, Core};
 use crate::grpc;
+
+/// A call the control plane will not route: the status the caller gets.
+#[pyclass(frozen, module = "shoal_dataplane._native", get_all)]
+#[derive(Clone)]
+pub struct Refusal {
+    pub code: u32,
+    pub message: String,
+}
+
+#[pymethods]
+impl Refusal {
+    #[new]
+    fn new(code: u32, message: String) -> PyResult<Self> {
+        if code == grpc::OK || code > 16 {
+            return Err(PyValueError::new_err(format!(
+                "a refusal needs a gRPC error code (1..16), got {code}"
+            )));
+        }
+        Ok(Refusal { code, message })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Refusal({}, {:?})", self.code, self.message)
+    }
+}
+
+/// One endpoint a try can go to: where it listens, and which instance it is.
+///
+/// The control plane makes one per endpoint and hands the same object out for every
+/// pick, so a pick costs Python no allocation.
+#[pyclass(frozen, module = "shoal_dataplane._native")]
+pub struct Target {
+    pick: Pick,
+    instance: String,
+}
+
+#[pymethods]
+impl Target {
+    #[new]
+    fn new(address: &str, instance: String) -> Self {
+        Target {
+            pick: Pick {
+                address: address.into(),
+                mark: HeaderValue::from_str(&instance).ok(),
+            },
+            instance,
+        }
+    }
+
+    #[getter]
+    fn address(&self) -> &str {
+        &self.pick.address
+    }
+
+    #[getter]
+    fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Target({:?}, {:?})", &*self.pick.address, self.instance)
+    }
+}
+
+/// The endpoint chosen for one try, read out of its `Target` while the GIL is held (so
+/// no Python reference outlives the call into Python).
+#[derive(Clone)]
+pub struct Pick {
+    pub address: Arc<str>,
+    /// The instance as the `shoal-upstream` header value, checked once.
+    pub mark: Option<HeaderValue>,
+}
+
+/// What `begin` decided for a call that may go ahead.
+#[pyclass(frozen, module = "shoal_dataplane._native")]
+pub struct Admission {
+    #[pyo3(get)]
+    call: Py<PyAny>,
+    #[pyo3(get, name = "breaker")]
+    owner: Py<Breaker>,
+    breaker: Arc<Core>,
+    #[pyo3(get)]
+    outbound: bool,
+    per_try_timeout: Option<Duration>,
+    #[pyo3(get)]
+    first: Py<PyAny>,
+}
+
+#[pymethods]
+impl Admission {
+    /// `call` is told how the call goes (`failed`, `finish`) and picks retries (`pick`);
+    /// `first` is the first try's `Target`, or the `Refusal` the caller gets.
+    #[new]
+    #[pyo3(signature = (call, breaker, outbound, per_try_timeout, first))]
+    fn new(
+        call: Py<PyAny>,
+        breaker: &Bound<'_, Breaker>,
+        outbound: bool,
+        per_try_timeout: Option<f64>,
+        first: Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        if !(first.is_instance_of::<Target>() || first.is_instance_of::<Refusal>()) {
+            return Err(PyTypeError::new_err(format!(
+                "the first pick must be a Target or a Refusal, not {}",
+                first.get_type().name()?
+            )));
+        }
+        let per_try_timeout = per_try_timeout
+            .map(|t| {
+                Duration::try_from_secs_f64(t)
+                    .map_err(|_| PyValueError::new_err("per_try_timeout must be >= 0 seconds"))
+            })
+            .transpose()?;
+        Ok(Admission {
+            call,
+            owner: breaker.clone().unbind(),
+            breaker: breaker.get().core.clone(),
+            outbound,
+            per_try_timeout,
+            first: first.unbind(),
+        })
+    }
+
+    #[getter]
+    fn per_try_timeout(&self) -> Option<f64> {
+        self.per_try_timeout.map(|t| t.as_secs_f64())
+    }
+}
+
+/// `begin`'s answer, as the data plane uses it.
+pub struct Admitted {
+    pub call: Call,
+    pub breaker: Arc<Core>,
+    pub outbound: bool,
+    pub per_try_timeout: Option<Duration>,
+    /// The first try's endpoint, picked with the admission to save a call into Python.
+    pub first: Result<Pick, Refusal>,
+}
+
+fn internal() -> Refusal {
+    Refusal {
+        code: grpc::INTERNAL,
+        message: "shoal: the sidecar failed to route the call".into(),
+    }
+}
+
+/// A bug in the control plane: the log gets the traceback; the caller, INTERNAL.
+fn report(py: Python<'_>, what: &str, err: PyErr) {
+    let traceback = err
+        .traceback(py)
+        .and_then(|tb| tb.format().ok())
+        .unwrap_or_default();
+    log::error!("control plane {what} failed: {err}\n{traceback}");
+}
+
+/// A pick's answer: the `Target` to try, or the `Refusal` for the caller.
+fn to_pick(py: Python<'_>, what: &str, got: Bound<'_, PyAny>) -> Result<Pick, Refusal> {
+    if let Ok(target) = got.cast::<Target>() {
+        return Ok(target.get().pick.clone());
+    }
+    if let Ok(refusal) = got.cast::<Refusal>() {
+        return Err(refusal.get().clone());
+    }
+    let kind = got
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    report(
+        py,
+        what,
+        PyTypeError::new_err(format!("expected a Target or a Refusal, got {kind}")),
+    );
+    Err(internal())
+}
 
 /// The control plane object (`proxy_sidecar.control.Control`).
 pub struct Control {
@@ -23,32 +207,6 @@ pub struct Control {
 
 /// Paths kept as Python strings at most: the control plane caches as many routes.
 const MAX_PATHS: usize = 4096;
-
-/// What `begin` decided for a call that may go ahead.
-pub struct Admitted {
-    pub call: Call,
-    pub breaker: String,
-    pub max_in_flight: usize,
-    pub max_pending: usize,
-    pub outbound: bool,
-    /// The first try's endpoint, picked with the admission to save a call into Python.
-    pub first: Result<Pick, Refusal>,
-}
-
-/// A status for the caller: the call can go nowhere.
-pub struct Refusal {
-    pub code: u32,
-    pub message: String,
-}
-
-fn refusal(py: Python<'_>, err: PyErr) -> Refusal {
-    // A bug in the control plane: the caller gets INTERNAL, the log the traceback.
-    err.print(py);
-    Refusal {
-        code: grpc::INTERNAL,
-        message: "shoal: the sidecar failed to route the call".into(),
-    }
-}
 
 impl Control {
     pub fn new(obj: Py<PyAny>) -> Self {
@@ -70,6 +228,7 @@ impl Control {
         made
     }
 
+    /// Route a new call: its admission, or the refusal to answer with.
     pub fn begin(
         &self,
         path: &str,
@@ -80,34 +239,44 @@ impl Control {
     ) -> Result<Admitted, Refusal> {
         Python::attach(|py| {
             let path = self.path(py, path);
+            let begin = intern!(py, "begin");
             // Usually no metadata to route on: the empty tuple is a shared object.
             let got = if metadata.is_empty() {
-                let metadata = PyTuple::empty(py);
-                let args = (path, target, inbound, metadata, remaining);
-                self.obj.call_method1(py, intern!(py, "begin"), args)
+                let args = (path, target, inbound, PyTuple::empty(py), remaining);
+                self.obj.call_method1(py, begin, args)
             } else {
-                let args = (path, target, inbound, metadata, remaining);
-                self.obj.call_method1(py, intern!(py, "begin"), args)
+                self.obj
+                    .call_method1(py, begin, (path, target, inbound, metadata, remaining))
+            };
+            let got = got.map_err(|e| {
+                report(py, "begin", e);
+                internal()
+            })?;
+            let got = got.into_bound(py);
+            if let Ok(refusal) = got.cast::<Refusal>() {
+                return Err(refusal.get().clone());
             }
-            .map_err(|e| refusal(py, e))?;
-            let tuple = got
-                .bind(py)
-                .cast::<PyTuple>()
-                .map_err(|e| refusal(py, e.into()))?;
-            if tuple.len() == 2 {
-                let (code, message): (u32, String) = tuple.extract().map_err(|e| refusal(py, e))?;
-                return Err(Refusal { code, message });
-            }
-            let (call, breaker, max_in_flight, max_pending, outbound, first): Admission =
-                tuple.extract().map_err(|e| refusal(py, e))?;
-            let first = to_pick(py, first.bind(py));
+            let Ok(admission) = got.cast::<Admission>() else {
+                let kind = got
+                    .get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default();
+                let err =
+                    PyTypeError::new_err(format!("expected an Admission or a Refusal, got {kind}"));
+                report(py, "begin", err);
+                return Err(internal());
+            };
+            let admission = admission.get();
+            let call = Call {
+                obj: Some(admission.call.clone_ref(py)),
+            };
             Ok(Admitted {
-                call: Call { obj: Some(call) },
-                breaker,
-                max_in_flight,
-                max_pending,
-                outbound,
-                first,
+                first: to_pick(py, "begin", admission.first.bind(py).clone()),
+                call,
+                breaker: admission.breaker.clone(),
+                outbound: admission.outbound,
+                per_try_timeout: admission.per_try_timeout,
             })
         })
     }
@@ -115,40 +284,15 @@ impl Control {
     /// Tell the control plane a connection changed state.
     pub fn connection_state(&self, address: &str, state: &str) {
         Python::attach(|py| {
-            if let Err(err) =
-                self.obj
-                    .call_method1(py, intern!(py, "connection_state"), (address, state))
+            let args = (address, state);
+            if let Err(err) = self
+                .obj
+                .call_method1(py, intern!(py, "connection_state"), args)
             {
-                err.print(py);
+                report(py, "connection_state", err);
             }
         });
     }
-}
-
-type Admission = (Py<PyAny>, String, usize, usize, bool, Py<PyAny>);
-
-/// A pick's answer: `(address, instance_id, timeout)` or a `(code, message)` refusal.
-fn to_pick(py: Python<'_>, got: &Bound<'_, PyAny>) -> Result<Pick, Refusal> {
-    let tuple = got.cast::<PyTuple>().map_err(|e| refusal(py, e.into()))?;
-    if tuple.len() == 2 {
-        let (code, message): (u32, String) = tuple.extract().map_err(|e| refusal(py, e))?;
-        return Err(Refusal { code, message });
-    }
-    let (address, instance, timeout): (String, String, Option<f64>) =
-        tuple.extract().map_err(|e| refusal(py, e))?;
-    let timeout = timeout.map(|t| Duration::from_secs_f64(t.clamp(0.0, 1e9)));
-    Ok(Pick {
-        address,
-        instance,
-        timeout,
-    })
-}
-
-/// The endpoint chosen for one try.
-pub struct Pick {
-    pub address: String,
-    pub instance: String,
-    pub timeout: Option<Duration>,
 }
 
 /// One call's retry state in Python (`proxy_sidecar.control.Call`). Dropping it
@@ -158,16 +302,17 @@ pub struct Call {
 }
 
 impl Call {
+    /// The next try's endpoint.
     pub fn pick(&self) -> Result<Pick, Refusal> {
-        let obj = self
-            .obj
-            .as_ref()
-            .expect("a call is picked for only until it finishes");
-        Python::attach(|py| {
-            let got = obj
-                .call_method0(py, intern!(py, "pick"))
-                .map_err(|e| refusal(py, e))?;
-            to_pick(py, got.bind(py))
+        let Some(obj) = self.obj.as_ref() else {
+            return Err(internal());
+        };
+        Python::attach(|py| match obj.call_method0(py, intern!(py, "pick")) {
+            Ok(got) => to_pick(py, "pick", got.into_bound(py)),
+            Err(err) => {
+                report(py, "pick", err);
+                Err(internal())
+            }
         })
     }
 
@@ -176,14 +321,17 @@ impl Call {
         let obj = self.obj.as_ref()?;
         let elapsed = elapsed.as_secs_f64();
         Python::attach(|py| {
-            match obj.call_method1(py, intern!(py, "failed"), (code, replayable, elapsed)) {
-                Ok(pause) => pause
-                    .extract::<Option<f64>>(py)
-                    .ok()
-                    .flatten()
-                    .map(|p| Duration::from_secs_f64(p.clamp(0.0, 60.0))),
+            let args = (code, replayable, elapsed);
+            match obj.call_method1(py, intern!(py, "failed"), args) {
+                Ok(pause) => match pause.extract::<Option<f64>>(py) {
+                    Ok(pause) => pause.map(|p| Duration::from_secs_f64(p.clamp(0.0, 60.0))),
+                    Err(err) => {
+                        report(py, "failed", err);
+                        None
+                    }
+                },
                 Err(err) => {
-                    err.print(py);
+                    report(py, "failed", err);
                     None
                 }
             }
@@ -199,7 +347,7 @@ impl Call {
             Python::attach(move |py| {
                 let seconds = latency.map(|l| l.as_secs_f64());
                 if let Err(err) = obj.call_method1(py, intern!(py, "finish"), (code, seconds)) {
-                    err.print(py);
+                    report(py, "finish", err);
                 }
                 drop(obj);
             });

@@ -17,13 +17,18 @@ pub const UNAVAILABLE: u32 = 14;
 // Header names as constants: a `&str` key is parsed and checked on every use.
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
-/// `grpc-timeout` (`<digits><unit>`, at most 8 digits) as a duration.
+/// `grpc-timeout` (1 to 8 ASCII digits, then a unit) as a duration; `None` when the
+/// header breaks that rule, which gRPC servers answer with INTERNAL.
 pub fn parse_timeout(value: &HeaderValue) -> Option<Duration> {
     let text = value.to_str().ok()?;
     if text.len() < 2 || text.len() > 9 {
         return None;
     }
     let (digits, unit) = text.split_at(text.len() - 1);
+    // `u64::from_str` would also take a leading `+`.
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -129,7 +134,23 @@ mod tests {
             Some(Duration::from_millis(100))
         );
         assert_eq!(parse_timeout(&HeaderValue::from_static("123456789S")), None);
-        assert_eq!(parse_timeout(&HeaderValue::from_static("10x")), None);
+        for bad in [
+            "10x",
+            "S",
+            "+5S",
+            "-5S",
+            " 5S",
+            "5 S",
+            "1.5S",
+            "123456789S",
+            "",
+        ] {
+            assert_eq!(
+                parse_timeout(&HeaderValue::from_static(bad)),
+                None,
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

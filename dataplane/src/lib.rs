@@ -7,6 +7,8 @@
 //! one thread of its own with a single-threaded Tokio runtime, so Python is entered
 //! from one thread only and never waits on the data plane.
 
+#![forbid(unsafe_code)]
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -32,32 +34,67 @@ use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-use crate::breaker::Breakers;
 use crate::control::Control;
 use crate::pool::Pool;
-use crate::proxy::Plane;
+use crate::proxy::{Plane, Role};
+use crate::server::{Limits, Listener};
 
 struct Running {
     thread: Option<JoinHandle<()>>,
     handle: Handle,
     stop: watch::Sender<Option<f64>>,
+    stopped: bool,
 }
 
-/// A data plane listening on one address; `stop()` ends it and its thread.
+/// A data plane serving the sidecar's listeners; `stop()` ends it and its thread.
 #[pyclass(frozen, module = "shoal_dataplane._native")]
 struct DataPlane {
     plane: Arc<Plane>,
+    limits: Limits,
     running: Mutex<Option<Running>>,
+}
+
+fn seconds(name: &str, value: f64) -> PyResult<Duration> {
+    if !(value > 0.0 && value < 1e9) {
+        return Err(PyValueError::new_err(format!(
+            "{name} must be a positive number of seconds"
+        )));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+fn bind(listen: &str) -> PyResult<std::net::TcpListener> {
+    let address = listen
+        .to_socket_addrs()
+        .map_err(|e| PyValueError::new_err(format!("cannot listen on {listen}: {e}")))?
+        .next()
+        .ok_or_else(|| PyValueError::new_err(format!("cannot listen on {listen}: no address")))?;
+    let listener = std::net::TcpListener::bind(address)
+        .map_err(|e| PyOSError::new_err(format!("cannot listen on {listen}: {e}")))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 #[pymethods]
 impl DataPlane {
     #[new]
-    #[pyo3(signature = (control, *, replay_limit=1 << 20, idle_timeout=300.0))]
-    fn new(control: Py<PyAny>, replay_limit: usize, idle_timeout: f64) -> PyResult<Self> {
-        if !(idle_timeout > 0.0 && idle_timeout < 1e9) {
+    #[pyo3(signature = (
+        control, *, replay_limit=1 << 20, idle_timeout=300.0, max_connections=1024,
+        max_streams=1000, connection_idle_timeout=600.0,
+    ))]
+    fn new(
+        control: Py<PyAny>,
+        replay_limit: usize,
+        idle_timeout: f64,
+        max_connections: usize,
+        max_streams: u32,
+        connection_idle_timeout: f64,
+    ) -> PyResult<Self> {
+        let idle_timeout = seconds("idle_timeout", idle_timeout)?;
+        let connection_idle_timeout = seconds("connection_idle_timeout", connection_idle_timeout)?;
+        if max_connections == 0 || max_streams == 0 {
             return Err(PyValueError::new_err(
-                "idle_timeout must be a positive number of seconds",
+                "max_connections and max_streams must be at least 1",
             ));
         }
         let control = Arc::new(Control::new(control));
@@ -67,42 +104,46 @@ impl DataPlane {
                 control.connection_state(address, state.name())
             })
         };
-        let pool = Pool::new(observer, Duration::from_secs_f64(idle_timeout));
         Ok(DataPlane {
             plane: Arc::new(Plane {
                 control,
-                pool,
-                breakers: Breakers::default(),
+                pool: Pool::new(observer, idle_timeout),
                 local: Mutex::new(None),
                 replay_limit,
             }),
+            limits: Limits {
+                max_connections,
+                max_streams,
+                idle_timeout: connection_idle_timeout,
+            },
             running: Mutex::new(None),
         })
     }
 
-    /// Bind `listen` (`host:port`, port 0 for any) and serve on a new thread; the port.
-    fn start(&self, listen: &str) -> PyResult<u16> {
+    /// Bind the app-facing `outbound` listener and, for a sidecar with an app, the
+    /// mesh-facing `inbound` one (`host:port`, port 0 for any), and serve them on a new
+    /// thread; the ports bound.
+    #[pyo3(signature = (outbound, inbound=None))]
+    fn start(&self, outbound: &str, inbound: Option<&str>) -> PyResult<(u16, Option<u16>)> {
         let mut running = self.running.lock().unwrap();
         if running.is_some() {
             return Err(PyRuntimeError::new_err("the data plane is started already"));
         }
-        let address = listen
-            .to_socket_addrs()
-            .map_err(|e| PyValueError::new_err(format!("cannot listen on {listen}: {e}")))?
-            .next()
-            .ok_or_else(|| {
-                PyValueError::new_err(format!("cannot listen on {listen}: no address"))
-            })?;
-        let listener = std::net::TcpListener::bind(address)
-            .map_err(|e| PyOSError::new_err(format!("cannot listen on {listen}: {e}")))?;
-        listener.set_nonblocking(true)?;
-        let port = listener.local_addr()?.port();
+        let mut bound = vec![(bind(outbound)?, Role::Outbound)];
+        if let Some(inbound) = inbound {
+            bound.push((bind(inbound)?, Role::Inbound));
+        }
+        let ports: Vec<u16> = bound
+            .iter()
+            .map(|(l, _)| l.local_addr().map(|a| a.port()))
+            .collect::<Result<_, _>>()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = watch::channel(None);
         let plane = self.plane.clone();
+        let limits = self.limits;
         let thread = std::thread::Builder::new()
             .name("shoal-dataplane".into())
             .spawn(move || {
@@ -112,10 +153,20 @@ impl DataPlane {
                 Python::attach(|py| {
                     py.detach(|| {
                         runtime.block_on(async move {
-                            match TcpListener::from_std(listener) {
-                                Ok(listener) => server::serve(plane, listener, stopped).await,
-                                Err(err) => eprintln!("shoal data plane: {err}"),
+                            let mut listeners = Vec::new();
+                            for (socket, role) in bound {
+                                match TcpListener::from_std(socket) {
+                                    Ok(socket) => listeners.push(Listener {
+                                        socket,
+                                        role,
+                                        limits,
+                                    }),
+                                    Err(err) => {
+                                        log::error!("{} listener failed: {err}", role.name())
+                                    }
+                                }
                             }
+                            server::serve(plane, listeners, stopped).await
                         });
                         // Dropping the runtime ends every task still running: calls past the grace.
                         drop(runtime);
@@ -126,8 +177,17 @@ impl DataPlane {
             thread: Some(thread),
             handle,
             stop,
+            stopped: false,
         });
-        Ok(port)
+        Ok((ports[0], ports.get(1).copied()))
+    }
+
+    /// Whether the data plane's thread is serving: started, not stopped, not dead.
+    fn alive(&self) -> bool {
+        let running = self.running.lock().unwrap();
+        running
+            .as_ref()
+            .is_some_and(|r| !r.stopped && r.thread.as_ref().is_some_and(|t| !t.is_finished()))
     }
 
     /// Where the sidecar's own services (health, reflection) are served.
@@ -148,11 +208,6 @@ impl DataPlane {
         self.plane.pool.forget(address);
     }
 
-    /// The circuit breaker of `key`: (in flight, pending, rejected so far).
-    fn breaker(&self, key: &str) -> (usize, usize, u64) {
-        self.plane.breakers.stats(key)
-    }
-
     /// Open upstream connections.
     fn connections(&self) -> usize {
         self.plane.pool.open_connections()
@@ -166,12 +221,15 @@ impl DataPlane {
             let Some(running) = running.as_mut() else {
                 return;
             };
+            running.stopped = true;
             running.stop.send_replace(Some(grace.max(0.0)));
             running.thread.take()
         };
         if let Some(thread) = thread {
             py.detach(|| {
-                let _ = thread.join();
+                if thread.join().is_err() {
+                    log::error!("the data plane thread panicked");
+                }
             });
         }
     }
@@ -179,6 +237,17 @@ impl DataPlane {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Rust logs become records of Python's `shoal_dataplane` loggers. Levels are asked of
+    // Python each time (nothing logs per call), so a change of level applies at once.
+    let logger = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Loggers)?
+        .filter(log::LevelFilter::Debug)
+        .set_prefix("shoal_dataplane");
+    // Another copy of this module in the process installed its logger already: keep it.
+    let _ = logger.install();
     m.add_class::<DataPlane>()?;
+    m.add_class::<breaker::Breaker>()?;
+    m.add_class::<control::Admission>()?;
+    m.add_class::<control::Target>()?;
+    m.add_class::<control::Refusal>()?;
     Ok(())
 }

@@ -7,10 +7,12 @@
 //! control plane stops routing to an endpoint whose connection fails before a call
 //! fails there.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -28,6 +30,21 @@ use crate::stream::{self, Abandon, UpBody};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A connection that lasted this long was healthy: the next one starts a fresh backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(5);
+
+/// The pause before reconnect attempt `attempt` (0-based): exponential, with "equal
+/// jitter" (half fixed, half random), the same rule as `shoal_core.backoff`: never zero,
+/// so a peer that accepts and closes is not hammered, and never in lock step, so the
+/// sidecars that lost one endpoint do not all come back at the same instant.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_INITIAL
+        .saturating_mul(1 << attempt.min(16))
+        .min(BACKOFF_MAX);
+    // A random fraction from the standard library's per-instance random hash keys.
+    let random = RandomState::new().hash_one(attempt) as f64 / u64::MAX as f64;
+    ceiling.div_f64(2.0).mul_f64(1.0 + random)
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum State {
@@ -52,6 +69,18 @@ impl State {
 struct Link {
     state: State,
     sender: Option<SendRequest<Bytes>>,
+    /// Why the last connection attempt failed.
+    error: Option<Arc<str>>,
+}
+
+impl Link {
+    fn idle() -> Self {
+        Link {
+            state: State::Idle,
+            sender: None,
+            error: None,
+        }
+    }
 }
 
 /// Told of every connection state change: `(address, state)`.
@@ -95,9 +124,11 @@ impl Upstream {
             sender = self.wait_ready(pool).await;
         }
         let Some(mut sender) = sender else {
+            let why = self.link.borrow().error.clone();
+            let why = why.as_deref().unwrap_or("the endpoint left the mesh");
             return Err(Failure {
                 code: grpc::UNAVAILABLE,
-                message: format!("shoal: cannot connect to {}", self.address),
+                message: format!("shoal: cannot connect to {}: {why}", self.address),
             });
         };
         let failed = |err: h2::Error| Failure::upstream(&self.address, &err);
@@ -134,9 +165,10 @@ impl Upstream {
         }
     }
 
-    fn set(&self, pool: &Pool, state: State, sender: Option<SendRequest<Bytes>>) {
+    fn set(&self, pool: &Pool, link: Link) {
+        let state = link.state;
         let changed = self.link.borrow().state != state;
-        self.link.send_replace(Link { state, sender });
+        self.link.send_replace(link);
         if changed {
             (pool.observer)(&self.address, state);
         }
@@ -170,10 +202,7 @@ impl Pool {
         let upstream = Arc::new(Upstream {
             address: address.to_owned(),
             authority,
-            link: watch::Sender::new(Link {
-                state: State::Idle,
-                sender: None,
-            }),
+            link: watch::Sender::new(Link::idle()),
             used: AtomicBool::new(true),
             keeper: Mutex::new(None),
         });
@@ -192,12 +221,10 @@ impl Pool {
     pub fn forget(&self, address: &str) {
         if let Some(upstream) = self.upstreams.lock().unwrap().remove(address) {
             if let Some(keeper) = upstream.keeper.lock().unwrap().take() {
+                // Its guard gives back its place in the open count.
                 keeper.abort();
             }
-            upstream.link.send_replace(Link {
-                state: State::Idle,
-                sender: None,
-            });
+            upstream.link.send_replace(Link::idle());
         }
     }
 
@@ -216,30 +243,55 @@ impl Pool {
     }
 
     async fn run_keeper(self: Arc<Self>, upstream: Arc<Upstream>) {
-        let mut backoff = BACKOFF_INITIAL;
+        let mut attempt = 0;
         loop {
             // Sticky failure (as gRPC's): an endpoint that failed stays unroutable while
             // it is retried, instead of drawing calls during every reconnect attempt.
+            let failing = upstream.link.borrow().error.clone();
             if upstream.link.borrow().state != State::TransientFailure {
-                upstream.set(&self, State::Connecting, None);
+                let connecting = Link {
+                    state: State::Connecting,
+                    sender: None,
+                    error: failing,
+                };
+                upstream.set(&self, connecting);
             }
             let (sender, connection) = match connect(&upstream.address).await {
                 Ok(found) => found,
-                Err(()) => {
-                    upstream.set(&self, State::TransientFailure, None);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                Err(why) => {
+                    log::debug!("cannot connect to {}: {why}", upstream.address);
+                    let failed = Link {
+                        state: State::TransientFailure,
+                        sender: None,
+                        error: Some(why.into()),
+                    };
+                    upstream.set(&self, failed);
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
                     continue;
                 }
             };
-            backoff = BACKOFF_INITIAL;
-            self.open.fetch_add(1, Ordering::Relaxed);
+            let opened = Instant::now();
+            let counted = Opened::new(&self.open);
             let mut connection = tokio::spawn(connection);
-            upstream.set(&self, State::Ready, Some(sender));
+            let ready = Link {
+                state: State::Ready,
+                sender: Some(sender),
+                error: None,
+            };
+            upstream.set(&self, ready);
             upstream.used.store(true, Ordering::Relaxed);
             let idle = loop {
                 tokio::select! {
-                    _ = &mut connection => break false,
+                    ended = &mut connection => {
+                        match ended {
+                            Ok(Err(err)) => {
+                                log::debug!("connection to {} failed: {err}", upstream.address)
+                            }
+                            _ => log::debug!("connection to {} closed", upstream.address),
+                        }
+                        break false;
+                    }
                     _ = tokio::time::sleep(self.idle_timeout / 2) => {
                         if !upstream.used.swap(false, Ordering::Relaxed) {
                             break true;
@@ -247,25 +299,53 @@ impl Pool {
                     }
                 }
             };
-            self.open.fetch_sub(1, Ordering::Relaxed);
+            drop(counted);
             // Dropping the last sender lets the connection close once its calls are done.
-            upstream.set(&self, State::Idle, None);
+            upstream.set(&self, Link::idle());
             if idle {
                 return;
             }
-            // The server closed the connection (it may be draining): reconnect at once,
-            // so a dead endpoint shows up as unreachable before a call is sent there.
+            // The server closed the connection (it may be draining). The first time,
+            // reconnect at once, so a dead endpoint shows up as unreachable before a call
+            // is sent there; a peer that keeps closing soon after accepting is backed off.
+            if opened.elapsed() >= STABLE_AFTER {
+                attempt = 0;
+            } else {
+                if attempt > 0 {
+                    tokio::time::sleep(backoff(attempt - 1)).await;
+                }
+                attempt += 1;
+            }
         }
+    }
+}
+
+/// One connection's place in the pool's open count, given back however the keeper ends
+/// (even aborted, when its endpoint is forgotten).
+struct Opened<'a>(&'a AtomicUsize);
+
+impl<'a> Opened<'a> {
+    fn new(open: &'a AtomicUsize) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Opened(open)
+    }
+}
+
+impl Drop for Opened<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 type Connection = h2::client::Connection<TcpStream, Bytes>;
 
-async fn connect(address: &str) -> Result<(SendRequest<Bytes>, Connection), ()> {
+/// A new connection to `address`, or why there is none.
+async fn connect(address: &str) -> Result<(SendRequest<Bytes>, Connection), String> {
+    let timed_out = |what: &str| format!("{what} timed out after {}s", CONNECT_TIMEOUT.as_secs());
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
         .await
-        .map_err(|_| ())?
-        .map_err(|_| ())?;
+        .map_err(|_| timed_out("connecting"))?
+        .map_err(|err| err.to_string())?;
     crate::net::tune(&stream);
     // h2's defaults as hyper's client sets them, but for the windows and the header list.
     let mut builder = h2::client::Builder::new();
@@ -279,6 +359,6 @@ async fn connect(address: &str) -> Result<(SendRequest<Bytes>, Connection), ()> 
         .enable_push(false);
     tokio::time::timeout(CONNECT_TIMEOUT, builder.handshake(stream))
         .await
-        .map_err(|_| ())?
-        .map_err(|_| ())
+        .map_err(|_| timed_out("the HTTP/2 handshake"))?
+        .map_err(|err| format!("HTTP/2 handshake failed: {err}"))
 }

@@ -16,7 +16,6 @@ use http::{
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 
-use crate::breaker::Breakers;
 use crate::control::{Control, Refusal};
 use crate::grpc;
 use crate::pool::{Failure, Pool, Upstream};
@@ -25,20 +24,37 @@ use crate::replay::Replay;
 use crate::stream::UpBody;
 
 const TARGET_KEY: HeaderName = HeaderName::from_static("shoal-target-service");
+/// Marks a call one sidecar forwards to another; it must arrive on a mesh-facing listener.
 const HOP_KEY: HeaderName = HeaderName::from_static("shoal-hop");
 const TIMEOUT_KEY: HeaderName = HeaderName::from_static("grpc-timeout");
-// Services the sidecar serves itself (on its own gRPC server), unless the call is
-// delivered from another sidecar to the app.
+// Services the sidecar serves itself (on its own gRPC server), for calls from its app.
 const OWN_SERVICES: [&str; 3] = [
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 ];
 
+/// Which side of the sidecar a listener faces.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Role {
+    /// App-facing: the app's calls, routed into the mesh.
+    Outbound,
+    /// Mesh-facing: other sidecars' calls, delivered to this sidecar's app.
+    Inbound,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Outbound => "outbound",
+            Role::Inbound => "inbound",
+        }
+    }
+}
+
 pub struct Plane {
     pub control: Arc<Control>,
     pub pool: Arc<Pool>,
-    pub breakers: Breakers,
     /// The sidecar's own gRPC server (health, reflection).
     pub local: Mutex<Option<String>>,
     pub replay_limit: usize,
@@ -73,8 +89,25 @@ fn metadata(headers: &HeaderMap) -> Vec<(String, String)> {
     found
 }
 
-/// Forward one call; the response to give the caller.
-pub async fn handle(plane: Arc<Plane>, request: Request<UpBody>) -> Response<RelayBody> {
+/// The time a try may take: the per-try timeout within what is left of the deadline.
+fn try_timeout(
+    per_try: Option<Duration>,
+    deadline: Option<Instant>,
+    now: Instant,
+) -> Option<Duration> {
+    let left = deadline.map(|d| d.saturating_duration_since(now));
+    match (per_try, left) {
+        (Some(t), Some(l)) => Some(t.min(l)),
+        (t, l) => t.or(l),
+    }
+}
+
+/// Forward one call that arrived on a listener facing `role`; the response to give.
+pub async fn handle(
+    plane: Arc<Plane>,
+    role: Role,
+    request: Request<UpBody>,
+) -> Response<RelayBody> {
     let plane = &plane;
     let received = Instant::now();
     if request.method() != Method::POST || !is_grpc(request.headers()) {
@@ -89,19 +122,37 @@ pub async fn handle(plane: Arc<Plane>, request: Request<UpBody>) -> Response<Rel
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let deadline = headers
-        .remove(TIMEOUT_KEY)
-        .and_then(|v| grpc::parse_timeout(&v))
-        .map(|d| received + d);
-    let inbound = headers.remove(HOP_KEY).is_some();
+    let deadline = match headers.remove(TIMEOUT_KEY) {
+        None => None,
+        // As gRPC servers do: a deadline that cannot be read is an error, not "no deadline".
+        Some(value) => match grpc::parse_timeout(&value) {
+            Some(timeout) => Some(received + timeout),
+            None => {
+                let message = format!("shoal: malformed grpc-timeout header {value:?}");
+                return grpc::trailers_only(grpc::INTERNAL, &message, RelayBody::empty());
+            }
+        },
+    };
+    let hop = headers.remove(HOP_KEY).is_some();
     let target = headers
         .remove(TARGET_KEY)
         .and_then(|v| v.to_str().ok().map(str::to_owned));
+    if hop && role == Role::Outbound {
+        // A sidecar forwarded here: an instance advertises this app-facing address. Were
+        // it routed, it would go round the mesh again.
+        return grpc::trailers_only(
+            grpc::UNAVAILABLE,
+            "shoal: a call from another sidecar reached an app-facing listener; \
+             instances must advertise their sidecar's inbound address",
+            RelayBody::empty(),
+        );
+    }
     let path = path_and_query.path();
-    if !inbound && OWN_SERVICES.iter().any(|s| path.starts_with(s)) {
+    if role == Role::Outbound && OWN_SERVICES.iter().any(|s| path.starts_with(s)) {
         return forward_own(plane, headers, path_and_query, body, deadline).await;
     }
     let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64());
+    let inbound = role == Role::Inbound;
     let admitted = match plane.control.begin(
         path,
         target.as_deref(),
@@ -114,18 +165,13 @@ pub async fn handle(plane: Arc<Plane>, request: Request<UpBody>) -> Response<Rel
     };
     let mut call = admitted.call;
     let mut first = Some(admitted.first);
-    let breaker = plane.breakers.get(
-        &admitted.breaker,
-        admitted.max_in_flight,
-        admitted.max_pending,
-    );
-    let permit = match breaker.acquire(deadline).await {
+    let permit = match admitted.breaker.acquire(deadline).await {
         Ok(permit) => permit,
         Err(rejected) => {
             call.finish(grpc::RESOURCE_EXHAUSTED, None);
             let message = format!(
-                "shoal: circuit breaker for {:?} is open ({} in flight, {} pending)",
-                admitted.breaker, rejected.in_flight, rejected.pending
+                "shoal: circuit breaker is open ({} in flight, {} pending)",
+                rejected.in_flight, rejected.pending
             );
             return grpc::trailers_only(grpc::RESOURCE_EXHAUSTED, &message, RelayBody::empty());
         }
@@ -143,21 +189,14 @@ pub async fn handle(plane: Arc<Plane>, request: Request<UpBody>) -> Response<Rel
                 return refused(refusal);
             }
         };
-        let mark = if admitted.outbound {
-            HeaderValue::from_str(&pick.instance).ok()
-        } else {
-            None
-        };
+        let mark = if admitted.outbound { pick.mark } else { None };
         let Some(upstream) = plane.pool.get(&pick.address) else {
             call.finish(grpc::UNAVAILABLE, None);
-            let message = format!("shoal: bad endpoint address {:?}", pick.address);
+            let message = format!("shoal: bad endpoint address {:?}", &*pick.address);
             return grpc::trailers_only(grpc::UNAVAILABLE, &message, RelayBody::empty());
         };
         let started = Instant::now();
-        let timeout = match (pick.timeout, deadline) {
-            (Some(t), Some(d)) => Some(t.min(d.saturating_duration_since(started))),
-            (t, d) => t.or_else(|| d.map(|d| d.saturating_duration_since(started))),
-        };
+        let timeout = try_timeout(admitted.per_try_timeout, deadline, started);
         let outcome = match try_once(
             plane,
             &upstream,
@@ -363,5 +402,42 @@ async fn forward_own(
         }
         Ok(ended) => ended.into_response(None),
         Err(failure) => grpc::trailers_only(failure.code, &failure.message, RelayBody::empty()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_try_gets_the_shorter_of_its_timeout_and_what_is_left_of_the_deadline() {
+        let now = Instant::now();
+        let secs = Duration::from_secs;
+        let cases = [
+            (Some(secs(2)), Some(now + secs(10)), Some(secs(2))),
+            (
+                Some(secs(2)),
+                Some(now + Duration::from_millis(500)),
+                Some(Duration::from_millis(500)),
+            ),
+            (Some(secs(2)), None, Some(secs(2))),
+            (None, Some(now + secs(3)), Some(secs(3))),
+            (None, None, None),
+            // A deadline already past leaves no time at all, never a negative one.
+            (Some(secs(2)), Some(now - secs(1)), Some(Duration::ZERO)),
+        ];
+        for (per_try, deadline, expected) in cases {
+            assert_eq!(
+                try_timeout(per_try, deadline, now),
+                expected,
+                "{per_try:?} {deadline:?}"
+            );
+        }
+        // A retry later in the call gets what is left, not the whole per-try timeout.
+        let later = now + secs(2) + Duration::from_millis(100);
+        assert_eq!(
+            try_timeout(Some(secs(2)), Some(now + secs(3)), later),
+            Some(Duration::from_millis(900))
+        );
     }
 }

@@ -7,10 +7,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::breaker::Permit;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::control::Call;
 use crate::grpc;
@@ -24,7 +24,7 @@ pub struct Ending {
     pub call: Option<Call>,
     pub latency: Option<Duration>,
     pub mark: Option<HeaderValue>,
-    pub permit: Option<OwnedSemaphorePermit>,
+    pub permit: Option<Permit>,
 }
 
 impl Ending {

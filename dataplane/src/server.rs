@@ -1,16 +1,22 @@
-//! The caller's side: HTTP/2 connections from the app (or from other sidecars), each
-//! stream a call handed to `proxy`, driven through `h2` directly.
+//! The caller's side: HTTP/2 connections on the sidecar's listeners (app-facing and
+//! mesh-facing), each stream a call handed to `proxy`, driven through `h2` directly.
 //!
 //! Each call runs in a task of its own, which forwards it, sends the response's
 //! headers, then pumps the response body within the stream's flow control. A caller
-//! that resets its stream ends the task, and with it the upstream try. Stopping sends
-//! GOAWAY on every connection, lets the calls under way finish within the grace
-//! period, and then drops whatever is left.
+//! that resets its stream ends the task, and with it the upstream try.
+//!
+//! What a caller can make the sidecar hold is bounded: connections per listener (past
+//! the cap a new connection is closed at once), streams per connection (HTTP/2's
+//! MAX_CONCURRENT_STREAMS), the handshake's time, and a connection's time without a
+//! stream (then GOAWAY, and the connection is dropped if the peer does not close it).
+//! Stopping sends GOAWAY on every connection, lets the calls under way finish within
+//! the grace period, and then drops whatever is left.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -21,10 +27,30 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
 use crate::net;
-use crate::proxy::{self, Plane};
+use crate::proxy::{self, Plane, Role};
 use crate::stream::{Pump, UpBody};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After an idle connection's GOAWAY, how long the peer has to close it.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// A full listener says so at most this often, not once per refused connection.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// What one listener lets its callers hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_streams: u32,
+    /// A connection with no stream for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// A bound listener and what it is for.
+pub struct Listener {
+    pub socket: TcpListener,
+    pub role: Role,
+    pub limits: Limits,
+}
 
 /// Connections still open, and a wake-up when the last one closes.
 #[derive(Default)]
@@ -33,6 +59,7 @@ struct Live {
     idle: Notify,
 }
 
+/// One open connection's place in its listener's count.
 struct Held(Arc<Live>);
 
 impl Drop for Held {
@@ -43,81 +70,196 @@ impl Drop for Held {
     }
 }
 
-/// Accept and serve until `stopped` carries a grace period; then drain for that long.
-pub async fn serve(
-    plane: Arc<Plane>,
-    listener: TcpListener,
-    mut stopped: watch::Receiver<Option<f64>>,
-) {
-    let live = Arc::new(Live::default());
-    let (closing, closed) = watch::channel(false);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
-                    // Out of descriptors, say: let calls end and accept again shortly.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                net::tune(&stream);
-                live.count.fetch_add(1, Ordering::AcqRel);
-                let held = Held(live.clone());
-                tokio::spawn(connection(plane.clone(), stream, closed.clone(), held));
-            }
-            _ = stopped.changed() => break,
-        }
-    }
-    drop(listener);
-    closing.send_replace(true);
-    loop {
-        let drained = live.idle.notified();
-        if live.count.load(Ordering::Acquire) == 0 {
-            return;
-        }
-        let grace = stopped.borrow_and_update().unwrap_or(0.0);
-        tokio::select! {
-            _ = drained => {}
-            _ = tokio::time::sleep(Duration::from_secs_f64(grace)) => return,
-            changed = stopped.changed() => if changed.is_err() { return },
+/// Streams open on one connection; the connection is woken when one ends.
+#[derive(Default)]
+struct Streams {
+    active: AtomicUsize,
+    ended: Notify,
+}
+
+/// One open stream's place in its connection's count.
+struct Open(Arc<Streams>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.ended.notify_one();
         }
     }
 }
 
-async fn connection(
+/// Accept on every listener until `stopped` carries a grace period; then drain for that long.
+pub async fn serve(
     plane: Arc<Plane>,
-    stream: TcpStream,
-    mut closing: watch::Receiver<bool>,
-    _held: Held,
+    listeners: Vec<Listener>,
+    mut stopped: watch::Receiver<Option<f64>>,
 ) {
-    let mut builder = h2::server::Builder::new();
-    builder
-        .initial_window_size(1 << 20)
-        .initial_connection_window_size(1 << 24)
-        .max_concurrent_streams(10_000)
-        .max_header_list_size(1 << 16);
-    let Ok(Ok(mut conn)) =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, builder.handshake::<_, Bytes>(stream)).await
-    else {
-        // Not HTTP/2 (or too slow to say so): h2 has answered with GOAWAY where it could.
-        return;
-    };
-    let mut draining = *closing.borrow();
-    if draining {
-        conn.graceful_shutdown();
+    let (closing, closed) = watch::channel(false);
+    let mut lives = Vec::new();
+    let mut acceptors = Vec::new();
+    for listener in listeners {
+        let live = Arc::new(Live::default());
+        lives.push(live.clone());
+        acceptors.push(tokio::spawn(accept(
+            plane.clone(),
+            listener,
+            live,
+            closed.clone(),
+        )));
     }
+    let _ = stopped.changed().await;
+    for acceptor in &acceptors {
+        acceptor.abort();
+    }
+    closing.send_replace(true);
+    let grace = |stopped: &mut watch::Receiver<Option<f64>>| {
+        let seconds = stopped.borrow_and_update().unwrap_or(0.0);
+        tokio::time::Instant::now() + Duration::from_secs_f64(seconds.clamp(0.0, 1e9))
+    };
+    // One deadline for the whole drain; a second stop may only bring it closer.
+    let mut deadline = grace(&mut stopped);
+    for live in lives {
+        loop {
+            let drained = live.idle.notified();
+            if live.count.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = drained => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+                changed = stopped.changed() => match changed {
+                    Ok(()) => deadline = deadline.min(grace(&mut stopped)),
+                    Err(_) => return,
+                },
+            }
+        }
+    }
+}
+
+async fn accept(
+    plane: Arc<Plane>,
+    listener: Listener,
+    live: Arc<Live>,
+    closing: watch::Receiver<bool>,
+) {
+    let role = listener.role;
+    let limits = listener.limits;
+    let last_warning = AtomicU64::new(0);
+    let started = Instant::now();
     loop {
-        tokio::select! {
-            next = conn.accept() => match next {
-                Some(Ok((request, respond))) => {
-                    tokio::spawn(call(plane.clone(), request, respond));
+        let (stream, peer) = match listener.socket.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of descriptors, say: let calls end and accept again shortly.
+                log::warn!("{} listener cannot accept: {err}", role.name());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if live.count.load(Ordering::Acquire) >= limits.max_connections {
+            // Closed at once: the caller learns now, and holds nothing of ours.
+            drop(stream);
+            let now = started.elapsed().as_secs();
+            let last = last_warning.load(Ordering::Relaxed);
+            if last == 0 || now >= last + FULL_WARNING_EVERY.as_secs() {
+                last_warning.store(now.max(1), Ordering::Relaxed);
+                log::warn!(
+                    "{} listener is at its limit of {} connections; refusing new ones",
+                    role.name(),
+                    limits.max_connections
+                );
+            }
+            continue;
+        }
+        net::tune(&stream);
+        live.count.fetch_add(1, Ordering::AcqRel);
+        let held = Held(live.clone());
+        let connection = Connection {
+            plane: plane.clone(),
+            role,
+            limits,
+            peer,
+        };
+        tokio::spawn(connection.serve(stream, closing.clone(), held));
+    }
+}
+
+struct Connection {
+    plane: Arc<Plane>,
+    role: Role,
+    limits: Limits,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream, mut closing: watch::Receiver<bool>, _held: Held) {
+        let peer = self.peer;
+        let mut builder = h2::server::Builder::new();
+        builder
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(1 << 24)
+            .max_concurrent_streams(self.limits.max_streams)
+            .max_header_list_size(1 << 16);
+        let mut conn =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, builder.handshake::<_, Bytes>(stream))
+                .await
+            {
+                Ok(Ok(conn)) => conn,
+                // Not HTTP/2: h2 has answered with GOAWAY where it could.
+                Ok(Err(err)) => return log::debug!("connection from {peer}: handshake: {err}"),
+                Err(_) => return log::debug!("connection from {peer}: no HTTP/2 preface in time"),
+            };
+        let streams = Arc::new(Streams::default());
+        let idle = tokio::time::sleep(self.limits.idle_timeout);
+        tokio::pin!(idle);
+        let mut draining = *closing.borrow();
+        if draining {
+            conn.graceful_shutdown();
+        }
+        // Once an idle connection has been told to go, by when it must be gone.
+        let mut going: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                next = conn.accept() => match next {
+                    Some(Ok((request, respond))) => {
+                        streams.active.fetch_add(1, Ordering::AcqRel);
+                        let open = Open(streams.clone());
+                        tokio::spawn(call(self.plane.clone(), self.role, request, respond, open));
+                    }
+                    Some(Err(err)) => {
+                        return log::debug!("connection from {peer} failed: {err}");
+                    }
+                    None => return,
+                },
+                _ = streams.ended.notified() => {
+                    if streams.active.load(Ordering::Acquire) == 0 {
+                        idle.as_mut().reset(tokio::time::Instant::now() + self.limits.idle_timeout);
+                    }
                 }
-                // The connection closed, or failed (the peer broke the protocol).
-                Some(Err(_)) | None => return,
-            },
-            changed = closing.changed(), if !draining => {
-                draining = true;
-                if changed.is_ok() {
-                    conn.graceful_shutdown();
+                _ = &mut idle => {
+                    let now = tokio::time::Instant::now();
+                    if streams.active.load(Ordering::Acquire) > 0 {
+                        idle.as_mut().reset(now + self.limits.idle_timeout);
+                    } else if let Some(deadline) = going {
+                        if now >= deadline {
+                            return log::debug!("connection from {peer}: closed after idling");
+                        }
+                        idle.as_mut().reset(deadline);
+                    } else {
+                        log::debug!("connection from {peer}: idle, sending GOAWAY");
+                        if !draining {
+                            draining = true;
+                            conn.graceful_shutdown();
+                        }
+                        going = Some(now + CLOSE_GRACE);
+                        idle.as_mut().reset(now + CLOSE_GRACE);
+                    }
+                }
+                changed = closing.changed(), if !draining => {
+                    draining = true;
+                    if changed.is_ok() {
+                        conn.graceful_shutdown();
+                    }
                 }
             }
         }
@@ -125,10 +267,16 @@ async fn connection(
 }
 
 /// One call: forward it, then send the answer back as it comes.
-async fn call(plane: Arc<Plane>, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+async fn call(
+    plane: Arc<Plane>,
+    role: Role,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    _open: Open,
+) {
     let request = request.map(UpBody::new);
     // Boxed: the call's state machine is a few kilobytes, and this task is one per call.
-    let forward = Box::pin(proxy::handle(plane, request));
+    let forward = Box::pin(proxy::handle(plane, role, request));
     let response = tokio::select! {
         response = forward => response,
         // The caller reset the stream: dropping the forward cancels the upstream try.
@@ -148,7 +296,7 @@ async fn call(plane: Arc<Plane>, request: Request<RecvStream>, mut respond: Send
 mod tests {
     use super::*;
 
-    fn size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
+    fn size<A, B, C, D, E, F: std::future::Future>(_: fn(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 

@@ -51,6 +51,10 @@ class RegistrySection(StrictModel):
     preservation_share: Annotated[float, Field(gt=0, le=1)] | None = None
     preservation_window: Seconds | None = None
     preservation_max: Seconds | None = None
+    max_instances: Annotated[int, Field(ge=1)] | None = None
+    max_instances_per_service: Annotated[int, Field(ge=1)] | None = None
+    max_instances_bytes: Annotated[int, Field(ge=64 * 1024)] | None = None
+    history_bytes: Annotated[int, Field(ge=64 * 1024)] | None = None
     grace: Annotated[float, Field(ge=0)] | None = None
     log_level: LogLevel | None = None
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from typing import TYPE_CHECKING
 
-import click
 import grpc
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
@@ -22,7 +22,7 @@ from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
 from shoal_cli.loadgen import LoadWindow, percentile
 from shoal_cli.mesh.up import RunningMesh
-from shoal_cli.output import is_terminal
+from shoal_cli.output import console, quiet_if_gone, say
 
 if TYPE_CHECKING:
     from protos.worker_pb2_grpc import WorkerAsyncStub
@@ -94,8 +94,12 @@ async def _demo(mesh: RunningMesh) -> None:
         }
         senders = [asyncio.create_task(_send(client, window)) for _ in range(CONCURRENCY)]
         before = await _echo_counts(workers)
-        live = Live(console=Console(stderr=True), auto_refresh=False) if is_terminal() else None
-        with live or contextlib.nullcontext():
+        out = console(stderr=True)
+        live = Live(console=out, auto_refresh=False) if sys.stderr.isatty() else None
+        try:
+            if live is not None:
+                with quiet_if_gone(sys.stderr):
+                    live.start()
             while True:
                 await asyncio.sleep(1.0)
                 rate, latencies, errors = window.take()
@@ -106,15 +110,20 @@ async def _demo(mesh: RunningMesh) -> None:
                 }
                 before = after
                 if live is not None:
-                    live.update(_render(rate, latencies, errors, spread), refresh=True)
+                    with quiet_if_gone(sys.stderr):
+                        live.update(_render(rate, latencies, errors, spread), refresh=True)
                 else:
                     shares = " ".join(f"{n}={c}" for n, c in spread.items())
-                    click.echo(
+                    say(
                         f"demo: {rate:.0f} req/s p50 {percentile(latencies, 0.5) * 1000:.2f}"
                         f" ms p99 {percentile(latencies, 0.99) * 1000:.2f} ms errors "
                         f"{errors} spread {shares}",
                         err=True,
                     )
+        finally:
+            if live is not None:
+                with quiet_if_gone(sys.stderr):
+                    live.stop()
     finally:
         for task in senders:
             task.cancel()

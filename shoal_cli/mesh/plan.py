@@ -22,7 +22,10 @@ __all__ = ["MeshPlan", "PortInUse", "child_flags", "plan_mesh"]
 
 WORKER_SERVICE = "worker"
 # Offsets from the base port, so `--base-port 7700` gives the documented layout.
+# A worker's sidecar takes other sidecars' calls on SIDECARS + i (the address it
+# registers) and its worker's own outbound calls on SIDECAR_OUTBOUND + i.
 CLIENT, CLIENT_ADMIN, WORKERS, SIDECARS, SIDECAR_ADMINS = 1, 2, 100, 200, 300
+SIDECAR_OUTBOUND = 400
 SHOAL = (sys.executable, "-m", "shoal_cli.main")
 # Echo, demo functions and a few harmless commands, so a new mesh has work to show.
 DEMO_WORKER_CONFIG = Path(__file__).with_name("worker.yaml")
@@ -93,6 +96,7 @@ def _ports(base: int, workers: int) -> dict[str, list[int]]:
             "client_admin": [pick()],
             "workers": [pick() for _ in range(workers)],
             "sidecars": [pick() for _ in range(workers)],
+            "outbound": [pick() for _ in range(workers)],
             "admins": [pick() for _ in range(workers)],
         }
     ports = {
@@ -101,6 +105,7 @@ def _ports(base: int, workers: int) -> dict[str, list[int]]:
         "client_admin": [base + CLIENT_ADMIN],
         "workers": [base + WORKERS + i for i in range(workers)],
         "sidecars": [base + SIDECARS + i for i in range(workers)],
+        "outbound": [base + SIDECAR_OUTBOUND + i for i in range(workers)],
         "admins": [base + SIDECAR_ADMINS + i for i in range(workers)],
     }
     for group in ports.values():
@@ -154,6 +159,8 @@ def plan_mesh(
                     *SHOAL,
                     "sidecar",
                     "--listen",
+                    f"{host}:{ports['outbound'][i]}",
+                    "--inbound",
                     f"{host}:{ports['sidecars'][i]}",
                     "--registry",
                     registry,

@@ -21,14 +21,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
+from shoal_core.backoff import Attempts, Backoff
+
 __all__ = ["Child", "ChildSpec", "Restart", "StartError", "Supervisor"]
 
 logger = logging.getLogger(__name__)
 
 READY_MARK = " serving on "
-# Restart backoff: doubles from the first delay up to the cap; a child that stayed
-# up for `STABLE_AFTER` seconds is considered healthy again and starts from the first.
-FIRST_DELAY, MAX_DELAY, STABLE_AFTER = 0.5, 15.0, 30.0
+# Restarts are paced by the one backoff (doubling from 0.5 s up to 15 s, jittered); a
+# child that stayed up for `STABLE_AFTER` seconds is healthy again and starts over.
+RESTART_BACKOFF = Backoff(initial=0.5, maximum=15.0)
+STABLE_AFTER = 30.0
 
 
 class Restart(enum.Enum):
@@ -92,11 +97,18 @@ class Supervisor:
     def log_dir(self) -> Path:
         return self._log_dir
 
+    def tell(self, message: str) -> None:
+        """Pass ``message`` to ``on_event``; a failing callback never stops supervision."""
+        try:
+            self._on_event(message)
+        except Exception:
+            logger.exception("on_event failed for %r", message)
+
     def kill_all(self) -> None:
-        """Kill every child and its process group now: the forcing second Ctrl-C."""
+        """Kill every child and everything it started, now: the forcing second Ctrl-C."""
         self._stopping = True
         for child in self._children:
-            _kill_group(child.proc.pid)
+            _kill_tree(child.proc.pid)
 
     async def start(self, spec: ChildSpec) -> Child:
         """Start ``spec`` and wait for its ready line; raise ``StartError`` if it never comes."""
@@ -125,6 +137,11 @@ class Supervisor:
             await self._terminate(proc, grace=1.0)
             reason = "stayed silent" if isinstance(exc, TimeoutError) else str(exc)
             raise StartError(f"{spec.name} did not start ({reason}); see {log_path}") from None
+        except asyncio.CancelledError:
+            # Stopped while it was starting (Ctrl-C early on): it is no child of ours yet,
+            # so nothing else would stop it.
+            await self._terminate(proc, grace=1.0)
+            raise
         return proc, address, log_path
 
     @staticmethod
@@ -141,7 +158,7 @@ class Supervisor:
 
     async def _watch(self, child: Child) -> None:
         """Drain the child's stdout, and restart it per policy when it exits."""
-        delay = FIRST_DELAY
+        attempts = Attempts(RESTART_BACKOFF)
         while True:
             assert child.proc.stdout is not None
             while await child.proc.stdout.read(65536):
@@ -152,26 +169,26 @@ class Supervisor:
                 return
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited ({code})"
             if not child.spec.restart.wants_restart(code):
-                self._on_event(
+                self.tell(
                     f"{child.spec.name} {how}; restart policy "
                     f"{child.spec.restart.value}: left stopped"
                 )
                 return
             if time.monotonic() - child.started_at > STABLE_AFTER:
-                delay = FIRST_DELAY
-            self._on_event(f"{child.spec.name} {how}; restarting in {delay:.1f}s")
+                attempts.succeeded()
+            delay = attempts.failed()
+            self.tell(f"{child.spec.name} {how}; restarting in {delay:.1f}s")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_DELAY)
             if self._stopping:
                 return
             try:
                 child.proc, child.address, _ = await self._spawn(child.spec)
             except StartError as exc:
-                self._on_event(str(exc))
+                self.tell(str(exc))
                 continue
             child.started_at = time.monotonic()
             child.restarts += 1
-            self._on_event(f"{child.spec.name} restarted (pid {child.pid}) on {child.address}")
+            self.tell(f"{child.spec.name} restarted (pid {child.pid}) on {child.address}")
 
     async def stop(self, groups: Sequence[Sequence[Child]] | None = None) -> None:
         """Stop every child: group by group in the order given, else newest first."""
@@ -202,9 +219,25 @@ class Supervisor:
                 await asyncio.wait_for(proc.wait(), grace)
             except TimeoutError:
                 logger.warning("pid %d did not stop within %.1fs; killing it", proc.pid, grace)
-                _kill_group(proc.pid)
+                _kill_tree(proc.pid)
                 await proc.wait()
         _kill_group(proc.pid)
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill a running child, its group, and what it started in groups of their own.
+
+    A worker's pool processes lead their own sessions; killed with the worker alone,
+    they would run on until they notice (a pool process busy in a call may not).
+    """
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    _kill_group(pid)
+    for proc in descendants:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def _kill_group(pgid: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -25,7 +26,11 @@ if TYPE_CHECKING:
 
 __all__ = ["MeshNotReady", "RunningMesh", "run_mesh"]
 
+logger = logging.getLogger(__name__)
+
 READY_TIMEOUT = 60.0
+# SIGHUP too: the terminal (a tmux pane, an ssh session) went away with the mesh on it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class MeshNotReady(RuntimeError):
@@ -92,24 +97,27 @@ async def run_mesh(
 ) -> None:
     """Start the mesh, call ``on_ready``, supervise until a signal, then stop it in order.
 
-    A second signal while stopping kills every child at once.
+    A second signal while stopping kills every child at once. Stopping never waits on
+    printing: the signal is acted on before ``on_event`` is told, and a callback or
+    ``while_running`` that fails (say, writing to a pipe nobody reads) is logged and
+    the mesh is stopped all the same.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
+    supervisor = Supervisor(log_dir, on_event)
 
     def on_signal() -> None:
         nonlocal signals
         signals += 1
+        stop.set()
         if signals == 1:
-            on_event("stopping the mesh (again to force) ...")
-            stop.set()
+            supervisor.tell("stopping the mesh (again to force) ...")
         else:
             supervisor.kill_all()
 
-    supervisor = Supervisor(log_dir, on_event)
     mesh = RunningMesh(plan, supervisor)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal)
     extra: asyncio.Future[None] | None = None
     try:
@@ -128,12 +136,23 @@ async def run_mesh(
         await stopped
     finally:
         if extra is not None:
-            extra.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await extra
-        await mesh.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+            await _cancel(extra)
+        try:
+            await mesh.stop()
+        finally:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+
+async def _cancel(extra: asyncio.Future[None]) -> None:
+    """Cancel what ran beside the mesh; however it ended, the mesh is stopped next."""
+    extra.cancel()
+    try:
+        await extra
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        logger.exception("what ran beside the mesh failed; stopping the mesh anyway")
 
 
 async def _start(mesh: RunningMesh) -> None:

@@ -96,6 +96,7 @@ class Mesh:
             config,
             service="echo",
             app=upstream.address,
+            inbound="127.0.0.1:0",
         )
         await self._stack.enter_async_context(sidecar)
         self.sidecars.append(sidecar)

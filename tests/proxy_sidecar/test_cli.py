@@ -40,6 +40,8 @@ async def test_sidecar_process_serves_registers_and_stops(registry, upstreams):
         "echo",
         "--app",
         app.address,
+        "--inbound",
+        "127.0.0.1:0",
         "--grpc-service",
         SERVICE,
         "--admin",
@@ -52,9 +54,11 @@ async def test_sidecar_process_serves_registers_and_stops(registry, upstreams):
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        match = re.match(r"shoal sidecar serving on (\S+) \(admin on port (\d+)\)", line)
+        match = re.match(
+            r"shoal sidecar serving on (\S+) \(inbound on (\S+)\) \(admin on port (\d+)\)", line
+        )
         assert match, line
-        address, admin = match.group(1), int(match.group(2))
+        address, admin = match.group(1), int(match.group(3))
         channel: Any
         async with grpc.aio.insecure_channel(address) as channel:
             echo = channel.unary_unary(f"/{SERVICE}/Unary")

@@ -13,19 +13,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from shoal_dataplane import Admission, Refusal, Target
 
 from proxy_sidecar.balancers import make_balancer
 from proxy_sidecar.config import SidecarConfig
 from proxy_sidecar.control import Call, Control
 from proxy_sidecar.endpoints import Endpoint, EndpointTable, InstanceInfo
-from proxy_sidecar.resilience import backoff_delay
 from proxy_sidecar.routing import LOCAL_SERVICE, Router
+from shoal_core.backoff import Backoff
 
 OK, CANCELLED, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 0, 1, 4, 12, 13, 14
 APP = "127.0.0.1:1"
-
-Pick = tuple[str, str, float | None]
-Begun = tuple[Call, str, int, int, bool, Pick | tuple[int, str]]
 
 
 class Clock:
@@ -67,23 +65,28 @@ class Mesh:
         inbound: bool = False,
         metadata: Sequence[tuple[str, str]] = (),
         remaining: float | None = None,
-    ) -> Begun:
+    ) -> Admission:
         result = self.control.begin(path, target, inbound, list(metadata), remaining)
-        assert len(result) == 6, result
+        assert isinstance(result, Admission), result
         return result
 
-    def start(self, path: str = "/a.S/M", **kw: Any) -> tuple[Call, Pick]:
+    def start(self, path: str = "/a.S/M", **kw: Any) -> tuple[Call, Target]:
         """A begun call and its first pick (which must be an endpoint, not a refusal)."""
         begun = self.begin(path, **kw)
-        return begun[0], picked(begun[5])
+        return begun.call, picked(begun.first)
 
     def endpoint(self, address: str) -> Endpoint:
         return next(e for e in self.table.endpoints() if e.address == address)
 
 
-def picked(pick: Pick | tuple[int, str]) -> Pick:
-    assert len(pick) == 3 and isinstance(pick[0], str), pick
+def picked(pick: Target | Refusal) -> Target:
+    assert isinstance(pick, Target), pick
     return pick
+
+
+def refused(result: Admission | Refusal) -> Refusal:
+    assert isinstance(result, Refusal), result
+    return result
 
 
 def services(**policies: Any) -> dict[str, Any]:
@@ -100,58 +103,72 @@ def all_in_flight(mesh: Mesh) -> list[int]:
 @pytest.mark.parametrize("path", ["", "/", "a.S/M", "/a.S/", "//M", "/a S/M", "/a.S/M/x"])
 async def test_begin_refuses_a_malformed_path(path):
     mesh = Mesh()
-    result = mesh.control.begin(path, None, False, [], None)
-    assert len(result) == 2
-    code, message = result
-    assert code == UNIMPLEMENTED and "/package.Service/Method" in message
+    refusal = refused(mesh.control.begin(path, None, False, [], None))
+    assert refusal.code == UNIMPLEMENTED and "/package.Service/Method" in refusal.message
     assert mesh.router.clusters() == {}
 
 
 async def test_begin_refuses_an_unknown_service_once_the_table_is_synced():
     mesh = Mesh()
-    result = mesh.control.begin("/nobody.Serves/M", None, False, [], None)
-    assert len(result) == 2
-    code, message = result
-    assert code == UNIMPLEMENTED and "nobody.Serves" in message
+    refusal = refused(mesh.control.begin("/nobody.Serves/M", None, False, [], None))
+    assert refusal.code == UNIMPLEMENTED and "nobody.Serves" in refusal.message
     # Same through the target override, even on a well-formed path of a known service.
-    result = mesh.control.begin("/a.S/M", "nobody.Serves", False, [], None)
-    assert len(result) == 2 and result[0] == UNIMPLEMENTED and "nobody.Serves" in result[1]
+    refusal = refused(mesh.control.begin("/a.S/M", "nobody.Serves", False, [], None))
+    assert refusal.code == UNIMPLEMENTED and "nobody.Serves" in refusal.message
     assert "nobody.Serves" not in mesh.router.clusters()
 
 
-async def test_begin_before_the_first_snapshot_picks_unavailable():
+async def test_calls_before_the_first_snapshot_are_unavailable_and_hold_nothing():
     clock = Clock()
     table = EndpointTable(empty_hold=0.0, clock=clock)
     router = Router(table, SidecarConfig(), clock=clock)
     control = Control(router, [table], clock=clock)
-    result = control.begin("/a.S/M", None, False, [], None)
-    assert len(result) == 6
-    call, _, _, _, outbound, pick = result
-    assert outbound and len(pick) == 2 and pick[0] == UNAVAILABLE
-    assert "registry has not been reached" in str(pick[1])
-    call.finish(UNAVAILABLE, None)
-    assert call.cluster.codes["UNAVAILABLE"] == 1
+    # Any well-formed name may be a service the registry will know: none gets a cluster.
+    for n in range(500):
+        refusal = refused(control.begin(f"/made.Up{n}/M", None, False, [], None))
+        assert refusal.code == UNAVAILABLE
+        assert "registry has not been reached" in refusal.message
+    assert router.clusters() == {}
+    # Once the registry has answered, known services route and the rest stay unknown.
+    table.replace([info(1)])
+    assert isinstance(control.begin("/a.S/M", None, False, [], None), Admission)
+    assert refused(control.begin("/made.Up1/M", None, False, [], None)).code == UNIMPLEMENTED
+    assert list(router.clusters()) == ["a.S"]
+
+
+async def test_the_cluster_of_a_service_that_left_the_registry_is_dropped():
+    mesh = Mesh()
+    call, _ = mesh.start("/b.T/M")
+    call.finish(OK, 0.001)
+    assert "b.T" in mesh.router.clusters()
+    mesh.table.remove("i4")
+    mesh.table.remove("i5")
+    # The next routed call prunes: b.T is unknown now, and its cluster is gone.
+    mesh.start("/a.S/M")[0].finish(OK, 0.001)
+    assert "b.T" not in mesh.router.clusters()
+    assert refused(mesh.control.begin("/b.T/M", None, False, [], None)).code == UNIMPLEMENTED
 
 
 async def test_begin_routes_a_known_service_and_picks_its_first_endpoint():
     mesh = Mesh()
-    call, key, max_in_flight, max_pending, outbound, pick = mesh.begin("/a.S/M")
+    begun = mesh.begin("/a.S/M")
+    call = begun.call
     assert isinstance(call, Call) and call.cluster is mesh.router.cluster("a.S")
-    assert key == "a.S" and (max_in_flight, max_pending) == (1000, 1000)
-    assert outbound is True
-    address, instance_id, timeout = picked(pick)
-    assert instance_id in {"i1", "i2", "i3"}
-    assert mesh.endpoint(address).instance_id == instance_id
-    assert timeout is None
+    assert begun.breaker is call.cluster.breaker
+    assert (begun.breaker.max_in_flight, begun.breaker.max_pending) == (1000, 1000)
+    assert begun.outbound is True and begun.per_try_timeout is None
+    target = picked(begun.first)
+    assert target.instance in {"i1", "i2", "i3"}
+    assert mesh.endpoint(target.address).target is target
     assert call.cluster.requests == 1
 
 
 async def test_begin_target_argument_overrides_the_path_service():
     mesh = Mesh()
     for _ in range(6):
-        call, key, *_, pick = mesh.begin("/a.S/M", target="b.T")
-        assert call.cluster.service == "b.T" and key == "b.T"
-        assert picked(pick)[1] in {"i4", "i5"}
+        call, target = mesh.start("/a.S/M", target="b.T")
+        assert call.cluster.service == "b.T"
+        assert target.instance in {"i4", "i5"}
         call.finish(OK, 0.001)
     assert mesh.router.cluster("a.S").requests == 0
 
@@ -160,25 +177,26 @@ async def test_inbound_goes_to_the_local_app_not_outbound():
     mesh = Mesh(app=APP)
     # Even for a service nobody in the mesh declares: the app decides.
     for path in ("/a.S/M", "/only.Local/M"):
-        call, key, _, _, outbound, pick = mesh.begin(path, inbound=True)
-        assert call.cluster is mesh.router.local and outbound is False and key == "*"
-        assert picked(pick) == (APP, LOCAL_SERVICE, None)
-        call.finish(OK, 0.001)
+        begun = mesh.begin(path, inbound=True)
+        assert begun.call.cluster is mesh.router.local and begun.outbound is False
+        target = picked(begun.first)
+        assert (target.address, target.instance) == (APP, LOCAL_SERVICE)
+        begun.call.finish(OK, 0.001)
     # The same path outbound goes to the mesh.
-    call, _, _, _, outbound, pick = mesh.begin("/a.S/M", inbound=False)
-    assert outbound is True and picked(pick)[1] in {"i1", "i2", "i3"}
+    begun = mesh.begin("/a.S/M", inbound=False)
+    assert begun.outbound is True and picked(begun.first).instance in {"i1", "i2", "i3"}
 
 
-async def test_inbound_without_a_local_app_routes_to_the_mesh():
+async def test_inbound_without_a_local_app_is_refused_not_sent_round_the_mesh():
     mesh = Mesh()
-    call, _, _, _, outbound, pick = mesh.begin("/a.S/M", inbound=True)
-    assert outbound is True and call.cluster.service == "a.S"
-    assert picked(pick)[1] in {"i1", "i2", "i3"}
+    refusal = refused(mesh.control.begin("/a.S/M", None, True, [], None))
+    assert refusal.code == UNIMPLEMENTED and "no app" in refusal.message
+    assert mesh.router.clusters() == {}
 
 
 async def test_local_app_is_never_retried():
     mesh = Mesh(app=APP)
-    call, *_ = mesh.begin("/a.S/M", inbound=True)
+    call = mesh.begin("/a.S/M", inbound=True).call
     assert call.failed(UNAVAILABLE, True, 0.001) is None
     assert mesh.router.local is not None
     assert [e.in_flight for e in mesh.router.local_table.endpoints()] == [0]
@@ -186,31 +204,33 @@ async def test_local_app_is_never_retried():
 
 async def test_hash_key_from_metadata_reaches_the_consistent_hash_balancer():
     mesh = Mesh(services(lb="consistent_hash", hash_key="x-key"))
-    members = mesh.table.members("a.S") or []
+    members = mesh.table.members("a.S") or ()
     expected = make_balancer("consistent_hash").pick(members, "user-42", ())
     assert expected is not None
     seen = set()
     for _ in range(20):
         call, pick = mesh.start(metadata=[("other", "zzz"), ("x-key", "user-42")])
-        seen.add(pick[1])
+        seen.add(pick.instance)
         call.finish(OK, 0.001)
     assert seen == {expected.instance_id}
     # Different keys do spread (so it was the key, not luck, that kept the instance).
     spread = set()
     for n in range(60):
         call, pick = mesh.start(metadata=[("x-key", f"user-{n}")])
-        spread.add(pick[1])
+        spread.add(pick.instance)
         call.finish(OK, 0.001)
     assert len(spread) > 1
 
 
 async def test_breaker_limits_come_from_the_services_circuit_breaker_settings():
     mesh = Mesh(services(circuit_breaker={"max_in_flight": 7, "max_pending": 3}))
-    _, key, max_in_flight, max_pending, _, _ = mesh.begin("/a.S/M")
-    assert (key, max_in_flight, max_pending) == ("a.S", 7, 3)
+    breaker = mesh.begin("/a.S/M").breaker
+    assert (breaker.max_in_flight, breaker.max_pending) == (7, 3)
+    # One breaker per cluster, not per call.
+    assert mesh.begin("/a.S/N").breaker is breaker
     # Another service keeps the defaults.
-    _, key, max_in_flight, max_pending, _, _ = mesh.begin("/b.T/M")
-    assert (key, max_in_flight, max_pending) == ("b.T", 1000, 1000)
+    other = mesh.begin("/b.T/M").breaker
+    assert (other.max_in_flight, other.max_pending) == (1000, 1000)
 
 
 # --- pick / failed / finish bookkeeping --------------------------------------------------
@@ -218,7 +238,8 @@ async def test_breaker_limits_come_from_the_services_circuit_breaker_settings():
 
 async def test_in_flight_rises_on_pick_and_falls_on_failed():
     mesh = Mesh()
-    call, (address, _, _) = mesh.start()
+    call, target = mesh.start()
+    address = target.address
     endpoint = mesh.endpoint(address)
     assert endpoint.in_flight == 1
     assert call.failed(UNAVAILABLE, False, 0.002) is None
@@ -229,38 +250,41 @@ async def test_in_flight_rises_on_pick_and_falls_on_failed():
     assert endpoint.in_flight == 0 and endpoint.requests == 1
     call.finish(UNAVAILABLE, None)
     assert all_in_flight(mesh) == [0] * 5
-    assert call.cluster.codes["UNAVAILABLE"] == 1
+    assert call.cluster.code_counts()["UNAVAILABLE"] == 1
 
 
 async def test_finish_with_latency_records_a_success_and_counts_the_code():
     mesh = Mesh()
-    call, (address, _, _) = mesh.start()
+    call, target = mesh.start()
+    address = target.address
     endpoint = mesh.endpoint(address)
     assert endpoint.in_flight == 1
     call.finish(OK, 0.04)
     assert endpoint.in_flight == 0
     assert endpoint.requests == 1 and endpoint.failures == 0 and endpoint.ewma == 0.04
-    assert call.cluster.codes == {"OK": 1}
+    assert call.cluster.code_counts() == {"OK": 1}
     # An answered call with an error status still counts the status by name.
-    call, (address, _, _) = mesh.start()
+    call, target = mesh.start()
+    address = target.address
     call.finish(5, 0.01)
-    assert call.cluster.codes == {"OK": 1, "NOT_FOUND": 1}
+    assert call.cluster.code_counts() == {"OK": 1, "NOT_FOUND": 1}
     assert mesh.endpoint(address).in_flight == 0
     # Out-of-range codes count as UNKNOWN.
     call, _ = mesh.start()
     call.finish(99, None)
-    assert call.cluster.codes["UNKNOWN"] == 1
+    assert call.cluster.code_counts()["UNKNOWN"] == 1
     assert call.cluster.requests == 3
 
 
 async def test_cancelled_after_pick_releases_the_endpoint_without_recording():
     mesh = Mesh()
-    call, (address, _, _) = mesh.start()
+    call, target = mesh.start()
+    address = target.address
     endpoint = mesh.endpoint(address)
     call.finish(CANCELLED, None)
     assert endpoint.in_flight == 0
     assert endpoint.requests == 0 and endpoint.failures == 0
-    assert call.cluster.codes == {"CANCELLED": 1}
+    assert call.cluster.code_counts() == {"CANCELLED": 1}
 
 
 async def test_cancelled_during_the_backoff_leaves_nothing_in_flight():
@@ -269,7 +293,7 @@ async def test_cancelled_during_the_backoff_leaves_nothing_in_flight():
     assert call.failed(UNAVAILABLE, True, 0.001) is not None
     call.finish(CANCELLED, None)
     assert all_in_flight(mesh) == [0] * 5
-    assert call.cluster.codes == {"CANCELLED": 1}
+    assert call.cluster.code_counts() == {"CANCELLED": 1}
 
 
 # --- retry decisions ---------------------------------------------------------------------
@@ -289,17 +313,17 @@ async def test_unavailable_is_retried_with_backoff_on_another_endpoint():
     assert pause is not None and 0.0 <= pause <= 0.1
     assert call.cluster.retries == 1
     second = picked(call.pick())
-    assert second[1] != first[1]
+    assert second.instance != first.instance
     pause = call.failed(UNAVAILABLE, True, 0.001)
     assert pause is not None and 0.0 <= pause <= 0.15
     third = picked(call.pick())
-    assert third[1] not in {first[1], second[1]}
+    assert third.instance not in {first.instance, second.instance}
     # Third attempt of max_attempts=3: no more retries.
     assert call.failed(UNAVAILABLE, True, 0.001) is None
     assert call.cluster.retries == 2
     assert all_in_flight(mesh) == [0] * 5
-    for _, instance_id, _ in (first, second, third):
-        assert next(e for e in mesh.table.endpoints() if e.instance_id == instance_id).failures == 1
+    for target in (first, second, third):
+        assert mesh.endpoint(target.address).failures == 1
 
 
 async def test_backoff_pauses_stay_within_the_cap():
@@ -362,8 +386,10 @@ async def test_other_codes_are_retried_only_for_idempotent_methods_in_retry_on(
 async def test_per_try_timeout_is_retried_only_for_idempotent_methods():
     mesh = Mesh(services(per_try_timeout=1.0, retry={"idempotent_methods": ["Get"]}))
     for method, retried in (("Get", True), ("Put", False)):
-        call, (address, _, timeout) = mesh.start(f"/a.S/{method}", remaining=10.0)
-        assert timeout == 1.0
+        begun = mesh.begin(f"/a.S/{method}", remaining=10.0)
+        call, address = begun.call, picked(begun.first).address
+        # The data plane bounds the try by this and by the deadline.
+        assert begun.per_try_timeout == 1.0
         mesh.clock.now += 1.0
         pause = call.failed(DEADLINE_EXCEEDED, True, 1.0)
         assert (pause is not None) is retried, method
@@ -377,8 +403,8 @@ async def test_per_try_timeout_is_retried_only_for_idempotent_methods():
 
 async def test_the_callers_deadline_is_not_retried_nor_held_against_the_endpoint():
     mesh = Mesh(services(retry={"idempotent_methods": ["*"], "retry_on": ["DEADLINE_EXCEEDED"]}))
-    call, (address, _, timeout) = mesh.start("/a.S/Get", remaining=1.0)
-    assert timeout == 1.0
+    call, target = mesh.start("/a.S/Get", remaining=1.0)
+    address = target.address
     mesh.clock.now += 1.0
     assert call.failed(DEADLINE_EXCEEDED, True, 1.0) is None
     assert mesh.endpoint(address).failures == 0 and mesh.endpoint(address).in_flight == 0
@@ -404,7 +430,7 @@ async def test_the_retry_budget_denies_retries_once_spent():
 async def test_no_retry_when_the_deadline_is_shorter_than_the_pause():
     config = services(retry={"backoff_base": 0.2, "backoff_max": 0.2})
     # The same seed as the control's: the pause its first retry will draw.
-    pause = backoff_delay(0, 0.2, 0.2, random.Random(Mesh(config).seed))
+    pause = Backoff(initial=0.2, maximum=0.2).delay(0, random.Random(Mesh(config).seed))
     short = Mesh(config)
     call, _ = short.start(remaining=pause + 0.004)
     assert call.failed(UNAVAILABLE, True, 0.0) is None
@@ -417,37 +443,6 @@ async def test_no_retry_when_the_deadline_is_shorter_than_the_pause():
     tiny = Mesh()
     call, _ = tiny.start(remaining=0.004)
     assert call.failed(UNAVAILABLE, True, 0.0) is None
-
-
-# --- timeouts ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("per_try", "remaining", "expected"),
-    [
-        (2.0, 10.0, 2.0),
-        (2.0, 0.5, 0.5),
-        (2.0, None, 2.0),
-        (None, 3.0, 3.0),
-        (None, None, None),
-    ],
-)
-async def test_pick_timeout_is_the_shorter_of_per_try_and_remaining(per_try, remaining, expected):
-    mesh = Mesh(services(per_try_timeout=per_try) if per_try else None)
-    _, (_, _, timeout) = mesh.start(remaining=remaining)
-    assert timeout == expected
-
-
-async def test_a_retrys_timeout_is_what_is_left_of_the_deadline():
-    mesh = Mesh(services(per_try_timeout=2.0, retry={"idempotent_methods": ["*"]}))
-    call, (_, _, timeout) = mesh.start(remaining=3.0)
-    assert timeout == 2.0
-    mesh.clock.now += 2.0
-    pause = call.failed(DEADLINE_EXCEEDED, True, 2.0)
-    assert pause is not None
-    mesh.clock.now += pause
-    _, _, timeout = picked(call.pick())
-    assert timeout == pytest.approx(1.0 - pause)
 
 
 # --- connection state --------------------------------------------------------------------
@@ -480,7 +475,7 @@ async def test_connection_state_from_another_thread_applies_on_the_loop():
     # Routing sees it at once: no call goes to the failing endpoint.
     for _ in range(12):
         call, pick = mesh.start()
-        assert pick[0] != down.address
+        assert pick.address != down.address
         call.finish(OK, 0.001)
 
     version = mesh.table.version
@@ -490,7 +485,7 @@ async def test_connection_state_from_another_thread_applies_on_the_loop():
     addresses = set()
     for _ in range(12):
         call, pick = mesh.start()
-        addresses.add(pick[0])
+        addresses.add(pick.address)
         call.finish(OK, 0.001)
     assert down.address in addresses
 

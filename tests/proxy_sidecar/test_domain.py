@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import collections
-import random
+import sys
+import threading
 
+import pydantic
 import pytest
 
 from proxy_sidecar.balancers import Balancer, available, make_balancer
 from proxy_sidecar.cluster import Cluster
-from proxy_sidecar.config import OutlierSettings, ServicePolicy
+from proxy_sidecar.config import OutlierSettings, ServicePolicy, SidecarConfig
 from proxy_sidecar.endpoints import Endpoint, EndpointTable, InstanceInfo
 from proxy_sidecar.errors import NoHealthyEndpoint, PolicyError, UnknownService
 from proxy_sidecar.outlier import OutlierDetector
-from proxy_sidecar.resilience import RetryBudget, backoff_delay
+from proxy_sidecar.resilience import RetryBudget
 from proxy_sidecar.routing import parse_method
 
 
@@ -193,7 +195,7 @@ def test_cluster_panics_when_too_few_are_healthy():
         make_balancer("round_robin"),
         OutlierSettings(panic_threshold=50.0),
     )
-    members = table.members("a.S") or []
+    members = table.members("a.S") or ()
     members[0].reachable = members[1].reachable = False
     table.touch()
     picked = {cluster.pick(None).instance_id for _ in range(9)}
@@ -225,14 +227,69 @@ def test_retry_budget_is_percent_plus_reserve():
     assert sum(budget.try_retry() for _ in range(50)) == 10
 
 
-def test_backoff_is_jittered_and_capped():
-    rng = random.Random(1)
-    delays = [backoff_delay(n, 0.025, 0.25, rng) for n in range(10) for _ in range(20)]
-    assert max(delays) <= 0.25 and min(delays) >= 0.0 and len(set(delays)) > 100
-
-
 def test_method_paths():
     route = parse_method("/pkg.v1.Svc/Do")
     assert route is not None and (route.service, route.method) == ("pkg.v1.Svc", "Do")
     for bad in ("", "/", "/x", "//M", "/a b/M", "/pkg.Svc/", "x/pkg.S/M", "/a/b/c"):
         assert parse_method(bad) is None
+
+
+def test_routing_on_another_thread_never_sees_a_half_applied_update():
+    # The data plane's thread picks while the event loop changes the table. A service
+    # no routable endpoint serves makes the lookup consult every registered instance,
+    # which is where a table read during a change broke ("dictionary changed size").
+    def down(n: int) -> InstanceInfo:
+        return InstanceInfo(
+            instance_id=f"d{n}",
+            address=f"10.1.{n // 200}.{n % 200}:1",
+            grpc_services=("x.Down",),
+            routable=False,
+        )
+
+    table = EndpointTable(empty_hold=0.0)
+    table.replace([down(n) for n in range(1000)])
+    cluster = Cluster(
+        "x.Gone", table, ServicePolicy(), make_balancer("round_robin"), OutlierSettings()
+    )
+    errors: list[BaseException] = []
+    picks = 0
+    stop = threading.Event()
+
+    def route() -> None:
+        nonlocal picks
+        while not stop.is_set():
+            try:
+                cluster.pick(None)
+            except (NoHealthyEndpoint, UnknownService):
+                picks += 1
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    router = threading.Thread(target=route)
+    # Switch threads as often as the interpreter can, so a change meets a read in flight.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    router.start()
+    try:
+        for n in range(1000, 4000):
+            table.upsert(down(n))
+            table.remove(f"d{n}")
+    finally:
+        stop.set()
+        router.join()
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert picks > 0
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"defaults": {"retry": {"backoff_base": 1.0, "backoff_max": 0.5}}},
+        {"discovery": {"backoff_initial": 2.0, "backoff_max": 1.0}},
+    ],
+)
+def test_a_backoff_whose_cap_is_below_its_start_is_a_config_error(section):
+    with pytest.raises(pydantic.ValidationError, match="must not be below"):
+        SidecarConfig.model_validate(section)

@@ -29,10 +29,11 @@ async def test_register_health_reregister_and_drain(registry, upstreams):
         SidecarConfig.model_validate({"membership": {"ttl": 1.5}}),
         service="echo",
         app=app.address,
+        inbound="127.0.0.1:0",
     ) as sidecar:
         await wait_for(lambda: registry.store.instances(), what="registration")
         (inst,) = await _discover(registry)
-        assert inst.address == sidecar.address
+        assert inst.address == sidecar.inbound_address
         assert set(inst.grpc_services) == {SERVICE, OTHER}
         assert sidecar.membership is not None
 

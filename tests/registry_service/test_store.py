@@ -147,11 +147,12 @@ def test_revisions_increase_by_one_per_event_and_history_replays(clock: Clock) -
     assert store.revision == start + 3
     replay = store.events_since(start)
     assert replay is not None
-    assert [e.revision for e in replay] == [start + 1, start + 2, start + 3]
-    assert [e.kind for e in replay] == [EventKind.UPSERT, EventKind.UPSERT, EventKind.REMOVE]
+    events = list(replay)
+    assert [e.revision for e in events] == [start + 1, start + 2, start + 3]
+    assert [e.kind for e in events] == [EventKind.UPSERT, EventKind.UPSERT, EventKind.REMOVE]
     only_echo = store.events_since(start, "echo")
     assert only_echo is not None and [e.revision for e in only_echo] == [start + 1, start + 3]
-    assert store.events_since(store.revision) == []
+    assert list(store.events_since(store.revision) or [None]) == []
     assert store.events_since(store.revision + 10) is None  # a revision from another run
 
 
@@ -162,7 +163,7 @@ def test_history_that_cannot_bridge_the_gap_asks_for_a_snapshot(clock: Clock) ->
         store.register(spec(n), 5.0, SERVING)
     assert store.events_since(start) is None
     recent = store.events_since(store.revision - 10)
-    assert recent is not None and len(recent) == 10
+    assert recent is not None and len(list(recent)) == 10
 
 
 def test_grpc_service_index_and_moves_between_services(clock: Clock) -> None:

@@ -23,6 +23,7 @@ SNAPSHOT, UPSERT, REMOVE, PROGRESS = (
     pb.WatchEvent.REMOVE,
     pb.WatchEvent.PROGRESS,
 )
+SERVING = ServingStatus.SERVING
 
 
 async def read_until(call: Any, stop: int) -> list[pb.WatchEvent]:
@@ -195,3 +196,69 @@ async def test_health_watchers_see_not_serving_when_shutdown_begins(
         second = await asyncio.wait_for(call.read(), 5)
         assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
         await closing
+
+
+BIG = {f"k{k:02d}".ljust(128, "x"): "v" * 1024 for k in range(64)}
+
+
+def big_spec(n: int) -> InstanceSpec:
+    return InstanceSpec(
+        instance_id=f"big{n}", service="bulk", address=f"10.0.0.3:{n + 1}", metadata=BIG
+    )
+
+
+async def test_a_stalled_watcher_holds_at_most_its_queue_bytes(
+    start_registry: StartRegistry,
+) -> None:
+    server = await start_registry(RegistryConfig(watch_queue_bytes=1 << 20, preservation_share=1.0))
+    stream = server.servicer.Watch(pb.WatchRequest(), context=None)  # type: ignore[arg-type]
+    assert (await anext(stream)).type == SNAPSHOT
+    # While the stream is held at its yield, 15 big register+deregister pairs: 30 events,
+    # far under the count bound (4096) but about 2.2 MB against a 1 MiB byte bound.
+    for n in range(15):
+        inst = server.store.register(big_spec(n), 30.0, ServingStatus.SERVING)
+        server.store.deregister(inst.lease_id)
+    event = await asyncio.wait_for(anext(stream), 5)
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert event.type == SNAPSHOT and not event.instances
+    assert event.revision == server.store.revision
+
+
+async def test_a_resume_whose_backlog_leaves_the_history_mid_replay_gets_a_snapshot(
+    start_registry: StartRegistry,
+) -> None:
+    server = await start_registry(RegistryConfig(history_size=16, preservation_share=1.0))
+    store = server.store
+    start = store.revision
+    for n in range(5):
+        store.register(InstanceSpec(f"i{n}", "svc", f"10.0.0.4:{n + 1}"), 30.0, SERVING)
+    request = pb.WatchRequest(since_revision=start)
+    stream = server.servicer.Watch(request, context=None)  # type: ignore[arg-type]
+    assert (await anext(stream)).revision == start + 1
+    # The reader stalls while 20 more changes push the rest of its backlog out.
+    for n in range(5, 25):
+        store.register(InstanceSpec(f"i{n}", "svc", f"10.0.0.4:{n + 1}"), 30.0, SERVING)
+    event = await asyncio.wait_for(anext(stream), 5)
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert event.type == SNAPSHOT and len(event.instances) == 25
+    assert event.revision == store.revision
+
+
+async def test_rendered_messages_are_kept_for_live_instances_only(
+    registry: RegistryServer, stub: Stub
+) -> None:
+    start = registry.store.revision
+    call = stub.Watch(pb.WatchRequest())  # a watcher, so every change is rendered
+    assert (await read(call)).type == SNAPSHOT
+    leases = [(await stub.Register(pb.RegisterRequest(instance=instance(n)))) for n in range(5)]
+    for reply in leases:
+        await stub.Deregister(pb.DeregisterRequest(lease_id=reply.lease_id))
+    await read_until(call, registry.store.revision)
+    # A resume replays (and renders) instances that are gone by now.
+    resumed = stub.Watch(pb.WatchRequest(since_revision=start))
+    await read_until(resumed, registry.store.revision)
+    call.cancel()
+    resumed.cancel()
+    await stub.Register(pb.RegisterRequest(instance=instance(7)))
+    await stub.Discover(pb.DiscoverRequest(service="echo"))
+    assert len(registry.servicer._render) == 1

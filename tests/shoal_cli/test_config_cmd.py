@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -73,18 +74,39 @@ def test_check_points_at_each_error_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("registry: [1, 2]\n", "registry: Input should be a valid dictionary"),
-        ("registry:\n  ttl_default: [\n", "not valid YAML"),
-        ("unknown_section: {}\n", "unknown_section: Extra inputs are not permitted"),
+        (b"registry: [1, 2]\n", ":1: registry: Input should be a valid dictionary"),
+        (b"registry:\n  ttl_default: [\n", ":3: not valid YAML"),
+        (b"unknown_section: {}\n", ":1: unknown_section: Extra inputs are not permitted"),
+        (b"up: &up\n  workers: *up\n", ":2: the alias *up refers to a value that contains it"),
+        (b"registry:\n  ttl_default: 4  # caf\xe9\n", ":2: not UTF-8 text (byte 0xe9)"),
     ],
 )
-def test_check_rejects_malformed_files(tmp_path: Path, text: str, message: str) -> None:
+def test_check_rejects_malformed_files(tmp_path: Path, text: bytes, message: str) -> None:
     mesh = tmp_path / "mesh.yaml"
-    mesh.write_text(text)
+    mesh.write_bytes(text)
     result = subprocess.run(
         [*SHOAL, "config", "check", str(mesh)], capture_output=True, text=True, timeout=30
     )
-    assert result.returncode == 2 and message in result.stderr
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{mesh}{message}"), lines
+    assert "Traceback" not in result.stderr
+
+
+def test_check_takes_only_true_and_false_as_booleans(tmp_path: Path) -> None:
+    (tmp_path / "worker.yaml").write_text(
+        "commands:\n  say:\n    argv: [echo]\n    allow_args: y\n    inherit_env: on\n"
+    )
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("worker:\n  config: worker.yaml\n")
+    result = subprocess.run(
+        [*SHOAL, "config", "check", str(mesh)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert sorted(result.stderr.splitlines()) == [
+        f"{tmp_path / 'worker.yaml'}:4: commands.say.allow_args: must be true or false (got 'y')",
+        f"{tmp_path / 'worker.yaml'}:5: commands.say.inherit_env: must be true or false (got 'on')",
+    ]
 
 
 def test_check_accepts_a_good_file_and_commands_refuse_a_bad_one(tmp_path: Path) -> None:
@@ -131,3 +153,33 @@ def test_check_follows_the_worker_and_sidecar_files_it_names(tmp_path: Path) -> 
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{mesh}: ok (worker, sidecar)"
+
+
+def test_check_json_is_one_object_with_each_problem(tmp_path: Path) -> None:
+    (tmp_path / "worker.yaml").write_text("functions:\n  up: {target: 42}\n")
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("registry:\n  ttl_default: 4\nworker:\n  config: worker.yaml\n")
+    result = subprocess.run(
+        [*SHOAL, "config", "check", str(mesh), "--json"], capture_output=True, text=True, timeout=30
+    )
+    assert (result.returncode, result.stderr) == (2, "")
+    data = json.loads(result.stdout)
+    assert (data["file"], data["ok"], data["sections"]) == (
+        str(mesh),
+        False,
+        ["registry", "worker"],
+    )
+    [problem] = data["problems"]
+    assert (problem["file"], problem["line"]) == (str(tmp_path / "worker.yaml"), 2)
+    assert problem["message"].startswith("functions.up.target: ")
+    (tmp_path / "worker.yaml").write_text("functions: {}\n")
+    result = subprocess.run(
+        [*SHOAL, "config", "check", str(mesh), "--json"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "file": str(mesh),
+        "ok": True,
+        "sections": ["registry", "worker"],
+        "problems": [],
+    }

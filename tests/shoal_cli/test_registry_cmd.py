@@ -6,12 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.registry_memory import start_registry
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 
@@ -59,6 +61,8 @@ def test_second_signal_forces_exit(registry_process: tuple[subprocess.Popen[str]
         (["registry", "--ttl-min", "5", "--ttl-default", "2"], "ttl_default"),
         (["registry", "--sweep-interval", "-1"], "--sweep-interval"),
         (["registry", "--preservation-share", "2"], "--preservation-share"),
+        (["registry", "--max-instances", "0"], "--max-instances"),
+        (["registry", "--history-bytes", "1000"], "--history-bytes"),
         (["registry", "--log-level", "LOUD"], "log level"),
         (["registry", "--bogus"], "--bogus"),
         (["nonsense"], "nonsense"),
@@ -103,3 +107,28 @@ def test_registry_demo_runs_to_the_end() -> None:
         "discover demo.Echo -> ['echo-1', 'echo-2']" in out
         or "discover demo.Echo -> ['echo-2', 'echo-1']" in out
     )
+
+
+def test_instance_bounds_come_from_flags_and_the_mesh_file(tmp_path: Path) -> None:
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("registry:\n  max_instances_per_service: 1\n")
+    with (
+        start_registry(["--config", str(mesh), "--max-instances", "2"]) as registry,
+        grpc.insecure_channel(registry.address) as channel,
+    ):
+        stub = pb_grpc.RegistryStub(channel)
+
+        def register(n: int, service: str) -> None:
+            inst = pb.Instance(instance_id=f"i{n}", service=service, address=f"127.0.0.1:{n + 1}")
+            stub.Register(pb.RegisterRequest(instance=inst))
+
+        register(0, "a")
+        with pytest.raises(grpc.RpcError) as err:
+            register(1, "a")
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-instances-per-service" in (err.value.details() or "")
+        register(1, "b")
+        with pytest.raises(grpc.RpcError) as err:
+            register(2, "c")
+        details = err.value.details() or ""
+        assert "2 instances" in details and "--max-instances" in details, details

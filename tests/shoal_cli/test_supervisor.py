@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ async def wait_for(condition: object, timeout: float = 15.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_children_start_serve_and_stop_in_order(tmp_path: Path) -> None:
+async def test_children_start_serve_and_stop(tmp_path: Path) -> None:
     events: list[str] = []
     sup = Supervisor(tmp_path, events.append)
     first = await sup.start(registry_spec("reg-a"))
@@ -51,6 +52,57 @@ async def test_children_start_serve_and_stop_in_order(tmp_path: Path) -> None:
     assert events == []
 
 
+# A child that records, in a file shared by all, when it is told to stop and when it
+# exits; with partners it exits only once they were all told too (so a group stopped
+# one by one instead of together would never get past its first member).
+RECORDER = textwrap.dedent("""
+    import signal, sys, time
+    name, record, partners = sys.argv[1], sys.argv[2], sys.argv[3:]
+    def note(what):
+        with open(record, "a") as f:
+            f.write(f"{name} {what}\\n")
+    def stop(*_):
+        note("stopping")
+        while not all(f"{p} stopping" in open(record).read() for p in partners):
+            time.sleep(0.01)
+        note("exits")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    print(f"{name} serving on 127.0.0.1:1", flush=True)
+    while True:
+        time.sleep(1)
+""")
+
+
+def recorder(tmp_path: Path, name: str, *partners: str) -> ChildSpec:
+    script = tmp_path / "recorder.py"
+    script.write_text(RECORDER)
+    argv = [sys.executable, str(script), name, str(tmp_path / "record"), *partners]
+    return ChildSpec(name=name, argv=argv, stop_grace=10.0)
+
+
+async def test_stop_goes_group_by_group_in_the_order_given(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path, lambda _: None)
+    first = await sup.start(recorder(tmp_path, "first"))
+    b = await sup.start(recorder(tmp_path, "b", "c"))
+    c = await sup.start(recorder(tmp_path, "c", "b"))
+    await sup.stop([[b, c], [first]])
+    lines = (tmp_path / "record").read_text().splitlines()
+    # b and c together (both told before either exits), and first only after both exited.
+    assert sorted(lines[:2]) == ["b stopping", "c stopping"], lines
+    assert sorted(lines[2:4]) == ["b exits", "c exits"], lines
+    assert lines[4:] == ["first stopping", "first exits"], lines
+
+
+async def test_stop_without_groups_goes_newest_first(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path, lambda _: None)
+    for name in ("old", "mid", "new"):
+        await sup.start(recorder(tmp_path, name))
+    await sup.stop()
+    lines = (tmp_path / "record").read_text().splitlines()
+    assert lines == [f"{n} {what}" for n in ("new", "mid", "old") for what in ("stopping", "exits")]
+
+
 async def test_a_killed_child_is_restarted(tmp_path: Path) -> None:
     events: list[str] = []
     sup = Supervisor(tmp_path, events.append)
@@ -59,7 +111,9 @@ async def test_a_killed_child_is_restarted(tmp_path: Path) -> None:
     os.kill(old_pid, signal.SIGKILL)
     await wait_for(lambda: child.restarts == 1)
     assert child.pid != old_pid and psutil.pid_exists(child.pid)
-    assert events[0] == "reg was killed by SIGKILL; restarting in 0.5s"
+    said = re.fullmatch(r"reg was killed by SIGKILL; restarting in (\d\.\d)s", events[0])
+    # The first pause of the restart backoff: jittered within [0.25, 0.5] s.
+    assert said is not None and 0.2 <= float(said.group(1)) <= 0.5, events[0]
     assert events[1].startswith(f"reg restarted (pid {child.pid}) on 127.0.0.1:")
     await sup.stop()
 

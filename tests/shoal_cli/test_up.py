@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from typing import IO
 import psutil
 import pytest
 
-from tests.shoal_cli.conftest import SHOAL
+from tests.shoal_cli.conftest import SHOAL, call_in_flight, wait_for_text
 
 
 @dataclass
@@ -121,6 +122,43 @@ def test_call_and_exec_through_the_client_sidecar(mesh: Mesh) -> None:
     assert result.stdout.strip() == "5"
 
 
+def test_call_and_exec_json_say_what_the_text_shows(mesh: Mesh) -> None:
+    via = mesh.address("client-sidecar")
+    raw = b"\xff\x00bytes"  # not UTF-8: the exact bytes come back in base64
+    called = subprocess.run(
+        [*SHOAL, "call", "echo", "--via", via, "--json"], input=raw, capture_output=True, timeout=60
+    )
+    assert called.returncode == 0, called.stderr
+    data = json.loads(called.stdout)
+    assert base64.b64decode(data["result_base64"]) == raw
+    assert data["result"] == raw.decode("utf-8", errors="replace")
+    assert data["function"] == "echo" and type(data["pid"]) is int and data["pid"] > 0
+    assert data["served_by"].startswith("worker@") and data["run_seconds"] >= 0
+    assert data["cache"] is None  # echo is not cacheable: no cache trailer
+    result = shoal("exec", "--via", via, "--json", "--", "say", "hi", "there")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["exit_code"], data["stdout"], data["stderr"]) == (0, "hi there\n", "")
+    assert base64.b64decode(data["stdout_base64"]) == b"hi there\n"
+    assert (data["command"], data["args"]) == ("say", ["hi", "there"])
+    assert data["served_by"].startswith("worker@") and data["attempts"] == 1
+    assert result.stderr == ""  # everything is in the object
+    failed = shoal("exec", "--via", via, "--json", "--", "sleep", "x")
+    assert failed.returncode == json.loads(failed.stdout)["exit_code"] != 0
+
+
+def test_exec_env_sets_what_the_allowlist_allows(mesh: Mesh) -> None:
+    via = mesh.address("client-sidecar")
+    result = shoal("exec", "--via", via, "--env", "NAME=shoal mesh", "--", "env")
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.splitlines()) == ["GREETING=hello", "NAME=shoal mesh"]
+    refused = shoal("exec", "--via", via, "--env", "NAME=a", "--env", "HOME=/", "--", "env")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "shoal: error: command 'env' does not let callers set HOME in env (PERMISSION_DENIED)"
+    )
+
+
 def test_work_failures_and_refusals(mesh: Mesh) -> None:
     via = mesh.address("client-sidecar")
     refused = shoal("exec", "--via", via, "--", "rm", "-rf", "/")
@@ -142,6 +180,9 @@ def test_stats_reports_workers_and_sidecars(mesh: Mesh) -> None:
     assert len(data["workers"]) == 2 and all("uptime_seconds" in w for w in data["workers"])
     assert len(data["sidecars"]) == 2
     assert all("services" in s for s in data["sidecars"])
+    # 64-bit counters are JSON numbers (the proto3 mapping would make them strings).
+    assert all(type(w["echo_total"]) is int for w in data["workers"])
+    assert all(type(w["cache"]["hits"]) is int for w in data["workers"])
 
 
 def test_bench_measures_both_paths(mesh: Mesh) -> None:
@@ -211,6 +252,8 @@ def test_demo_shows_traffic_spread_over_workers(tmp_path: Path) -> None:
         (["up", "--restart", "sometimes"], "--restart"),
         (["up", "--config", "/nonexistent/mesh.yaml"], "cannot read file"),
         (["exec", "--via", "nowhere"], "--via"),
+        (["exec", "--env", "NAME", "--", "env"], "expected KEY=VALUE, got 'NAME'"),
+        (["exec", "--env", "=x", "--", "env"], "--env"),
         (["call"], "FUNCTION"),
         (["bench", "--seconds", "0"], "--seconds"),
     ],
@@ -236,10 +279,17 @@ def test_up_refuses_a_taken_port(tmp_path: Path) -> None:
 def test_a_second_ctrl_c_kills_everything_at_once(tmp_path: Path) -> None:
     mesh = start_mesh(tmp_path, "--workers", "1")
     everything = {p.pid for p in psutil.Process(mesh.proc.pid).children(recursive=True)}
-    mesh.proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)
-    mesh.proc.send_signal(signal.SIGINT)
-    stop_mesh(mesh)
+    logs = tmp_path / "run"
+    with call_in_flight(mesh.address("client-sidecar"), mesh.address("worker-1")):
+        mesh.proc.send_signal(signal.SIGINT)
+        # The ordered stop has begun, and holds at the client sidecar draining the call.
+        wait_for_text(logs / "client-sidecar.log", "SIGTERM: draining")
+        mesh.proc.send_signal(signal.SIGINT)
+        stop_mesh(mesh)
     assert not alive(everything | mesh.pids)
+    # At once: the rest were killed where they stood, none was asked to drain first.
+    for name in ("sidecar-1", "worker-1", "registry"):
+        log = (logs / f"{name}.log").read_text()
+        assert "draining" not in log and "stopped" not in log, (name, log)
     # Every child was collected by its own watcher, none reaped behind asyncio's back.
     assert "Unknown child process" not in mesh.stderr()
