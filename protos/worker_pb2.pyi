@@ -616,7 +616,9 @@ class ProcessInfo(_message.Message):
     status: _builtins.str
     """psutil's status: running, sleeping, zombie, ..."""
     role: _builtins.str
-    """pool (a pool process), exec (a running command) or child (started by one of those)."""
+    """pool (a pool process), exec (a running command), spawner (starts commands under their
+    limits) or child (started by a pool process or a command).
+    """
     owner: _builtins.str
     """The pool or command it belongs to."""
     state: _builtins.str

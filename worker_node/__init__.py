@@ -1,9 +1,10 @@
 """Shoal's worker node: a warm process pool, allowlisted commands, a response cache.
 
-Domain modules (``pool``, ``poolproc``, ``execs``, ``cache``, ``stats``, ``limits``,
-``procs``, ``config``) never import grpc; ``servicer`` maps the wire onto them
-and ``server`` owns the lifecycle. The package namespace is lazy because pool
-processes import ``worker_node.child``, which must not pull in grpc.
+Domain modules (``pool``, ``policy``, ``poollimits``, ``poolproc``, ``execs``,
+``cmdproc``, ``spawn``, ``cache``, ``stats``, ``limits``, ``procs``, ``config``)
+never import grpc; ``servicer`` maps the wire onto them and ``server`` owns the
+lifecycle. The package namespace is lazy because pool processes import
+``worker_node.child``, which must not pull in grpc.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 It talks to the worker over its original stdin/stdout (see ``protocol``); its
 fd 1 is then pointed at stderr so that prints in user functions cannot corrupt
 the stream. It imports the configured functions, runs their warm-up calls,
-says READY and then runs tasks one at a time in arrival order. It never imports
+says READY and then runs tasks one at a time in arrival order, each within its
+CPU budget (``limits.TaskCpuLimit``). It never imports
 grpc. If the worker disappears it kills its own process group, so a crash of
 the worker cannot leave orphans working on.
 """
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from worker_node.limits import LimitSpec, apply_rlimits
+from worker_node.limits import LimitSpec, TaskCpuLimit, apply_rlimits
 from worker_node.protocol import INIT, REPLY, REQUEST, STOP, Status, encode_reply
 
 __all__ = ["main"]
@@ -45,9 +46,9 @@ def _watch_parent(parent: int) -> None:
             os._exit(70)
 
 
-def _load(spec: dict[str, Any]) -> list[Function]:
+def _load(spec: dict[str, Any], before: Callable[[int, float], None]) -> list[Function]:
     functions: list[Function] = []
-    for name, target, warmup in spec["functions"]:
+    for index, (name, target, warmup) in enumerate(spec["functions"]):
         module_name, _, attr = target.partition(":")
         try:
             fn = getattr(importlib.import_module(module_name), attr)
@@ -58,6 +59,7 @@ def _load(spec: dict[str, Any]) -> list[Function]:
         if not callable(fn):
             raise RuntimeError(f"function {name!r}: {target!r} is not callable")
         if warmup is not None:
+            before(index, time.perf_counter())
             try:
                 fn(warmup.encode())
             except Exception as exc:
@@ -81,7 +83,13 @@ def _run(fn: Function, payload: bytes, max_result: int) -> tuple[Status, bytes]:
     return Status.OK, bytes(result)
 
 
-def _serve(fd_in: int, fd_out: int, functions: list[Function], max_result: int) -> None:
+def _serve(
+    fd_in: int,
+    fd_out: int,
+    functions: list[Function],
+    max_result: int,
+    before: Callable[[int, float], None] | None,
+) -> None:
     buf = bytearray()
     header = REQUEST.size
     while True:
@@ -103,6 +111,8 @@ def _serve(fd_in: int, fd_out: int, functions: list[Function], max_result: int) 
             payload = bytes(buf[pos + header : end])
             pos = end
             started = time.perf_counter()
+            if before is not None:
+                before(index, started)
             status, body = _run(functions[index], payload, max_result)
             done = time.perf_counter()
             out.append(REPLY.pack(len(body), task_id, status, done - started) + body)
@@ -149,15 +159,17 @@ def main() -> None:
     spec = _read_init(fd_in)
     try:
         apply_rlimits(LimitSpec(**spec["limits"]))
+        budgets = spec["cpu_budgets"]
+        cpu = TaskCpuLimit(budgets).before if any(b is not None for b in budgets) else None
         if spec.get("cwd"):
             os.chdir(spec["cwd"])
-        functions = _load(spec)
+        functions = _load(spec, cpu or (lambda _index, _now: None))
     except Exception as exc:
         message = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
         _write_all(fd_out, encode_reply(0, Status.INIT_FAILED, 0.0, message.encode()))
         raise SystemExit(3) from None
     _write_all(fd_out, encode_reply(0, Status.READY, 0.0, b""))
-    _serve(fd_in, fd_out, functions, int(spec["max_result"]))
+    _serve(fd_in, fd_out, functions, int(spec["max_result"]), cpu)
 
 
 if __name__ == "__main__":

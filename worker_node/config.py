@@ -19,6 +19,7 @@ import pydantic
 from pydantic import Field
 
 from shoal_core.config import StrictModel, load_yaml
+from worker_node.limits import UNLIMITED
 
 __all__ = [
     "CacheConfig",
@@ -40,6 +41,8 @@ PLATFORMS = ("linux", "macos", "windows")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 MIB = 1024 * 1024
+Unlimited = Literal["unlimited"]
+_LEAST = {"max_memory_mb": 16, "cpu_seconds": 1, "open_files": 16}
 
 
 def current_platform() -> str:
@@ -79,15 +82,27 @@ class _Entry(StrictModel):
 
 
 class Limits(StrictModel):
-    """Resource limits: rlimits on Linux/macOS, a psutil watchdog where rlimits don't exist."""
+    """Resource limits: rlimits on Linux/macOS, a psutil watchdog where rlimits don't exist.
 
-    max_memory_mb: int | None = Field(default=None, ge=16)
-    cpu_seconds: int | None = Field(default=None, ge=1)
-    open_files: int | None = Field(default=None, ge=16)
+    A limit left out (or null) takes its default (``worker_node.limits``): 4096 MiB
+    of address space, 1024 open files, and CPU time the entry's timeout times the
+    machine's CPUs (for a pool, per task: each function's timeout). ``unlimited``
+    lifts one limit.
+    """
 
-    @property
-    def any(self) -> bool:
-        return any(v is not None for v in (self.max_memory_mb, self.cpu_seconds, self.open_files))
+    max_memory_mb: int | Unlimited | None = None
+    cpu_seconds: int | Unlimited | None = None
+    open_files: int | Unlimited | None = None
+
+    @pydantic.field_validator("max_memory_mb", "cpu_seconds", "open_files", mode="before")
+    @classmethod
+    def _check_limit(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        least = _LEAST[str(info.field_name)]
+        if value is None or value == UNLIMITED:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"must be a whole number of at least {least}, or {UNLIMITED!r}")
+        return value
 
 
 class PoolConfig(_Entry):

@@ -4,47 +4,51 @@ A command runs in its own process group with a deadline; past it the whole
 group is killed and the caller gets what it printed so far. When the leader
 exits, whatever it left running in its group is killed too, so a command
 cannot leave orphans or hold its output pipes open. The restart policy reruns
-a one-shot command: ``on-failure`` after a non-zero exit or fatal signal,
-``unless-stopped`` also after exit 0 but not after SIGTERM/SIGINT, ``always``
-after any exit; at most ``max_restarts`` times and within the one deadline.
+a one-shot command as the table in ``policy`` says, at most ``max_restarts``
+times and within the one deadline.
+
+Its rlimits hold from its first instruction: a spawner that holds them starts
+it (``spawn``), or where none can, the trampoline in its argv sets them
+(``limits.rlimit_argv``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
-import signal
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
+from worker_node.cmdproc import Command, Output, kill_group, start_direct, start_spawned
 from worker_node.config import CommandConfig
 from worker_node.errors import (
     InvalidRequest,
     MissingExecutable,
     NotFound,
     PermissionDenied,
+    ProcessDied,
     TaskTimeout,
 )
-from worker_node.limits import LimitSpec, Watchdog, rlimit_argv, split_limits
-from worker_node.procs import kill_tree, new_group_kwargs
+from worker_node.limits import (
+    LimitSpec,
+    Watchdog,
+    encode_rlimits,
+    resolve_limits,
+    rlimit_argv,
+    rlimit_pairs,
+    split_limits,
+)
+from worker_node.policy import should_rerun
+from worker_node.procs import kill_tree
+from worker_node.spawn import Spawners, SpawnerUnavailable, spawnable
 
 __all__ = ["ExecResult", "ExecRunner", "Output", "Prepared"]
 
-T = TypeVar("T")
-READ_SIZE = 64 * 1024
-# After the leader exits, how long its leftovers may keep the pipes open.
-LEFTOVER_GRACE = 0.2
-_RERUN_ON = {
-    "never": frozenset[str](),
-    "on-failure": frozenset({"failure"}),
-    "always": frozenset({"failure", "clean", "stopped"}),
-    "unless-stopped": frozenset({"failure", "clean"}),
-}
-_STOPPED = {-signal.SIGTERM, -signal.SIGINT}
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,19 +57,19 @@ class Prepared:
 
     name: str
     argv: list[str]
-    env: dict[str, str]
+    env: dict[str, str] | None  # None: the worker's environment
     cwd: str | None
     timeout: float
     config: CommandConfig
+
+
+@dataclass(slots=True)
+class _Limits:
+    """How one command's limits are kept: rlimits (a spawner or the trampoline), a watchdog."""
+
+    rlimits: LimitSpec
     watched: LimitSpec
-
-
-@dataclass(frozen=True, slots=True)
-class Output:
-    """A chunk of output: ``fd`` 1 for stdout, 2 for stderr."""
-
-    fd: int
-    data: bytes
+    spawner: str | None  # the encoded rlimits a spawner holds, if one can
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,8 @@ class ExecRunner:
 
     def __init__(self, commands: Mapping[str, CommandConfig]) -> None:
         self._commands = dict(commands)
+        self._limits = {name: _limits_of(cmd) for name, cmd in self._commands.items()}
+        self._spawners = Spawners()
         self.running: dict[int, str] = {}
 
     def prepare(
@@ -125,21 +131,20 @@ class ExecRunner:
         workdir = cwd or cmd.cwd
         if workdir and not os.path.isdir(workdir):
             raise InvalidRequest(f"cwd: directory {workdir!r} does not exist")
-        base = dict(os.environ) if cmd.inherit_env else {}
-        full_env = {**base, **cmd.env, **env}
-        program = _find_program(name, cmd.argv[0], full_env.get("PATH"), workdir)
-        limits = cmd.limits
-        rlimits, watched = split_limits(limits.max_memory_mb, limits.cpu_seconds, limits.open_files)
-        argv = rlimit_argv(rlimits, [program, *cmd.argv[1:], *args])
+        full_env: dict[str, str] | None = None  # the worker's own, passed on as it is
+        if env or cmd.env or not cmd.inherit_env:
+            full_env = {**(os.environ if cmd.inherit_env else {}), **cmd.env, **env}
+        path = (os.environ if full_env is None else full_env).get("PATH")
+        program = _find_program(name, cmd.argv[0], path, workdir)
         limit = min(timeout, cmd.timeout) if timeout > 0 else cmd.timeout
-        return Prepared(name, argv, full_env, workdir, limit, cmd, watched)
+        return Prepared(name, [program, *cmd.argv[1:], *args], full_env, workdir, limit, cmd)
 
     async def stream(self, job: Prepared, stdin: bytes) -> AsyncIterator[Output | ExecResult]:
         """Output chunks as they come, then one ExecResult; TaskTimeout past the deadline."""
         started = time.monotonic()
         deadline = started + job.timeout
         attempts = 0
-        policy = _RERUN_ON[job.config.restart]
+        cfg = job.config
         while True:
             attempts += 1
             outcome: tuple[int, int] | None = None
@@ -151,105 +156,95 @@ class ExecRunner:
                         outcome = item
             assert outcome is not None
             code, pid = outcome
-            kind = "clean" if code == 0 else "stopped" if code in _STOPPED else "failure"
-            if attempts > job.config.max_restarts or kind not in policy:
+            if not should_rerun(cfg.restart, code, attempts, cfg.max_restarts):
                 yield ExecResult(code, time.monotonic() - started, pid, attempts)
                 return
 
     async def _attempt(
         self, job: Prepared, stdin: bytes, deadline: float
     ) -> AsyncGenerator[Output | tuple[int, int]]:
+        loop = asyncio.get_running_loop()
+        limits = self._limits[job.name]
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *job.argv,
-                stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=job.cwd,
-                env=job.env,
-                **new_group_kwargs(),  # type: ignore[arg-type]
-            )
+            command = await self._start(job, limits, stdin)
         except OSError as exc:
             raise MissingExecutable(
                 f"command {job.name!r}: cannot run {job.argv[0]!r} ({exc.strerror})"
             ) from exc
-        self.running[proc.pid] = job.name
-        queue: asyncio.Queue[Output | None] = asyncio.Queue(maxsize=16)
-        helpers = [
-            asyncio.create_task(_pump(proc.stdout, 1, queue)),
-            asyncio.create_task(_pump(proc.stderr, 2, queue)),
-            asyncio.create_task(_reap_leftovers(proc)),
-        ]
-        if stdin:
-            helpers.append(asyncio.create_task(_feed(proc, stdin)))
+        pid = command.pid
+        self.running[pid] = job.name
+        timer = loop.call_at(loop.time() + deadline - time.monotonic(), command.expire)
         watchdog = None
-        if job.watched.any:
-            watchdog = Watchdog(proc.pid, job.watched, lambda _why: kill_tree(proc.pid))
+        if limits.watched.any:
+            watchdog = Watchdog(pid, limits.watched, lambda _why: kill_tree(pid))
             watchdog.start()
         try:
-            open_pipes = 2
-            while open_pipes:
-                item = await _before(queue.get(), deadline)
-                if item is None:
-                    open_pipes -= 1
-                else:
-                    yield item
-            code = await _before(proc.wait(), deadline)
-            yield code, proc.pid
-        except TimeoutError:
-            raise TaskTimeout(
-                f"command {job.name!r} ran past its timeout of {job.timeout:g}s; "
-                f"its process group (pid {proc.pid}) was killed"
-            ) from None
+            while True:
+                while command.chunks:
+                    yield command.take()
+                if command.finished:
+                    break
+                if command.expired:
+                    raise TaskTimeout(
+                        f"command {job.name!r} ran past its timeout of {job.timeout:g}s; "
+                        f"its process group (pid {pid}) was killed"
+                    )
+                await command.changed()
+            if command.lost is not None:
+                raise ProcessDied(
+                    f"command {job.name!r}: {command.lost}; "
+                    f"its process group (pid {pid}) was killed"
+                )
+            assert command.returncode is not None
+            yield command.returncode, pid
         finally:
-            if proc.returncode is None:
-                kill_tree(proc.pid)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if os.name == "posix":
-                    os.killpg(proc.pid, signal.SIGKILL)
+            timer.cancel()
+            if not command.exited:
+                kill_tree(pid)
+            kill_group(pid)
             if watchdog is not None:
                 watchdog.stop()
-            for helper in helpers:
-                helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
-            await proc.wait()
-            self.running.pop(proc.pid, None)
+            while not command.exited:
+                await command.changed()
+            command.release()
+            self.running.pop(pid, None)
+
+    async def _start(self, job: Prepared, limits: _Limits, stdin: bytes) -> Command:
+        for _ in range(2):  # a spawner found dead is replaced once
+            if limits.spawner is None:
+                break
+            try:
+                spawner = await self._spawners.get(limits.spawner, limits.rlimits.cpu_seconds)
+            except OSError as exc:
+                logger.warning(
+                    "command %r: no spawner could start (%s); using the trampoline", job.name, exc
+                )
+                limits.spawner = None
+                break
+            try:
+                command = await start_spawned(spawner, job.argv, job.env, job.cwd, stdin)
+            except SpawnerUnavailable:
+                continue
+            if command is None:  # too large a request for a spawner
+                break
+            return command
+        argv = rlimit_argv(limits.rlimits, job.argv)
+        return await start_direct(argv, job.env, job.cwd, stdin)
 
     def kill_all(self) -> None:
         """Kill every running command (used when the grace period is over)."""
         for pid in list(self.running):
             kill_tree(pid)
 
+    def spawner_pids(self) -> list[int]:
+        return self._spawners.pids()
 
-async def _before(aw: Awaitable[T], deadline: float) -> T:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError
-    return await asyncio.wait_for(aw, remaining)
-
-
-async def _pump(
-    stream: asyncio.StreamReader | None, fd: int, queue: asyncio.Queue[Output | None]
-) -> None:
-    if stream is not None:
-        while chunk := await stream.read(READ_SIZE):
-            await queue.put(Output(fd, chunk))
-    await queue.put(None)
+    async def close(self) -> None:
+        """Stop the spawners (after ``kill_all``)."""
+        await self._spawners.close()
 
 
-async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
-    assert proc.stdin is not None
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        proc.stdin.write(data)
-        await proc.stdin.drain()
-        proc.stdin.close()
-        await proc.stdin.wait_closed()
-
-
-async def _reap_leftovers(proc: asyncio.subprocess.Process) -> None:
-    # What the command left running in its group would hold our pipes open: end it.
-    await proc.wait()
-    await asyncio.sleep(LEFTOVER_GRACE)
-    if os.name == "posix":
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+def _limits_of(cmd: CommandConfig) -> _Limits:
+    rlimits, watched = split_limits(resolve_limits(cmd.limits, cmd.timeout))
+    pairs = rlimit_pairs(rlimits)
+    return _Limits(rlimits, watched, encode_rlimits(pairs) if spawnable(pairs) else None)

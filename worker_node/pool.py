@@ -6,22 +6,11 @@ functions, run warm-up calls and only then take tasks. Tasks go to an idle
 process first; tasks of functions seen to be tiny are also pipelined behind
 other tiny ones (up to ``DEPTH`` per process), which is where the pool's speed on
 small tasks comes from. Slow tasks never queue behind anything in a process.
+Limits and their watchdogs are ``poollimits``'.
 
-Restart policy, for a process that ended without the pool asking it to:
-
-==============  ==========  =========  ===========================
-policy          crash [1]_  exit 0     stopped (SIGTERM/SIGINT)
-==============  ==========  =========  ===========================
-never           no          no         no
-on-failure      yes         no         no
-always          yes         yes        yes
-unless-stopped  yes         yes        no
-==============  ==========  =========  ===========================
-
-.. [1] a non-zero exit, a fatal signal, or a kill for a timeout or a limit.
-
-A process that is not replaced leaves the pool smaller (possibly below ``min``)
-until work waits and scaling grows it again.
+Which processes to start, retire and replace, and when, is decided by the pure
+functions in ``policy`` (the restart table is there); this module gathers what
+they need and does the I/O.
 """
 
 from __future__ import annotations
@@ -33,15 +22,15 @@ import itertools
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from worker_node import policy
 from worker_node.config import FunctionConfig, PoolConfig
 from worker_node.errors import Overloaded, ProcessDied, ShuttingDown, TaskTimeout, WorkerError
-from worker_node.limits import Watchdog, split_limits
+from worker_node.poollimits import PoolLimits
 from worker_node.poolproc import PoolProcess, PoolStartError, ProcState, Task, TaskOutcome
 from worker_node.protocol import INIT, Status, encode_request
 
@@ -51,24 +40,6 @@ logger = logging.getLogger(__name__)
 
 DEPTH = 32  # tiny tasks in flight per process
 FAST_SECONDS = 0.001  # a function whose mean run time is below this counts as tiny
-_RESTART_ON = {
-    "never": frozenset[str](),
-    "on-failure": frozenset({"failure"}),
-    "always": frozenset({"failure", "clean", "stopped"}),
-    "unless-stopped": frozenset({"failure", "clean"}),
-}
-_STOP_SIGNALS = {-signal.SIGTERM, -signal.SIGINT}
-
-
-def classify_exit(proc: PoolProcess) -> str:
-    """retired (asked to stop), failure, clean (exit 0) or stopped (SIGTERM/SIGINT)."""
-    if proc.stop_reason in ("retired", "shutdown"):
-        return "retired"
-    if proc.stop_reason is not None or proc.returncode is None:
-        return "failure"
-    if proc.returncode == 0:
-        return "clean"
-    return "stopped" if proc.returncode in _STOP_SIGNALS else "failure"
 
 
 @dataclass(slots=True)
@@ -101,17 +72,10 @@ class Pool:
         self._timeouts = [f.timeout for f in functions.values()]
         self._ewma = [1.0] * len(functions)
         self._seen = [0] * len(functions)
-        limits = config.limits
-        rlimits, self._watched = split_limits(
-            limits.max_memory_mb, limits.cpu_seconds, limits.open_files
-        )
+        self._limits = PoolLimits(config.limits, functions)
         spec = {
             "functions": [[n, f.target, f.warmup] for n, f in functions.items()],
-            "limits": {
-                "memory_bytes": rlimits.memory_bytes,
-                "cpu_seconds": rlimits.cpu_seconds,
-                "open_files": rlimits.open_files,
-            },
+            **self._limits.init_spec(),
             "cwd": config.cwd,
             "max_result": max_result_bytes,
         }
@@ -122,7 +86,6 @@ class Pool:
         self._argv = [sys.executable, "-m", "worker_node.child"]
         self._procs: list[PoolProcess] = []
         self._leaving: set[PoolProcess] = set()
-        self._watchdogs: dict[PoolProcess, Watchdog] = {}
         self._starting = 0
         self._queue: collections.deque[Task] = collections.deque()
         self._ids = itertools.count(1)
@@ -245,8 +208,7 @@ class Pool:
         for proc in procs:
             proc.kill("shutdown")
         await self._wait_exited(procs, 5.0)
-        for watchdog in self._watchdogs.values():
-            watchdog.stop()
+        self._limits.unwatch_all()
 
     # -- process owner callbacks ---------------------------------------------------
 
@@ -281,13 +243,9 @@ class Pool:
     def exited(self, proc: PoolProcess) -> None:
         self._retire_from_service(proc)
         self._leaving.discard(proc)
-        watchdog = self._watchdogs.pop(proc, None)
-        if watchdog is not None:
-            watchdog.stop()
-        kind = classify_exit(proc)
-        restart = (
-            not self._closing and kind != "retired" and kind in _RESTART_ON[self.config.restart]
-        )
+        self._limits.unwatch(proc)
+        kind = policy.classify_exit(proc.stop_reason, proc.returncode)
+        restart = policy.should_restart(self.config.restart, kind, closing=self._closing)
         if kind != "retired":
             self.counters.died += 1
             logger.warning(
@@ -316,11 +274,10 @@ class Pool:
         # Tasks behind the head never started: run them elsewhere.
         self._queue.extendleft(reversed(lost))
         if restart:
-            quick = time.monotonic() - proc.started_at < 1.0
-            self._quick_deaths = self._quick_deaths + 1 if quick else 0
-            delay = 0.0 if self._quick_deaths <= 1 else min(5.0, 0.1 * 2**self._quick_deaths)
+            lived = time.monotonic() - proc.started_at
+            self._quick_deaths = policy.quick_deaths_after(self._quick_deaths, lived)
             self.counters.restarted += 1
-            self._spawn_soon(delay)
+            self._spawn_soon(policy.restart_delay(self._quick_deaths))
         self._pump()
 
     # -- internals -----------------------------------------------------------------
@@ -366,14 +323,16 @@ class Pool:
             self._maybe_scale_up()
 
     def _maybe_scale_up(self) -> None:
-        live = len(self._procs)
-        if self._closing or live + self._starting >= self.config.max:
-            return
-        if self._starting >= len(self._queue):
-            return
-        if live and self.busy / live < self.config.scale_up_at:
-            return
-        self._spawn_soon(0.0)
+        if policy.should_scale_up(
+            live=len(self._procs),
+            starting=self._starting,
+            queued=len(self._queue),
+            busy=self.busy,
+            max_size=self.config.max,
+            scale_up_at=self.config.scale_up_at,
+            closing=self._closing,
+        ):
+            self._spawn_soon(0.0)
 
     def _spawn_soon(self, delay: float) -> None:
         self._starting += 1
@@ -403,24 +362,22 @@ class Pool:
             proc.retire("shutdown")
             return
         self._procs.append(proc)
-        if self._watched.any:
-            watchdog = Watchdog(proc.pid, self._watched, lambda _why: proc.kill("limit"))
-            self._watchdogs[proc] = watchdog
-            watchdog.start()
+        self._limits.watch(proc)
         self._pump()
 
     async def _scale_down(self) -> None:
         cfg = self.config
-        tick = min(1.0, cfg.idle_timeout / 4)
+        tick = policy.scale_down_tick(cfg.idle_timeout)
         while True:
             await asyncio.sleep(tick)
-            now = time.monotonic()
-            idle = [
-                p for p in self._procs if not p.inflight and now - p.idle_since >= cfg.idle_timeout
-            ]
-            for proc in sorted(idle, key=lambda p: p.idle_since):
-                if len(self._procs) <= cfg.min:
-                    break
+            retire = policy.idle_to_retire(
+                [(p, p.idle_since) for p in self._procs if not p.inflight],
+                now=time.monotonic(),
+                idle_timeout=cfg.idle_timeout,
+                live=len(self._procs),
+                min_size=cfg.min,
+            )
+            for proc in retire:
                 logger.info("pool %r: retiring idle process %d", self.name, proc.pid)
                 self._retire_from_service(proc)
                 proc.retire("retired")

@@ -24,6 +24,7 @@ from worker_node.cache import ResponseCache
 from worker_node.config import WorkerConfig, default_config
 from worker_node.execs import ExecRunner
 from worker_node.pool import Pool
+from worker_node.procs import use_pidfd_child_watcher
 from worker_node.servicer import WorkerServicer
 from worker_node.stats import LatencyHistogram, WorkerStats
 
@@ -149,6 +150,7 @@ class WorkerServer(GrpcServer):
         return [SERVICE_NAME]
 
     async def start(self) -> None:
+        use_pidfd_child_watcher()
         # Pools first: the port opens only once every process is warm.
         try:
             await asyncio.gather(*(pool.start() for pool in self.pools.values()))
@@ -169,6 +171,7 @@ class WorkerServer(GrpcServer):
 
     async def _after_stop(self) -> None:
         self.runner.kill_all()
+        await self.runner.close()
         await asyncio.gather(*(pool.close(POOL_GRACE) for pool in self.pools.values()))
         if self._metrics_endpoint is not None:
             await self._metrics_endpoint.close()

@@ -231,12 +231,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def ListProcesses(
         self, request: pb.ListProcessesRequest, context: Context
     ) -> pb.ListProcessesReply:
-        found = list_processes(self._sampler, self._pools.values(), self._runner.running)
+        found = list_processes(
+            self._sampler, self._pools.values(), self._runner.running, self._runner.spawner_pids()
+        )
         return pb.ListProcessesReply(processes=found)
 
     @_tracked("GetProcess")
     async def GetProcess(self, request: pb.GetProcessRequest, context: Context) -> pb.ProcessInfo:
-        for info in list_processes(self._sampler, self._pools.values(), self._runner.running):
+        found = list_processes(
+            self._sampler, self._pools.values(), self._runner.running, self._runner.spawner_pids()
+        )
+        for info in found:
             if info.pid == request.pid:
                 return info
         raise errors.NotFound(f"pid {request.pid} is not a process of this worker")

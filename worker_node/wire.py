@@ -95,15 +95,20 @@ def _state(proc: PoolProcess) -> str:
 
 
 def list_processes(
-    sampler: CpuSampler, pools: Iterable[Pool], commands: Mapping[int, str]
+    sampler: CpuSampler,
+    pools: Iterable[Pool],
+    commands: Mapping[int, str],
+    spawners: Iterable[int] = (),
 ) -> list[pb.ProcessInfo]:
-    """Pool processes, running commands and whatever each of them started."""
+    """Pool processes, running commands, command spawners and whatever each started."""
     out: list[pb.ProcessInfo] = []
     roots: list[tuple[int, str, str, PoolProcess | None]] = [
         (proc.pid, "pool", pool.name, proc) for pool in pools for proc in pool.processes()
     ]
     roots += [(pid, "exec", name, None) for pid, name in commands.items()]
-    for pid, role, owner, proc in roots:
+    # A spawner's children are the commands above: list the spawner alone.
+    spawner_roots = [(pid, "spawner", "exec", None) for pid in spawners]
+    for pid, role, owner, proc in [*roots, *spawner_roots]:
         info = _info(sampler, pid, role, owner)
         if info is None:
             continue
@@ -111,6 +116,8 @@ def list_processes(
             info.state = _state(proc)
             info.tasks_done = proc.tasks_done
         out.append(info)
+        if role == "spawner":
+            continue
         for child in children_of(pid):
             child_info = _info(sampler, child, "child", owner)
             if child_info is not None:

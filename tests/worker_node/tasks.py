@@ -43,3 +43,39 @@ def big(payload: bytes) -> bytes:
 def slow_upper(payload: bytes) -> bytes:
     time.sleep(0.3)
     return payload.upper()
+
+
+def limits(payload: bytes) -> bytes:
+    """This process's rlimits as JSON: [soft, hard] by name; CPU's soft as seconds left."""
+    import json
+    import resource
+
+    out: dict[str, list[float | None]] = {}
+    for name in ("AS", "NOFILE", "CPU"):
+        soft, hard = resource.getrlimit(getattr(resource, "RLIMIT_" + name))
+        out[name] = [None if v == resource.RLIM_INFINITY else v for v in (soft, hard)]
+    cpu_soft = out["CPU"][0]
+    if cpu_soft is not None:
+        out["CPU"][0] = cpu_soft - time.process_time()
+    return json.dumps(out).encode()
+
+
+def reserve(payload: bytes) -> bytes:
+    """Map (without touching) as many MiB of address space as the payload says."""
+    import mmap
+
+    with mmap.mmap(-1, int(payload.decode()) * 1024 * 1024):
+        return b"mapped"
+
+
+def spin(payload: bytes) -> bytes:
+    while True:
+        pass
+
+
+def burn(payload: bytes) -> bytes:
+    """Use the payload's number of seconds of CPU time, then return this pid."""
+    end = time.process_time() + float(payload.decode())
+    while time.process_time() < end:
+        pass
+    return str(os.getpid()).encode()

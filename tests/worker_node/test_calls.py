@@ -213,7 +213,13 @@ async def test_call_stream_runs_batches_and_reports_each_item(worker):
 
 
 async def test_clients_that_vanish_mid_call_lose_nothing(worker):
+    """Nothing another client has, nothing the pool has: no process, task or result."""
     server, stub = worker
+    pids = {p.pid for p in server.pools["default"].processes()}
+    before = await pool_stats(stub)
+    bystander = asyncio.ensure_future(
+        stub.Call(pb.CallRequest(function="slow_upper", payload=b"bystander"))
+    )
     call = stub.Call(pb.CallRequest(function="sleep", payload=b"0.5"))
     await asyncio.sleep(0.1)
     call.cancel()
@@ -229,7 +235,16 @@ async def test_clients_that_vanish_mid_call_lose_nothing(worker):
     async for _ in stream:
         break
     stream.cancel()
+    # Another client's call, running meanwhile, gets its answer.
+    assert (await bystander).result == b"BYSTANDER"
     await await_until(lambda: _idle(stub))
+    after = await pool_stats(stub)
+    # No pool process was killed or died for it, and every task that started finished:
+    # the abandoned sleep, the bystander and the stream's first item at least.
+    assert after.processes_died == 0
+    assert pids <= {p.pid for p in server.pools["default"].processes()}
+    assert after.tasks_failed == before.tasks_failed
+    assert after.tasks_done >= before.tasks_done + 3
     assert (await stub.Call(pb.CallRequest(function="upper", payload=b"b"))).result == b"B"
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 import pytest
 
 from shoal_core.config import ConfigError, parse_yaml
 from worker_node.config import WorkerConfig, current_platform, default_config, load_config
+from worker_node.limits import MIB, LimitSpec, resolve_limits
 
 
 def problems(text: str) -> str:
@@ -54,3 +58,32 @@ def test_defaults_and_the_example_file_load():
     assert "say" in example.commands and example.pools["default"].max == 4
     with pytest.raises(ConfigError, match="cannot read file"):
         load_config("/nonexistent/worker.yaml")
+
+
+def test_limits_left_out_take_defaults_and_unlimited_lifts_one():
+    cfg = parse_yaml(
+        """
+commands:
+  plain: {argv: [x], timeout: 2.5}
+  mine:
+    argv: [x]
+    limits: {max_memory_mb: 512, cpu_seconds: unlimited, open_files: 4096}
+  none: {argv: [x], limits: {max_memory_mb: null}}
+""",
+        WorkerConfig,
+    )
+    cpus = os.cpu_count() or 1
+    resolved = {name: resolve_limits(c.limits, c.timeout) for name, c in cfg.commands.items()}
+    assert resolved["plain"] == LimitSpec(4096 * MIB, math.ceil(2.5 * cpus), 1024)
+    assert resolved["mine"] == LimitSpec(512 * MIB, None, 4096)
+    assert resolved["none"] == LimitSpec(4096 * MIB, 30 * cpus, 1024)
+
+
+@pytest.mark.parametrize("value", ["lots", 0, -5, True, 1.5, "'12'"])
+def test_a_bad_limit_is_a_clear_error(value):
+    msg = problems(f"commands:\n  c:\n    argv: [x]\n    limits: {{cpu_seconds: {value}}}\n")
+    assert "line 4: commands.c.limits.cpu_seconds: " in msg
+    assert "must be a whole number of at least 1, or 'unlimited'" in msg
+    assert "open_files: Value error, must be a whole number of at least 16" in problems(
+        "pools:\n  p: {limits: {open_files: 8}}\n"
+    )

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
+import os
+import resource
 import sys
 from typing import Any
 
@@ -10,9 +15,18 @@ import pytest
 
 from protos import worker_pb2 as pb
 from tests.worker_node.conftest import config, running
+from worker_node.limits import MIB
 
 PY = sys.executable
+SHOW_LIMITS = (
+    "import json, resource; "
+    "print(json.dumps({n: resource.getrlimit(getattr(resource, 'RLIMIT_' + n)) "
+    "for n in ('AS', 'CPU', 'NOFILE')}))"
+)
+# 10 MB of output: 100 runs of 100,000 equal letters, A to Z and round again.
+FLOOD = "import sys; [sys.stdout.buffer.write(bytes([65 + i % 26]) * 100_000) for i in range(100)]"
 TEXT = f"""
+exec: {{max_output_bytes: 1048576}}
 functions:
   upper: {{target: "worker_node.demo_tasks:upper"}}
 commands:
@@ -31,6 +45,14 @@ commands:
   spin:
     argv: ["{PY}", "-c", "while True: pass"]
     limits: {{cpu_seconds: 1}}
+  limits: {{argv: ["{PY}", "-c", "{SHOW_LIMITS}"], timeout: 2.5}}
+  flood: {{argv: ["{PY}", "-c", "{FLOOD}"]}}
+  small:  # too small for a spawner to run under: set by the trampoline
+    argv: ["{PY}", "-c", "{SHOW_LIMITS}"]
+    limits: {{max_memory_mb: 128, cpu_seconds: 3, open_files: 32}}
+  lifted:
+    argv: ["{PY}", "-c", "{SHOW_LIMITS}"]
+    limits: {{max_memory_mb: unlimited, cpu_seconds: 7, open_files: unlimited}}
 """
 
 
@@ -96,6 +118,18 @@ async def test_exec_stream_sends_chunks_then_status(execs):
     assert b"".join(c.stdout for c in got) == b"started\n"
 
 
+async def test_big_output_is_streamed_in_order_and_capped_in_a_unary_reply(execs):
+    expected = b"".join(bytes([65 + i % 26]) * 100_000 for i in range(100))
+    got = bytearray()
+    async for chunk in execs.ExecStream(pb.ExecRequest(command="flood")):
+        got += chunk.stdout
+        await asyncio.sleep(0.001)  # a slow reader: the command is held back, not buffered
+    assert got == expected
+    reply = await execs.Exec(pb.ExecRequest(command="flood"))
+    assert reply.truncated and reply.exit_code == 0
+    assert reply.stdout == expected[: 1024 * 1024]
+
+
 async def test_restart_policy_reruns_a_failing_command(execs):
     reply = await execs.Exec(pb.ExecRequest(command="flaky"))
     assert (reply.exit_code, reply.attempts) == (3, 3)
@@ -104,6 +138,21 @@ async def test_restart_policy_reruns_a_failing_command(execs):
 async def test_cpu_rlimit_ends_a_runaway_command(execs):
     reply = await execs.Exec(pb.ExecRequest(command="spin", timeout_ms=20_000))
     assert reply.exit_code in (-24, -9)  # SIGXCPU at the soft limit, SIGKILL at the hard one
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="rlimits as Linux has them")
+async def test_commands_get_default_limits_an_entry_can_change_or_lift(execs):
+    got = json.loads((await execs.Exec(pb.ExecRequest(command="limits"))).stdout)
+    cpu = math.ceil(2.5 * (os.cpu_count() or 1))  # the timeout times the CPUs
+    assert got == {"AS": [4096 * MIB] * 2, "CPU": [cpu, cpu + 1], "NOFILE": [1024, 1024]}
+    small = json.loads((await execs.Exec(pb.ExecRequest(command="small"))).stdout)
+    assert small == {"AS": [128 * MIB] * 2, "CPU": [3, 4], "NOFILE": [32, 32]}
+    lifted = json.loads((await execs.Exec(pb.ExecRequest(command="lifted"))).stdout)
+    assert lifted == {
+        "AS": list(resource.getrlimit(resource.RLIMIT_AS)),
+        "CPU": [7, 8],
+        "NOFILE": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+    }
 
 
 async def test_cacheable_exec_says_hit_in_trailing_metadata(execs):
