@@ -25,10 +25,12 @@ A pool process that is not replaced leaves the pool smaller (possibly below
 
 from __future__ import annotations
 
+import random
 import signal
 from collections.abc import Iterable
 from typing import Literal, TypeVar
 
+from shoal_core.backoff import Backoff
 from worker_node.config import RestartPolicy
 
 __all__ = [
@@ -94,12 +96,18 @@ def quick_deaths_after(previous: int, lived: float) -> int:
     return previous + 1 if lived < QUICK_DEATH_SECONDS else 0
 
 
-def restart_delay(quick_deaths: int) -> float:
+# A crash loop's pauses: the one backoff every retry loop uses, from 0.4 s up to 5 s.
+CRASH_LOOP_BACKOFF = Backoff(initial=0.4, maximum=5.0)
+
+
+def restart_delay(quick_deaths: int, rng: random.Random) -> float:
     """Seconds to wait before replacing a process, after ``quick_deaths`` quick deaths in a row.
 
-    One quick death is replaced at once; a crash loop backs off exponentially to 5 s.
+    One quick death is replaced at once; a crash loop backs off (jittered) to 5 s.
     """
-    return 0.0 if quick_deaths <= 1 else min(5.0, 0.1 * 2**quick_deaths)
+    if quick_deaths <= 1:
+        return 0.0
+    return CRASH_LOOP_BACKOFF.delay(quick_deaths - 2, rng)
 
 
 def should_scale_up(

@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import sys
 import time
 from collections.abc import Mapping
@@ -94,6 +95,7 @@ class Pool:
         self._scaler: asyncio.Task[None] | None = None
         self._closing = False
         self._quick_deaths = 0
+        self._rng = random.Random()
 
     # -- public surface --------------------------------------------------------
 
@@ -277,7 +279,7 @@ class Pool:
             lived = time.monotonic() - proc.started_at
             self._quick_deaths = policy.quick_deaths_after(self._quick_deaths, lived)
             self.counters.restarted += 1
-            self._spawn_soon(policy.restart_delay(self._quick_deaths))
+            self._spawn_soon(policy.restart_delay(self._quick_deaths, self._rng))
         self._pump()
 
     # -- internals -----------------------------------------------------------------

@@ -5,16 +5,19 @@ Domain errors become status codes here and only here.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from functools import wraps
-from typing import Any, NoReturn, TypeVar, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import grpc
 
 from protos import worker_pb2 as pb
 from protos import worker_pb2_grpc as pb_grpc
+from shoal_core.codes import ErrorCodes
+from shoal_core.servicing import maps_errors
 from worker_node import errors
 from worker_node.cache import ResponseCache
 from worker_node.config import WorkerConfig
@@ -28,62 +31,78 @@ from worker_node.stats import WorkerStats
 from worker_node.streams import run_call_stream
 from worker_node.wire import list_processes, stats_reply
 
-__all__ = ["CODES", "WorkerServicer", "status_of"]
+__all__ = ["CODES", "WorkerServicer"]
 
 logger = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
-CODES: dict[type[errors.WorkerError], grpc.StatusCode] = {
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
-    errors.TaskError: grpc.StatusCode.UNKNOWN,
-    errors.TaskTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.ProcessDied: grpc.StatusCode.ABORTED,
-    errors.MissingExecutable: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResultTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
+CODES = ErrorCodes[grpc.StatusCode](
+    {
+        errors.NotFound: grpc.StatusCode.NOT_FOUND,
+        errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+        errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+        errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+        errors.TaskError: grpc.StatusCode.UNKNOWN,
+        errors.TaskTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+        errors.ProcessDied: grpc.StatusCode.ABORTED,
+        errors.MissingExecutable: grpc.StatusCode.FAILED_PRECONDITION,
+        errors.ResultTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    },
+    default=grpc.StatusCode.FAILED_PRECONDITION,
+)
 # Partial output of a timed-out Exec travels in trailing metadata, which peers cap at ~8 KiB.
 PARTIAL_TAIL = 2048
 
-Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, Context], Coroutine[Any, Any, Resp]]
+H = TypeVar("H", bound=Callable[..., Any])
 
 
-def status_of(exc: errors.WorkerError) -> grpc.StatusCode:
-    return CODES.get(type(exc), grpc.StatusCode.FAILED_PRECONDITION)
+def _partial_output(exc: BaseException) -> Sequence[tuple[str, str | bytes]]:
+    if not isinstance(exc, errors.TaskTimeout):
+        return ()
+    return (
+        ("shoal-partial-stdout-bin", exc.stdout[-PARTIAL_TAIL:]),
+        ("shoal-partial-stderr-bin", exc.stderr[-PARTIAL_TAIL:]),
+    )
 
 
-async def _abort(context: Context, exc: errors.WorkerError) -> NoReturn:
-    trailers: tuple[tuple[str, str | bytes], ...] = ()
-    if isinstance(exc, errors.TaskTimeout):
-        trailers = (
-            ("shoal-partial-stdout-bin", exc.stdout[-PARTIAL_TAIL:]),
-            ("shoal-partial-stderr-bin", exc.stderr[-PARTIAL_TAIL:]),
-        )
-    await context.abort(status_of(exc), str(exc), trailers)
-    raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+# Unary replies carry a timed-out command's partial output; a stream has sent it already.
+_mapped = maps_errors(errors.WorkerError, CODES, trailers=_partial_output)
+_mapped_stream = maps_errors(errors.WorkerError, CODES)
 
 
-def _tracked(method: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
-    def wrap(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
-        @wraps(handler)
-        async def run(self: WorkerServicer, request: Req, context: Context) -> Resp:
+def _tracked(method: str) -> Callable[[H], H]:
+    """Record each call of a servicer method (unary or streaming) in the worker's stats."""
+
+    def wrap(handler: H) -> H:
+        if inspect.isasyncgenfunction(handler):
+
+            @functools.wraps(handler)
+            async def stream(self: WorkerServicer, request: Any, context: Context) -> Any:
+                started = time.perf_counter()
+                ok = False
+                try:
+                    async for item in handler(self, request, context):
+                        yield item
+                    ok = True
+                finally:
+                    self.stats.record(method, time.perf_counter() - started, ok)
+
+            return cast(H, stream)
+
+        @functools.wraps(handler)
+        async def unary(self: WorkerServicer, request: Any, context: Context) -> Any:
             started = time.perf_counter()
             ok = False
             try:
                 reply = await handler(self, request, context)
                 ok = True
                 return reply
-            except errors.WorkerError as exc:
-                await _abort(context, exc)
             finally:
                 self.stats.record(method, time.perf_counter() - started, ok)
 
-        return run
+        return cast(H, unary)
 
     return wrap
 
@@ -127,6 +146,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return pb.EchoReply(payload=request.payload)
 
     @_tracked("Call")
+    @_mapped
     async def Call(self, request: pb.CallRequest, context: Context) -> pb.CallReply:
         name = request.function
         pool = self._pool_of.get(name)
@@ -146,6 +166,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         )
 
     @_tracked("Exec")
+    @_mapped
     async def Exec(self, request: pb.ExecRequest, context: Context) -> pb.ExecReply:
         job = self._prepare(request)
 
@@ -183,51 +204,42 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             b"Exec\0" + request.SerializeToString(deterministic=True), run, context
         )
 
+    @_tracked("ExecStream")
+    @_mapped_stream
     async def ExecStream(
         self, request: pb.ExecRequest, context: Context
     ) -> AsyncIterator[pb.ExecChunk]:
-        started = time.perf_counter()
-        ok = False
-        try:
-            job = self._prepare(request)
-            async with self._gate:
-                async for item in self._runner.stream(job, request.stdin):
-                    if isinstance(item, Output):
-                        if item.fd == 1:
-                            yield pb.ExecChunk(stdout=item.data)
-                        else:
-                            yield pb.ExecChunk(stderr=item.data)
+        job = self._prepare(request)
+        async with self._gate:
+            async for item in self._runner.stream(job, request.stdin):
+                if isinstance(item, Output):
+                    if item.fd == 1:
+                        yield pb.ExecChunk(stdout=item.data)
                     else:
-                        yield pb.ExecChunk(exit=_exit(item))
-            ok = True
-        except errors.WorkerError as exc:
-            # Partial output has already been streamed; only the status is left to send.
-            await context.abort(status_of(exc), str(exc))
-        finally:
-            self.stats.record("ExecStream", time.perf_counter() - started, ok)
+                        yield pb.ExecChunk(stderr=item.data)
+                else:
+                    yield pb.ExecChunk(exit=_exit(item))
 
+    @_tracked("CallStream")
     async def CallStream(
         self, request_iterator: AsyncIterator[pb.CallBatch], context: Context
     ) -> AsyncIterator[pb.CallResults]:
-        started = time.perf_counter()
-        ok = False
-        try:
-            async for finished in run_call_stream(
-                request_iterator,
-                self._pool_of,
-                self.config.max_payload_bytes,
-                self.config.stream_window,
-            ):
-                yield pb.CallResults(results=[_result(item, done) for item, done in finished])
-            ok = True
-        finally:
-            self.stats.record("CallStream", time.perf_counter() - started, ok)
+        # Items fail one by one, each with its own status in its result.
+        async for finished in run_call_stream(
+            request_iterator,
+            self._pool_of,
+            self.config.max_payload_bytes,
+            self.config.stream_window,
+        ):
+            yield pb.CallResults(results=[_result(item, done) for item, done in finished])
 
     @_tracked("Stats")
+    @_mapped
     async def Stats(self, request: pb.StatsRequest, context: Context) -> pb.StatsReply:
         return stats_reply(self.stats, self._pools.values(), self._cache, self.exec_running)
 
     @_tracked("ListProcesses")
+    @_mapped
     async def ListProcesses(
         self, request: pb.ListProcessesRequest, context: Context
     ) -> pb.ListProcessesReply:
@@ -237,6 +249,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return pb.ListProcessesReply(processes=found)
 
     @_tracked("GetProcess")
+    @_mapped
     async def GetProcess(self, request: pb.GetProcessRequest, context: Context) -> pb.ProcessInfo:
         found = list_processes(
             self._sampler, self._pools.values(), self._runner.running, self._runner.spawner_pids()
@@ -277,7 +290,7 @@ def _result(item: pb.CallItem, done: TaskOutcome | errors.WorkerError) -> pb.Cal
             return pb.CallResult(
                 id=item.id, result=reply.result, pid=reply.pid, run_seconds=reply.run_seconds
             )
-    return pb.CallResult(id=item.id, code=status_of(done).value[0], message=str(done))
+    return pb.CallResult(id=item.id, code=CODES(done).value[0], message=str(done))
 
 
 def _exit(result: ExecResult) -> pb.ExecExit:

@@ -166,7 +166,12 @@ impl DataPlane {
                                     }
                                 }
                             }
-                            server::serve(plane, listeners, stopped).await
+                            let endings = plane.control.endings.clone();
+                            let flusher = tokio::spawn(endings.clone().flush_forever());
+                            server::serve(plane, listeners, stopped).await;
+                            flusher.abort();
+                            // The calls that ended during the drain are told too.
+                            Python::attach(|py| endings.deliver(py));
                         });
                         // Dropping the runtime ends every task still running: calls past the grace.
                         drop(runtime);

@@ -98,3 +98,17 @@ async def test_unary_and_streaming_handlers_end_with_their_errors_status(channel
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await channel.unary_unary("/t.S/Bug")(b"")
     assert info.value.code() == grpc.StatusCode.UNKNOWN
+
+
+def test_the_workers_errors_map_by_class_too():
+    from worker_node import errors
+    from worker_node.servicer import CODES as WORKER_CODES
+
+    class SlowKill(errors.TaskTimeout):
+        pass
+
+    assert WORKER_CODES(SlowKill("late")) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert WORKER_CODES(errors.TaskFailed("ran and failed")) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert WORKER_CODES(errors.Overloaded("full")) == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import signal
 
 import pytest
@@ -83,19 +84,24 @@ def test_should_rerun_follows_the_table_up_to_max_restarts(restart):
 
 def test_a_crash_loop_backs_off_and_a_process_that_lived_resets_it():
     clock = FakeClock()
+    rng = random.Random(5)
     deaths, delays = 0, []
     for _ in range(8):
         started = clock()
         clock.advance(0.05)  # dies almost at once
         deaths = quick_deaths_after(deaths, clock() - started)
-        delays.append(restart_delay(deaths))
+        delays.append(restart_delay(deaths, rng))
         clock.advance(delays[-1])
-    assert delays == [0.0, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+    # The first is replaced at once; then the one backoff's ceilings, each jittered
+    # within its upper half.
+    ceilings = [0.0, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+    assert delays[0] == 0.0
+    assert all(c / 2 <= d <= c for d, c in zip(delays[1:], ceilings[1:], strict=True)), delays
     started = clock()
     clock.advance(QUICK_DEATH_SECONDS)  # this one lived long enough
     deaths = quick_deaths_after(deaths, clock() - started)
-    assert (deaths, restart_delay(deaths)) == (0, 0.0)
-    assert restart_delay(quick_deaths_after(deaths, 0.01)) == 0.0
+    assert (deaths, restart_delay(deaths, rng)) == (0, 0.0)
+    assert restart_delay(quick_deaths_after(deaths, 0.01), rng) == 0.0
 
 
 def grows(
