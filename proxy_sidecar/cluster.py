@@ -21,13 +21,14 @@ from collections.abc import Callable, Collection
 from shoal_dataplane import Breaker
 
 from proxy_sidecar.balancers import Balancer
-from proxy_sidecar.config import CODE_NAMES, OutlierSettings, ServicePolicy
+from proxy_sidecar.config import OutlierSettings, ServicePolicy
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, UnknownService
 from proxy_sidecar.outlier import OutlierDetector
 from proxy_sidecar.policies import EWMA_DECAY
 from proxy_sidecar.resilience import RetryBudget
 from shoal_core.backoff import Backoff
+from shoal_core.codes import CODE_NAMES
 
 __all__ = ["Cluster"]
 

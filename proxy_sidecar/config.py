@@ -24,6 +24,7 @@ from pathlib import Path
 import pydantic
 from pydantic import Field
 
+from shoal_core.codes import CODE_NAMES
 from shoal_core.config import StrictModel, load_yaml
 
 __all__ = [
@@ -41,12 +42,6 @@ __all__ = [
     "load_config",
 ]
 
-# grpc.StatusCode names by number, kept here so the domain need not import grpc.
-CODE_NAMES = tuple(
-    "OK CANCELLED UNKNOWN INVALID_ARGUMENT DEADLINE_EXCEEDED NOT_FOUND ALREADY_EXISTS "
-    "PERMISSION_DENIED RESOURCE_EXHAUSTED FAILED_PRECONDITION ABORTED OUT_OF_RANGE "
-    "UNIMPLEMENTED INTERNAL UNAVAILABLE DATA_LOSS UNAUTHENTICATED".split()
-)
 STATUS_CODE_NAMES = frozenset(CODE_NAMES)
 _GRPC_SERVICE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _METADATA_KEY = re.compile(r"[a-z0-9][a-z0-9._-]*")

@@ -32,11 +32,10 @@ from collections.abc import Callable, Iterable, Sequence
 from shoal_dataplane import Admission, Refusal, Target
 
 from proxy_sidecar.cluster import Cluster
-from proxy_sidecar.config import CODE_NAMES
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, RouteError, UnknownService
 from proxy_sidecar.routing import Route, Router, parse_method
-from shoal_core.codes import ErrorCodes
+from shoal_core.codes import ErrorCodes, code_name
 
 __all__ = ["Call", "Control", "route_refusal"]
 
@@ -128,7 +127,8 @@ class Call:
         if not replayable or len(self._tried) + 1 >= retry.max_attempts:
             return None
         if code != _UNAVAILABLE and not (
-            retry.is_idempotent(self._method) and (try_timed_out or _name(code) in retry.retry_on)
+            retry.is_idempotent(self._method)
+            and (try_timed_out or code_name(code) in retry.retry_on)
         ):
             return None
         pause = cluster.backoff.delay(len(self._tried), self._rng)
@@ -149,10 +149,6 @@ class Call:
             if latency is not None:
                 self.cluster.record(endpoint, True, latency)
         self.cluster.count(code)
-
-
-def _name(code: int) -> str:
-    return CODE_NAMES[code] if 0 <= code < len(CODE_NAMES) else "UNKNOWN"
 
 
 class Control:

@@ -21,8 +21,9 @@ from protos import worker_pb2_grpc as wpb_grpc
 from shoal_cli.errors import UserError
 from shoal_cli.loadgen import percentile
 from shoal_cli.options import ADDRESS
-from shoal_cli.output import emit_json, emit_table, is_terminal
+from shoal_cli.output import emit_json, is_terminal
 from shoal_cli.registry_ops import registry_option
+from shoal_cli.render import emit_table
 from shoal_cli.worker_ops import via_option
 
 if TYPE_CHECKING:

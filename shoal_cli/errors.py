@@ -9,8 +9,7 @@ import click
 
 from shoal_cli.output import mute
 from shoal_core.addresses import AddressError
-from shoal_core.config import ConfigError
-from shoal_core.grpc_server import ServerStartError
+from shoal_core.errors import ShoalUserError
 
 __all__ = ["USER_ERROR", "Group", "ReaderGone", "UserError", "WorkFailed", "run_guarded"]
 
@@ -63,7 +62,7 @@ def run_guarded(run: Callable[[], object]) -> int:
         return 130
     except click.ClickException as exc:
         return _fail(exc.format_message().replace("\n", " "))
-    except (UserError, AddressError, ConfigError, ServerStartError) as exc:
+    except (UserError, AddressError, ShoalUserError) as exc:
         return _fail(str(exc))
     except WorkFailed as exc:
         click.echo(f"shoal: {exc}", err=True)

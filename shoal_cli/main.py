@@ -15,42 +15,53 @@ import sys
 # who wants its logs can still set GRPC_VERBOSITY. Must happen before grpc is imported.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
+import importlib  # noqa: E402
+
 import click  # noqa: E402
 
-from shoal_cli.bench_cmd import bench  # noqa: E402
-from shoal_cli.config_cmd import config  # noqa: E402
 from shoal_cli.errors import Group, run_guarded  # noqa: E402
-from shoal_cli.probe_cmd import health  # noqa: E402
-from shoal_cli.registry_cmd import registry, registry_demo  # noqa: E402
-from shoal_cli.registry_ops import ls, watch  # noqa: E402
-from shoal_cli.sidecar_cmd import sidecar  # noqa: E402
-from shoal_cli.stats_cmd import stats  # noqa: E402
-from shoal_cli.up_cmd import up  # noqa: E402
-from shoal_cli.worker_cmd import worker  # noqa: E402
-from shoal_cli.worker_ops import call, exec_  # noqa: E402
 
 __all__ = ["cli", "main"]
 
+# Each command is imported only when it runs: `shoal health`, run by container health
+# checks every few seconds, must not pay for the registry, the sidecar and rich.
+_COMMANDS = {
+    "bench": "shoal_cli.bench_cmd:bench",
+    "call": "shoal_cli.worker_ops:call",
+    "config": "shoal_cli.config_cmd:config",
+    "exec": "shoal_cli.worker_ops:exec_",
+    "health": "shoal_cli.probe_cmd:health",
+    "ls": "shoal_cli.registry_ops:ls",
+    "registry": "shoal_cli.registry_cmd:registry",
+    "registry-demo": "shoal_cli.registry_cmd:registry_demo",
+    "sidecar": "shoal_cli.sidecar_cmd:sidecar",
+    "stats": "shoal_cli.stats_cmd:stats",
+    "up": "shoal_cli.up_cmd:up",
+    "watch": "shoal_cli.registry_ops:watch",
+    "worker": "shoal_cli.worker_cmd:worker",
+}
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+
+class _Commands(Group):
+    """The ``shoal`` group, loading each command's module when it is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = _COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, name = target.partition(":")
+        command = getattr(importlib.import_module(module), name)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="shoal")
 def cli() -> None:
     """Shoal: a service mesh for Python on gRPC."""
-
-
-cli.add_command(registry)
-cli.add_command(registry_demo)
-cli.add_command(health)
-cli.add_command(config)
-cli.add_command(up)
-cli.add_command(exec_)
-cli.add_command(call)
-cli.add_command(stats)
-cli.add_command(bench)
-cli.add_command(ls)
-cli.add_command(watch)
-cli.add_command(worker)
-cli.add_command(sidecar)
 
 
 def main(argv: list[str] | None = None) -> int:

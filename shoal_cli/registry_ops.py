@@ -15,7 +15,8 @@ from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from shoal_cli.errors import UserError
 from shoal_cli.options import ADDRESS, F
-from shoal_cli.output import emit_json, emit_table, message_json
+from shoal_cli.output import emit_json
+from shoal_cli.render import emit_table, message_json
 
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub

@@ -25,8 +25,9 @@ from protos import worker_pb2_grpc as wpb_grpc
 from proxy_sidecar.server import ADMIN_KEY, APP_KEY
 from shoal_cli.errors import UserError
 from shoal_cli.options import ADDRESS
-from shoal_cli.output import emit_json, emit_table, message_json
+from shoal_cli.output import emit_json
 from shoal_cli.registry_ops import registry_option, unreachable
+from shoal_cli.render import emit_table, message_json
 
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub

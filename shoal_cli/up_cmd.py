@@ -15,7 +15,8 @@ from shoal_cli.mesh.config import MeshFile, config_option
 from shoal_cli.mesh.plan import MeshPlan, PortInUse, plan_mesh
 from shoal_cli.mesh.supervisor import Restart, StartError
 from shoal_cli.mesh.up import MeshNotReady, RunningMesh, run_mesh
-from shoal_cli.output import emit_table, say
+from shoal_cli.output import say
+from shoal_cli.render import emit_table
 
 __all__ = ["up"]
 

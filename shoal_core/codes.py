@@ -11,9 +11,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Generic, TypeVar
 
-__all__ = ["ErrorCodes"]
+__all__ = ["CODE_NAMES", "ErrorCodes", "code_name"]
 
 C = TypeVar("C")
+
+# gRPC's status codes by number, for code that speaks them without importing grpc.
+CODE_NAMES = tuple(
+    "OK CANCELLED UNKNOWN INVALID_ARGUMENT DEADLINE_EXCEEDED NOT_FOUND ALREADY_EXISTS "
+    "PERMISSION_DENIED RESOURCE_EXHAUSTED FAILED_PRECONDITION ABORTED OUT_OF_RANGE "
+    "UNIMPLEMENTED INTERNAL UNAVAILABLE DATA_LOSS UNAUTHENTICATED".split()
+)
+
+
+def code_name(code: int) -> str:
+    """A status code's name; numbers gRPC does not define are UNKNOWN, as gRPC reads them."""
+    return CODE_NAMES[code] if 0 <= code < len(CODE_NAMES) else "UNKNOWN"
 
 
 class ErrorCodes(Generic[C]):

@@ -15,18 +15,11 @@ import pydantic
 import pydantic_core
 import yaml
 
+from shoal_core.errors import ConfigError
+
 __all__ = ["ConfigError", "StrictModel", "load_yaml", "parse_yaml"]
 
 M = TypeVar("M", bound=pydantic.BaseModel)
-
-
-class ConfigError(ValueError):
-    """A config file is missing, is not YAML, or does not validate; ``str()`` is for users."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: " + "; ".join(problems))
 
 
 def _strict_bools(schema: Any) -> None:

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from shoal_core.addresses import dial_address, parse_address
 from shoal_core.decoding import StrictDecodingServer
+from shoal_core.errors import ServerStartError
 from shoal_core.logs import quiet_vanished_clients
 
 __all__ = ["ConnectionLimits", "GrpcServer", "ServerStartError"]
@@ -131,10 +132,6 @@ def _options(limits: ConnectionLimits, max_message_bytes: int) -> list[tuple[str
         ("grpc.http2.min_ping_interval_without_data_ms", ms(limits.min_ping_interval)),
         ("grpc.http2.max_ping_strikes", limits.max_ping_strikes),
     ]
-
-
-class ServerStartError(RuntimeError):
-    """The server could not bind its listen address."""
 
 
 def _why_unbindable(listen: str) -> str:

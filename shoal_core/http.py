@@ -29,7 +29,7 @@ from typing import cast
 import h11
 
 from shoal_core.addresses import HostPort, parse_address
-from shoal_core.grpc_server import ServerStartError
+from shoal_core.errors import ServerStartError
 
 __all__ = ["HttpServer", "Page", "PageBuilder"]
 

@@ -160,6 +160,10 @@ class RapidReset:
                 and not self.seen.closed
                 and self.streams < self.max_streams
                 and time.monotonic() < deadline
+                # One that ignores PINGs stops sending once asked: a server that ends a
+                # connection with our frames unread resets it, and the kernel then drops
+                # the GOAWAY that says why before we can read it.
+                and (self.answer_pings or self.seen.pings == 0)
             ):
                 for _ in range(100):
                     stream_id = conn.get_next_available_stream_id()

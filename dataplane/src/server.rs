@@ -52,38 +52,33 @@ pub struct Listener {
     pub limits: Limits,
 }
 
-/// Connections still open, and a wake-up when the last one closes.
+/// How many of something are open (connections of a listener, streams of a
+/// connection), and a wake-up when the last one ends.
 #[derive(Default)]
-struct Live {
-    count: AtomicUsize,
-    idle: Notify,
+struct Tally {
+    open: AtomicUsize,
+    emptied: Notify,
 }
 
-/// One open connection's place in its listener's count.
-struct Held(Arc<Live>);
+impl Tally {
+    fn count(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
 
-impl Drop for Held {
-    fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
+    /// One more is open until the guard is dropped (however its task ends).
+    fn enter(self: &Arc<Self>) -> Entered {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Entered(self.clone())
     }
 }
 
-/// Streams open on one connection; the connection is woken when one ends.
-#[derive(Default)]
-struct Streams {
-    active: AtomicUsize,
-    ended: Notify,
-}
+struct Entered(Arc<Tally>);
 
-/// One open stream's place in its connection's count.
-struct Open(Arc<Streams>);
-
-impl Drop for Open {
+impl Drop for Entered {
     fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.ended.notify_one();
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A permit is kept if nobody waits yet: the waiter checks the count first.
+            self.0.emptied.notify_one();
         }
     }
 }
@@ -98,7 +93,7 @@ pub async fn serve(
     let mut lives = Vec::new();
     let mut acceptors = Vec::new();
     for listener in listeners {
-        let live = Arc::new(Live::default());
+        let live = Arc::new(Tally::default());
         lives.push(live.clone());
         acceptors.push(tokio::spawn(accept(
             plane.clone(),
@@ -119,13 +114,9 @@ pub async fn serve(
     // One deadline for the whole drain; a second stop may only bring it closer.
     let mut deadline = grace(&mut stopped);
     for live in lives {
-        loop {
-            let drained = live.idle.notified();
-            if live.count.load(Ordering::Acquire) == 0 {
-                break;
-            }
+        while live.count() > 0 {
             tokio::select! {
-                _ = drained => {}
+                _ = live.emptied.notified() => {}
                 _ = tokio::time::sleep_until(deadline) => return,
                 changed = stopped.changed() => match changed {
                     Ok(()) => deadline = deadline.min(grace(&mut stopped)),
@@ -139,7 +130,7 @@ pub async fn serve(
 async fn accept(
     plane: Arc<Plane>,
     listener: Listener,
-    live: Arc<Live>,
+    live: Arc<Tally>,
     closing: watch::Receiver<bool>,
 ) {
     let role = listener.role;
@@ -156,7 +147,7 @@ async fn accept(
                 continue;
             }
         };
-        if live.count.load(Ordering::Acquire) >= limits.max_connections {
+        if live.count() >= limits.max_connections {
             // Closed at once: the caller learns now, and holds nothing of ours.
             drop(stream);
             let now = started.elapsed().as_secs();
@@ -172,8 +163,7 @@ async fn accept(
             continue;
         }
         net::tune(&stream);
-        live.count.fetch_add(1, Ordering::AcqRel);
-        let held = Held(live.clone());
+        let held = live.enter();
         let connection = Connection {
             plane: plane.clone(),
             role,
@@ -192,7 +182,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(self, stream: TcpStream, mut closing: watch::Receiver<bool>, _held: Held) {
+    async fn serve(self, stream: TcpStream, mut closing: watch::Receiver<bool>, _held: Entered) {
         let peer = self.peer;
         let mut builder = h2::server::Builder::new();
         builder
@@ -209,7 +199,7 @@ impl Connection {
                 Ok(Err(err)) => return log::debug!("connection from {peer}: handshake: {err}"),
                 Err(_) => return log::debug!("connection from {peer}: no HTTP/2 preface in time"),
             };
-        let streams = Arc::new(Streams::default());
+        let streams = Arc::new(Tally::default());
         let idle = tokio::time::sleep(self.limits.idle_timeout);
         tokio::pin!(idle);
         let mut draining = *closing.borrow();
@@ -222,8 +212,7 @@ impl Connection {
             tokio::select! {
                 next = conn.accept() => match next {
                     Some(Ok((request, respond))) => {
-                        streams.active.fetch_add(1, Ordering::AcqRel);
-                        let open = Open(streams.clone());
+                        let open = streams.enter();
                         tokio::spawn(call(self.plane.clone(), self.role, request, respond, open));
                     }
                     Some(Err(err)) => {
@@ -231,14 +220,14 @@ impl Connection {
                     }
                     None => return,
                 },
-                _ = streams.ended.notified() => {
-                    if streams.active.load(Ordering::Acquire) == 0 {
+                _ = streams.emptied.notified() => {
+                    if streams.count() == 0 {
                         idle.as_mut().reset(tokio::time::Instant::now() + self.limits.idle_timeout);
                     }
                 }
                 _ = &mut idle => {
                     let now = tokio::time::Instant::now();
-                    if streams.active.load(Ordering::Acquire) > 0 {
+                    if streams.count() > 0 {
                         idle.as_mut().reset(now + self.limits.idle_timeout);
                     } else if let Some(deadline) = going {
                         if now >= deadline {
@@ -272,7 +261,7 @@ async fn call(
     role: Role,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-    _open: Open,
+    _open: Entered,
 ) {
     let request = request.map(UpBody::new);
     // Boxed: the call's state machine is a few kilobytes, and this task is one per call.

@@ -22,7 +22,8 @@ from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
 from shoal_cli.loadgen import LoadWindow, percentile
 from shoal_cli.mesh.up import RunningMesh
-from shoal_cli.output import console, quiet_if_gone, say
+from shoal_cli.output import quiet_if_gone, say
+from shoal_cli.render import console
 
 if TYPE_CHECKING:
     from protos.worker_pb2_grpc import WorkerAsyncStub

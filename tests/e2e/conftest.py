@@ -65,8 +65,30 @@ class ComposeMesh:
             cmd, capture_output=True, text=True, env=self.env, timeout=300, cwd=ROOT
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
+            raise AssertionError(
+                f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}\n{self.diagnosis()}"
+            )
         return result
+
+    def diagnosis(self) -> str:
+        """Each container's state, last health checks and last log lines: why it failed."""
+        label = f"label=com.docker.compose.project={self.project}"
+        ids = subprocess.run(
+            ["docker", "ps", "-a", "-q", "--filter", label], capture_output=True, text=True
+        ).stdout.split()
+        parts = []
+        for cid in ids:
+            state = subprocess.run(
+                ["docker", "inspect", "--format",
+                 "{{.Name}} {{.State.Status}} exit={{.State.ExitCode}} {{json .State.Health}}",
+                 cid],
+                capture_output=True, text=True,
+            ).stdout.strip()  # fmt: skip
+            logs = subprocess.run(
+                ["docker", "logs", "--tail", "15", cid], capture_output=True, text=True
+            )
+            parts.append(f"--- {state[:1500]}\n{(logs.stdout + logs.stderr)[-2000:]}")
+        return "\n".join(parts)
 
     def container(self, service: str) -> str:
         """The container id of a compose service."""
