@@ -136,13 +136,11 @@ class DiscoverySettings(StrictModel):
 class PoolSettings(StrictModel):
     """Upstream connections: closed after ``idle_timeout`` seconds without calls.
 
-    ``max_message_bytes`` bounds the messages of the sidecar's own services (health,
-    reflection). Forwarded calls are never decoded, so their limits are those of the
-    app and of the upstream, which answer RESOURCE_EXHAUSTED themselves.
+    Forwarded calls are never decoded, so their message limits are those of the app and
+    of the upstream, which answer RESOURCE_EXHAUSTED themselves.
     """
 
     idle_timeout: float = Field(default=300.0, gt=0.0, le=86_400.0)
-    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=4096, le=1024 * 1024 * 1024)
 
 
 class ListenerSettings(StrictModel):

@@ -14,7 +14,9 @@ outcome. ``Control`` is the data plane's ``ControlPlane`` and ``Call`` its
   answered; the pause before a retry, or ``None``;
 - ``Call.finish(code, latency)``: the call ended; ``latency`` (the last try's time to
   the response headers) when the upstream answered;
-- ``Control.connection_state(address, state)``: an upstream connection changed.
+- ``Control.connection_state(address, state)``: an upstream connection changed;
+- ``Control.reflect(request)``: answer a reflection request about the sidecar's own
+  services (its app asked).
 
 The data plane bounds each try by the per-try timeout and what is left of the
 caller's deadline. Status codes are gRPC's numbers. Everything here is synchronous
@@ -34,6 +36,7 @@ from shoal_dataplane import Admission, Refusal, Target
 from proxy_sidecar.cluster import Cluster
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, RouteError, UnknownService
+from proxy_sidecar.reflect import answer as reflection_answer
 from proxy_sidecar.routing import Route, Router, parse_method
 from shoal_core.codes import ErrorCodes, code_name
 
@@ -210,6 +213,10 @@ class Control:
             # Never a call in flight that the data plane does not know of.
             call.finish(_INTERNAL, None)
             raise
+
+    def reflect(self, request: bytes) -> bytes:
+        """The answer to one server reflection request about the sidecar's own services."""
+        return reflection_answer(request)
 
     def connection_state(self, address: str, state: str) -> None:
         """From the data plane's thread: apply on the event loop, where the tables live."""

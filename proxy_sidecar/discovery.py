@@ -14,12 +14,10 @@ import logging
 import random
 import time
 
-import grpc
-
 from protos import registry_pb2 as pb
-from protos import registry_pb2_grpc as pb_grpc
 from proxy_sidecar.config import DiscoverySettings
 from proxy_sidecar.endpoints import EndpointTable, InstanceInfo
+from proxy_sidecar.rpc import Rpc, RpcError
 from shoal_core.backoff import Attempts, Backoff
 
 __all__ = ["Discovery", "info_from_pb"]
@@ -27,6 +25,7 @@ __all__ = ["Discovery", "info_from_pb"]
 logger = logging.getLogger(__name__)
 
 _ROUTABLE_STATUS = (pb.SERVING, pb.SERVING_STATUS_UNSPECIFIED)
+_WATCH = "/shoal.registry.v1.Registry/Watch"
 # How often held empty sets are re-examined when no event arrives.
 _TICK = 0.5
 
@@ -47,7 +46,7 @@ def info_from_pb(msg: pb.Instance) -> InstanceInfo:
 
 
 class Discovery:
-    """Consumes ``Registry.Watch`` into an ``EndpointTable``; owns its channel and task."""
+    """Consumes ``Registry.Watch`` into an ``EndpointTable``; owns its tasks."""
 
     def __init__(
         self,
@@ -57,6 +56,7 @@ class Discovery:
         *,
         rng: random.Random | None = None,
     ) -> None:
+        self._rpc: Rpc | None = None
         self._registry = registry
         self._table = table
         self._settings = settings
@@ -64,7 +64,6 @@ class Discovery:
             Backoff(initial=settings.backoff_initial, maximum=settings.backoff_max),
             rng or random.Random(),
         )
-        self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
@@ -75,9 +74,10 @@ class Discovery:
         self.events = 0
         self.last_event_at = 0.0
 
-    async def start(self) -> None:
-        """Start watching; wait up to ``initial_sync`` seconds for the first snapshot."""
-        self._channel = grpc.aio.insecure_channel(self._registry)
+    async def start(self, rpc: Rpc) -> None:
+        """Start watching through ``rpc``; wait up to ``initial_sync`` seconds for the
+        first snapshot."""
+        self._rpc = rpc
         self._task = asyncio.create_task(self._run(), name="discovery-watch")
         self._ticker = asyncio.create_task(self._tick(), name="discovery-tick")
         try:
@@ -88,13 +88,12 @@ class Discovery:
             )
 
     async def _run(self) -> None:
-        assert self._channel is not None
-        stub = pb_grpc.RegistryStub(self._channel)
+        assert self._rpc is not None
         attempts = self._attempts
         while True:
             try:
-                call = stub.Watch(pb.WatchRequest(since_revision=self.revision))
-                async for event in call:
+                watch = pb.WatchRequest(since_revision=self.revision)
+                async for event in self._rpc.stream(self._registry, _WATCH, watch, pb.WatchEvent):
                     if not self.connected:
                         self.connected = True
                         if attempts.failures:
@@ -102,8 +101,8 @@ class Discovery:
                         attempts.succeeded()
                     self._apply(event)
                 reason = "the registry ended the watch"
-            except grpc.aio.AioRpcError as exc:
-                reason = f"{exc.code().name}: {exc.details()}"
+            except RpcError as exc:
+                reason = str(exc)
             if self.connected or attempts.failures == 0:
                 logger.warning(
                     "watch of %s broke (%s); keeping the last %d endpoints",
@@ -146,6 +145,3 @@ class Discovery:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._task = self._ticker = None
-        if self._channel is not None:
-            await self._channel.close(None)
-            self._channel = None

@@ -16,13 +16,12 @@ import logging
 import random
 from collections.abc import Callable
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from protos import registry_pb2 as pb
-from protos import registry_pb2_grpc as pb_grpc
 from proxy_sidecar.config import MembershipSettings
 from proxy_sidecar.reflect import list_services
+from proxy_sidecar.rpc import NOT_FOUND, UNIMPLEMENTED, Rpc, RpcError
 from shoal_core.backoff import Attempts, Backoff
 
 __all__ = ["Membership"]
@@ -30,13 +29,16 @@ __all__ = ["Membership"]
 logger = logging.getLogger(__name__)
 
 _RPC_TIMEOUT = 3.0
+_REGISTRY = "/shoal.registry.v1.Registry/"
+_CHECK = "/grpc.health.v1.Health/Check"
 
 
 class Membership:
-    """Keeps one registration of the app alive; owns its channels and heartbeat task."""
+    """Keeps one registration of the app alive; owns its heartbeat task."""
 
     def __init__(
         self,
+        rpc: Rpc,
         registry: str,
         *,
         service: str,
@@ -55,10 +57,8 @@ class Membership:
         self._rng = rng or random.Random()
         host_port = advertise.replace("[", "").replace("]", "")
         self.instance_id = settings.instance_id or f"{service}@{host_port}"
-        self._registry_channel = grpc.aio.insecure_channel(registry)
-        self._app_channel = grpc.aio.insecure_channel(app)
-        self._registry = pb_grpc.RegistryStub(self._registry_channel)
-        self._health = health_pb2_grpc.HealthStub(self._app_channel)
+        self._rpc = rpc
+        self._registry = registry
         self._app = app
         self._task: asyncio.Task[None] | None = None
         self.grpc_services: tuple[str, ...] = settings.grpc_services
@@ -75,12 +75,12 @@ class Membership:
         task keeps trying.
         """
         if not self.grpc_services:
-            self.grpc_services = await list_services(self._app_channel, self._app)
+            self.grpc_services = await list_services(self._rpc, self._app)
         interval: float | None = None
         try:
             interval = await self._register()
-        except grpc.aio.AioRpcError as exc:
-            logger.warning("cannot register %s yet: %s", self.instance_id, exc.details())
+        except RpcError as exc:
+            logger.warning("cannot register %s yet: %s", self.instance_id, exc.details)
         self._task = asyncio.create_task(self._run(interval), name="membership")
 
     async def check_app(self) -> pb.ServingStatus.ValueType:
@@ -91,13 +91,16 @@ class Membership:
         if not self._forwarding():
             return pb.NOT_SERVING
         try:
-            reply = await self._health.Check(
+            reply = await self._rpc.unary(
+                self._app,
+                _CHECK,
                 health_pb2.HealthCheckRequest(service=self._settings.health_service),
+                health_pb2.HealthCheckResponse,
                 timeout=_RPC_TIMEOUT,
             )
-        except grpc.aio.AioRpcError as exc:
+        except RpcError as exc:
             # An app without the health service is judged by being reachable.
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            if exc.code == UNIMPLEMENTED:
                 return pb.SERVING
             return pb.NOT_SERVING
         if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -120,8 +123,11 @@ class Membership:
             status=self.status,
             load=self._load_report(),
         )
-        reply = await self._registry.Register(
+        reply = await self._rpc.unary(
+            self._registry,
+            _REGISTRY + "Register",
             pb.RegisterRequest(instance=instance, ttl_ms=round(self._settings.ttl * 1000)),
+            pb.RegisterResponse,
             timeout=_RPC_TIMEOUT,
         )
         self.lease_id = reply.lease_id
@@ -146,9 +152,9 @@ class Membership:
                 await asyncio.sleep(self._rng.uniform(0.0, interval))
             try:
                 interval = await self._register()
-            except grpc.aio.AioRpcError as exc:
+            except RpcError as exc:
                 if attempts.failures == 0:
-                    logger.warning("cannot register %s: %s", self.instance_id, exc.details())
+                    logger.warning("cannot register %s: %s", self.instance_id, exc.details)
                 await asyncio.sleep(attempts.failed())
                 interval = None
                 continue
@@ -159,19 +165,22 @@ class Membership:
             await asyncio.sleep(interval)
             self.status = await self.check_app()
             try:
-                await self._registry.Heartbeat(
+                await self._rpc.unary(
+                    self._registry,
+                    _REGISTRY + "Heartbeat",
                     pb.HeartbeatRequest(
                         lease_id=self.lease_id, status=self.status, load=self._load_report()
                     ),
+                    pb.HeartbeatResponse,
                     timeout=_RPC_TIMEOUT,
                 )
                 self.heartbeats += 1
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
+            except RpcError as exc:
+                if exc.code == NOT_FOUND:
                     logger.info("lease of %s is gone; registering again", self.instance_id)
                     return
                 # Unreachable registry: keep trying; the lease may still be alive.
-                logger.debug("heartbeat failed: %s", exc.code().name)
+                logger.debug("heartbeat failed: %s", exc.name)
 
     async def drain(self) -> None:
         """Stop heartbeating and deregister, so callers stop picking this instance."""
@@ -182,15 +191,17 @@ class Membership:
             self._task = None
         if self.lease_id:
             try:
-                await self._registry.Deregister(
-                    pb.DeregisterRequest(lease_id=self.lease_id), timeout=_RPC_TIMEOUT
+                await self._rpc.unary(
+                    self._registry,
+                    _REGISTRY + "Deregister",
+                    pb.DeregisterRequest(lease_id=self.lease_id),
+                    pb.DeregisterResponse,
+                    timeout=_RPC_TIMEOUT,
                 )
                 logger.info("deregistered %s", self.instance_id)
-            except grpc.aio.AioRpcError as exc:
-                logger.warning("deregister of %s failed: %s", self.instance_id, exc.details())
+            except RpcError as exc:
+                logger.warning("deregister of %s failed: %s", self.instance_id, exc.details)
             self.lease_id = ""
 
     async def close(self) -> None:
         await self.drain()
-        await self._registry_channel.close(None)
-        await self._app_channel.close(None)

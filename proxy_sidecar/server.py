@@ -5,9 +5,11 @@ Calls are forwarded by the native data plane (``shoal_dataplane``); it asks
 the app-facing (outbound) one on ``listen``, bound to loopback by default, takes the
 app's calls and routes them into the mesh; the mesh-facing (inbound) one, for a
 sidecar with an app, takes other sidecars' calls and delivers them to the app only.
-The registered address is the inbound one. The sidecar's own services (health,
-reflection) run on a grpc.aio server on a loopback port of its own, which the data
-plane forwards the app's calls for them to.
+The registered address is the inbound one. The data plane also serves the sidecar's
+own services to its app (grpc.health.v1, and reflection answered by ``reflect``) and
+carries the control plane's own calls (``rpc``: the registry's Watch, registration and
+heartbeats, the app's health checks), so the sidecar's process has one HTTP/2 stack,
+not two: grpcio is not loaded at all.
 
 Start-up order: watch the registry first (so the first calls find endpoints),
 then serve, then register the app (it is reachable through us only once we
@@ -20,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
 
-import grpc
 from prometheus_client.registry import CollectorRegistry
 from shoal_dataplane import DataPlane
 
@@ -35,8 +38,9 @@ from proxy_sidecar.errors import PolicyError
 from proxy_sidecar.membership import Membership
 from proxy_sidecar.metrics import SidecarCollector
 from proxy_sidecar.routing import Router
+from proxy_sidecar.rpc import Rpc
 from shoal_core.addresses import HostPort, dial_address, parse_address
-from shoal_core.grpc_server import GrpcServer, ServerStartError
+from shoal_core.errors import ServerStartError
 from shoal_core.http import HttpServer
 from shoal_core.metrics import metrics_page
 
@@ -48,7 +52,7 @@ logger = logging.getLogger(__name__)
 APP_KEY, ADMIN_KEY = "shoal.app", "shoal.admin"
 
 
-class SidecarServer(GrpcServer):
+class SidecarServer:
     """A sidecar on ``listen`` forwarding its app's calls to the mesh found through
     ``registry``.
 
@@ -88,14 +92,13 @@ class SidecarServer(GrpcServer):
         if advertise is not None:
             parse_address(advertise)
         parse_address(listen, allow_port_zero=True)
-        # The sidecar's own services; callers reach them through the data plane.
-        super().__init__("127.0.0.1:0", max_message_bytes=config.pool.max_message_bytes)
         self._public_listen = listen
         self._public_port = 0
         self._inbound_listen = inbound
         self._inbound_port = 0
         self.dataplane: DataPlane | None = None
-        self._grace: float | None = None
+        self._rpc: Rpc | None = None
+        self._closed = asyncio.Event()
         self._registry_address = registry
         self._service = service
         self._app = app
@@ -145,9 +148,6 @@ class SidecarServer(GrpcServer):
             return None
         return dial_address(self._inbound_listen, self._inbound_port)
 
-    def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
-        return []
-
     def _connections(self) -> int:
         return 0 if self.dataplane is None else self.dataplane.connections()
 
@@ -185,17 +185,18 @@ class SidecarServer(GrpcServer):
             raise ServerStartError(str(exc)) from None
         self._public_port, self._inbound_port = outbound, inbound or 0
         self.dataplane = dataplane
+        self._rpc = rpc = Rpc(dataplane)
         for table in self._tables:
             table.subscribe(self._on_endpoints)
             self._on_endpoints(table.endpoints(), ())
         try:
-            await self.discovery.start()
-            await super().start()
+            await self.discovery.start(rpc)
         except BaseException:
             await self.discovery.close()
             await asyncio.to_thread(dataplane.stop, 0.0)
+            rpc.close()
             raise
-        dataplane.set_local(f"127.0.0.1:{super().port}")
+        logger.info("sidecar listening on %s", self.address)
         if self._admin is not None:
             try:
                 await self._admin.start()
@@ -206,6 +207,7 @@ class SidecarServer(GrpcServer):
             advertise = self._advertise or self.inbound_address
             assert advertise is not None
             self.membership = Membership(
+                rpc,
                 self._registry_address,
                 service=self._service,
                 app=self._app,
@@ -236,26 +238,48 @@ class SidecarServer(GrpcServer):
         return settings.model_copy(update={"metadata": {**found, **settings.metadata}})
 
     async def close(self, grace: float | None = None) -> None:
-        if self._draining and self.dataplane is not None:
-            # The forcing signal: cut the data plane's grace short too.
-            self.dataplane.stop(0.0)
-        self._grace = grace
-        await super().close(grace)
+        """Drain: say NOT_SERVING, deregister, let calls finish for ``grace`` seconds.
 
-    async def _before_stop(self) -> None:
+        A second close (the forcing signal) cuts the data plane's grace short.
+        """
+        dataplane = self.dataplane
+        if self._draining:
+            if dataplane is not None:
+                dataplane.stop(0.0)
+            return
         self._draining = True
+        if dataplane is not None:
+            dataplane.set_serving(False)
         if self.membership is not None:
+            # Deregistered first, while the data plane still carries the call, so callers
+            # stop picking this instance before its calls are drained.
             await self.membership.drain()
-        if self.dataplane is not None:
-            grace = 1e9 if self._grace is None else self._grace
-            await asyncio.to_thread(self.dataplane.stop, grace)
-
-    async def _after_stop(self) -> None:
+        await self.discovery.close()
+        if dataplane is not None:
+            await asyncio.to_thread(dataplane.stop, 1e9 if grace is None else grace)
+        if self._rpc is not None:
+            self._rpc.close()
         if self.membership is not None:
             await self.membership.close()
-        await self.discovery.close()
         if self._admin is not None:
             await self._admin.close()
+        logger.info("sidecar on %s stopped", self.address)
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close(grace=1.0)
 
     def _healthz(self) -> Page:
         # A sidecar whose data plane is gone forwards nothing, whatever else is well.

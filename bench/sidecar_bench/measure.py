@@ -1,5 +1,10 @@
 """What a proxy spends: CPU (user + system), context switches, RSS, from psutil and /proc.
 
+CPU comes from each thread's ``/proc/PID/task/TID/schedstat`` (time on CPU, in
+nanoseconds) where the kernel has it: psutil's user and system times move in
+10 ms ticks, which over a run of a few thousand calls is a few percent of noise,
+the size of the differences the bench must tell apart.
+
 A ``Meter`` treats a proxy's processes as one (nginx: the master and its worker; two
 proxies in a row: both), so a figure per call is the whole proxy's cost.
 """
@@ -54,6 +59,14 @@ def _task_switches(task: Path) -> int:
     return total
 
 
+def _on_cpu(task: Path) -> float | None:
+    """Seconds the task has run on a CPU (schedstat's first field), if the kernel says."""
+    try:
+        return int((task / "schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _status_kib(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -77,16 +90,24 @@ class Meter:
         switches = 0
         by_thread: dict[str, float] = {}
         for proc in self.procs:
-            times = proc.cpu_times()
-            cpu += times.user + times.system
+            ticked = proc.cpu_times()
+            exact = 0.0
             for thread in proc.threads():
                 task = Path(f"/proc/{proc.pid}/task/{thread.id}")
                 switches += _task_switches(task)
+                ran = _on_cpu(task)
+                if ran is None:
+                    exact = -1.0e18  # no schedstat here: fall back to the ticks
+                    ran = thread.user_time + thread.system_time
+                exact += ran
                 try:
                     name = (task / "comm").read_text().strip()
                 except OSError:
                     continue
-                by_thread[name] = by_thread.get(name, 0.0) + thread.user_time + thread.system_time
+                by_thread[name] = by_thread.get(name, 0.0) + ran
+            # The proxies' threads live as long as they do, so the live threads' sum is
+            # the whole.
+            cpu += exact if exact >= 0 else ticked.user + ticked.system
         return Usage(cpu, switches, by_thread)
 
     def rss(self) -> int:

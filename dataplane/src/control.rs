@@ -22,11 +22,12 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use bytes::Bytes;
 use http::HeaderValue;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyString, PyTuple};
+use pyo3::types::{PyBytes, PyString, PyTuple};
 
 use crate::breaker::{Breaker, Core};
 use crate::grpc;
@@ -334,6 +335,29 @@ impl Control {
                 outbound: admission.outbound,
                 per_try_timeout: admission.per_try_timeout,
             })
+        })
+    }
+
+    /// The control plane's answer to one server reflection request, or `None` (logged).
+    pub fn reflect(&self, request: &[u8]) -> Option<Bytes> {
+        Python::attach(|py| {
+            let request = PyBytes::new(py, request);
+            match self
+                .obj
+                .call_method1(py, intern!(py, "reflect"), (request,))
+            {
+                Ok(answer) => match answer.extract::<Vec<u8>>(py) {
+                    Ok(bytes) => Some(Bytes::from(bytes)),
+                    Err(err) => {
+                        report(py, "reflect", err);
+                        None
+                    }
+                },
+                Err(err) => {
+                    report(py, "reflect", err);
+                    None
+                }
+            }
         })
     }
 

@@ -13,9 +13,11 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod breaker;
+mod client;
 mod control;
 mod grpc;
 mod net;
+mod own;
 mod pool;
 mod proxy;
 mod relay;
@@ -28,11 +30,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use bytes::Bytes;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
 use crate::control::Control;
 use crate::pool::Pool;
@@ -108,7 +113,7 @@ impl DataPlane {
             plane: Arc::new(Plane {
                 control,
                 pool: Pool::new(observer, idle_timeout),
-                local: Mutex::new(None),
+                serving: watch::Sender::new(true),
                 replay_limit,
             }),
             limits: Limits {
@@ -195,9 +200,52 @@ impl DataPlane {
             .is_some_and(|r| !r.stopped && r.thread.as_ref().is_some_and(|t| !t.is_finished()))
     }
 
-    /// Where the sidecar's own services (health, reflection) are served.
-    fn set_local(&self, address: String) {
-        *self.plane.local.lock().unwrap() = Some(address);
+    /// What the sidecar's own grpc.health.v1 says of it: SERVING, or NOT_SERVING.
+    fn set_serving(&self, serving: bool) {
+        self.plane.serving.send_replace(serving);
+    }
+
+    /// A gRPC call of the control plane's own (to the registry, to its app), made on the
+    /// data plane's connections: `message` is the one request message; `on_message(bytes)`
+    /// gets each response message and then `done(code, message)` the status, both on the
+    /// data plane's thread (they must be quick: hand over to the event loop).
+    #[pyo3(signature = (address, path, message, timeout, on_message, done))]
+    fn call(
+        &self,
+        address: String,
+        path: String,
+        message: &[u8],
+        timeout: Option<f64>,
+        on_message: Py<PyAny>,
+        done: Py<PyAny>,
+    ) -> PyResult<OwnCall> {
+        let timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
+        let running = self.running.lock().unwrap();
+        let Some(running) = running.as_ref().filter(|r| !r.stopped) else {
+            return Err(PyRuntimeError::new_err("the data plane is not running"));
+        };
+        let pool = self.plane.pool.clone();
+        let message = Bytes::copy_from_slice(message);
+        let task = running.handle.spawn(async move {
+            let deliver = |message: Bytes| {
+                Python::attach(|py| {
+                    if let Err(err) = on_message.call1(py, (PyBytes::new(py, &message),)) {
+                        log::error!("a call's message handler failed: {err}");
+                    }
+                })
+            };
+            let status = client::call(&pool, &address, &path, message, timeout, deliver).await;
+            Python::attach(|py| {
+                if let Err(err) = done.call1(py, (status.code, status.message)) {
+                    log::error!("a call's end handler failed: {err}");
+                }
+                drop(done);
+                drop(on_message);
+            });
+        });
+        Ok(OwnCall {
+            task: Mutex::new(Some(task.abort_handle())),
+        })
     }
 
     /// Connect to `address` ahead of its first call.
@@ -240,6 +288,22 @@ impl DataPlane {
     }
 }
 
+/// A call the control plane made on the data plane; `cancel()` ends it (its `done`
+/// handler is then not called).
+#[pyclass(frozen, module = "shoal_dataplane._native")]
+struct OwnCall {
+    task: Mutex<Option<AbortHandle>>,
+}
+
+#[pymethods]
+impl OwnCall {
+    fn cancel(&self) {
+        if let Some(task) = self.task.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust logs become records of Python's `shoal_dataplane` loggers. Levels are asked of
@@ -250,6 +314,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Another copy of this module in the process installed its logger already: keep it.
     let _ = logger.install();
     m.add_class::<DataPlane>()?;
+    m.add_class::<OwnCall>()?;
     m.add_class::<breaker::Breaker>()?;
     m.add_class::<control::Admission>()?;
     m.add_class::<control::Target>()?;

@@ -118,19 +118,7 @@ impl Upstream {
         request: Request<()>,
         body: ReplayBody,
     ) -> Result<Response<UpBody>, Failure> {
-        self.used.store(true, Ordering::Relaxed);
-        let mut sender = self.link.borrow().sender.clone();
-        if sender.is_none() {
-            sender = self.wait_ready(pool).await;
-        }
-        let Some(mut sender) = sender else {
-            let why = self.link.borrow().error.clone();
-            let why = why.as_deref().unwrap_or("the endpoint left the mesh");
-            return Err(Failure {
-                code: grpc::UNAVAILABLE,
-                message: format!("shoal: cannot connect to {}: {why}", self.address),
-            });
-        };
+        let mut sender = self.sender(pool).await?;
         let failed = |err: h2::Error| Failure::upstream(&self.address, &err);
         // A fresh clone has no stream of its own pending open: it may send at once
         // (the connection queues streams beyond the peer's concurrency limit).
@@ -144,6 +132,37 @@ impl Upstream {
         let response = response.await.map_err(failed)?;
         abandon.disarm();
         Ok(response.map(UpBody::new))
+    }
+
+    /// Send one request whose body is all in `body`, connecting first if need be.
+    pub async fn send_whole(
+        self: &Arc<Self>,
+        pool: &Arc<Pool>,
+        request: Request<()>,
+        body: Bytes,
+    ) -> Result<Response<UpBody>, Failure> {
+        let mut sender = self.sender(pool).await?;
+        let failed = |err: h2::Error| Failure::upstream(&self.address, &err);
+        let (response, mut tx) = sender.send_request(request, false).map_err(failed)?;
+        tx.send_data(body, true).map_err(failed)?;
+        Ok(response.await.map_err(failed)?.map(UpBody::new))
+    }
+
+    /// A sender on this endpoint's connection, once it is ready.
+    async fn sender(self: &Arc<Self>, pool: &Arc<Pool>) -> Result<SendRequest<Bytes>, Failure> {
+        self.used.store(true, Ordering::Relaxed);
+        let mut sender = self.link.borrow().sender.clone();
+        if sender.is_none() {
+            sender = self.wait_ready(pool).await;
+        }
+        sender.ok_or_else(|| {
+            let why = self.link.borrow().error.clone();
+            let why = why.as_deref().unwrap_or("the endpoint left the mesh");
+            Failure {
+                code: grpc::UNAVAILABLE,
+                message: format!("shoal: cannot connect to {}: {why}", self.address),
+            }
+        })
     }
 
     /// The sender once a connection attempt ends; `None` when it failed.

@@ -5,7 +5,7 @@
 //! be retried until the upstream sends its first message: before that nothing has
 //! reached the caller, and the request frames sent so far are kept (`replay`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,16 +18,18 @@ use http_body_util::BodyExt;
 
 use crate::control::{Control, Refusal};
 use crate::grpc;
+use crate::own;
 use crate::pool::{Failure, Pool, Upstream};
 use crate::relay::{Ending, RelayBody, UPSTREAM_KEY};
 use crate::replay::Replay;
 use crate::stream::UpBody;
+use tokio::sync::watch;
 
 const TARGET_KEY: HeaderName = HeaderName::from_static("shoal-target-service");
 /// Marks a call one sidecar forwards to another; it must arrive on a mesh-facing listener.
 const HOP_KEY: HeaderName = HeaderName::from_static("shoal-hop");
 const TIMEOUT_KEY: HeaderName = HeaderName::from_static("grpc-timeout");
-// Services the sidecar serves itself (on its own gRPC server), for calls from its app.
+// Services the sidecar serves itself (`own`), for calls from its app.
 const OWN_SERVICES: [&str; 3] = [
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",
@@ -55,8 +57,8 @@ impl Role {
 pub struct Plane {
     pub control: Arc<Control>,
     pub pool: Arc<Pool>,
-    /// The sidecar's own gRPC server (health, reflection).
-    pub local: Mutex<Option<String>>,
+    /// Whether the sidecar says it is serving, on its own grpc.health.v1 (see `own`).
+    pub serving: watch::Sender<bool>,
     pub replay_limit: usize,
 }
 
@@ -149,7 +151,7 @@ pub async fn handle(
     }
     let path = path_and_query.path();
     if role == Role::Outbound && OWN_SERVICES.iter().any(|s| path.starts_with(s)) {
-        return forward_own(plane, headers, path_and_query, body, deadline).await;
+        return own::serve(plane, path, body).await;
     }
     let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64());
     let inbound = role == Role::Inbound;
@@ -375,34 +377,6 @@ fn upstream_uri(upstream: &Upstream, path: &PathAndQuery) -> Uri {
     parts.authority = Some(upstream.authority.clone());
     parts.path_and_query = Some(path.clone());
     Uri::from_parts(parts).expect("scheme, authority and path make a URI")
-}
-
-/// A call to the sidecar's own services: one try on its local gRPC server.
-async fn forward_own(
-    plane: &Arc<Plane>,
-    headers: HeaderMap,
-    path: PathAndQuery,
-    body: UpBody,
-    deadline: Option<Instant>,
-) -> Response<RelayBody> {
-    let local = plane.local.lock().unwrap().clone();
-    let upstream = local.and_then(|address| plane.pool.get(&address));
-    let Some(upstream) = upstream else {
-        return grpc::trailers_only(
-            grpc::UNIMPLEMENTED,
-            "shoal: no local services",
-            RelayBody::empty(),
-        );
-    };
-    let replay = Replay::new(body, 0);
-    let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-    match try_once(plane, &upstream, &headers, &path, &replay, timeout).await {
-        Ok(Answer::Committed { parts, first, body }) => {
-            Response::from_parts(parts, RelayBody::streamed(first, body, Ending::none()))
-        }
-        Ok(ended) => ended.into_response(None),
-        Err(failure) => grpc::trailers_only(failure.code, &failure.message, RelayBody::empty()),
-    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
+
 use crate::breaker::Permit;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
@@ -49,6 +51,8 @@ pub struct RelayBody {
     /// A frame read ahead (the first message, or the trailers of a call that ended).
     first: Option<Frame<Bytes>>,
     inner: Option<UpBody>,
+    /// Frames the sidecar makes itself (its own services), as they are made.
+    local: Option<mpsc::Receiver<Frame<Bytes>>>,
     ending: Ending,
 }
 
@@ -58,7 +62,18 @@ impl RelayBody {
         RelayBody {
             first: Some(first),
             inner: Some(inner),
+            local: None,
             ending,
+        }
+    }
+
+    /// A response the sidecar makes itself: the frames `local` receives, in order.
+    pub fn local(local: mpsc::Receiver<Frame<Bytes>>) -> Self {
+        RelayBody {
+            first: None,
+            inner: None,
+            local: Some(local),
+            ending: Ending::none(),
         }
     }
 
@@ -67,6 +82,7 @@ impl RelayBody {
         RelayBody {
             first: frame,
             inner: None,
+            local: None,
             ending: Ending::none(),
         }
     }
@@ -88,6 +104,15 @@ impl Body for RelayBody {
         let this = &mut *self;
         if let Some(first) = this.first.take() {
             return Poll::Ready(Some(Ok(first)));
+        }
+        if let Some(local) = this.local.as_mut() {
+            return match local.poll_recv(cx) {
+                Poll::Ready(None) => {
+                    this.local = None;
+                    Poll::Ready(None)
+                }
+                got => got.map(|frame| frame.map(Ok)),
+            };
         }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -121,7 +146,9 @@ impl Body for RelayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.first.is_none()
+            && self.local.is_none()
+            && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {

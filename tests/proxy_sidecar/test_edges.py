@@ -112,11 +112,19 @@ async def test_connections_open_ahead_close_when_idle_and_the_thread_ends(regist
     before = _dataplane_threads()
     mesh = await Mesh(registry, upstreams).start(sidecar_config(pool={"idle_timeout": 0.6}))
     try:
-        dataplane = mesh.client.dataplane if mesh.client else None
-        assert dataplane is not None
+        client = mesh.client
+        dataplane = client.dataplane if client else None
+        assert client is not None and dataplane is not None
+
+        def states() -> list[str]:
+            return sorted(e.state for e in client.table.endpoints())
+
         # Opened when the endpoints appeared, before any call.
-        await wait_for(lambda: dataplane.connections() == 3, what="3 connections opened ahead")
-        await wait_for(lambda: dataplane.connections() == 0, what="idle connections closed")
+        await wait_for(lambda: states() == ["READY"] * 3, what="3 connections opened ahead")
+        # The sidecar's own connection to the registry (its watch) counts too, until idle.
+        assert dataplane.connections() >= 3
+        await wait_for(lambda: states() == ["IDLE"] * 3, what="idle connections closed")
+        await wait_for(lambda: dataplane.connections() == 0, what="no connection counted")
         assert (await mesh.echo.unary(b"again")).endswith(b":again")
         assert dataplane.connections() >= 1
         assert _dataplane_threads() == before + 4

@@ -21,9 +21,25 @@ from typing import Protocol
 os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
 os.environ.setdefault("MIMALLOC_ARENA_EAGER_COMMIT", "0")
 
-from shoal_dataplane._native import Admission, Breaker, DataPlane, Refusal, Target  # noqa: E402
+from shoal_dataplane._native import (  # noqa: E402
+    Admission,
+    Breaker,
+    DataPlane,
+    OwnCall,
+    Refusal,
+    Target,
+)
 
-__all__ = ["Admission", "Breaker", "CallControl", "ControlPlane", "DataPlane", "Refusal", "Target"]
+__all__ = [
+    "Admission",
+    "Breaker",
+    "CallControl",
+    "ControlPlane",
+    "DataPlane",
+    "OwnCall",
+    "Refusal",
+    "Target",
+]
 
 
 class CallControl(Protocol):
@@ -55,3 +71,6 @@ class ControlPlane(Protocol):
 
     def connection_state(self, address: str, state: str) -> None:
         """The upstream connection to ``address`` changed state (READY, CONNECTING, ...)."""
+
+    def reflect(self, request: bytes) -> bytes:
+        """The answer to a server reflection request about the sidecar's own services."""

@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from typing import Any
 
 class Refusal:
@@ -42,6 +43,12 @@ class Admission:
         first: Target | Refusal,
     ) -> None: ...
 
+class OwnCall:
+    """A call the control plane made on the data plane."""
+
+    def cancel(self) -> None:
+        """End the call; its ``done`` is then not called."""
+
 class DataPlane:
     """Serves the sidecar's listeners; asks ``control`` where each call goes."""
 
@@ -60,8 +67,20 @@ class DataPlane:
         their own; the ports bound."""
     def alive(self) -> bool:
         """Whether the data plane's thread is serving: started, not stopped, not dead."""
-    def set_local(self, address: str) -> None:
-        """Where the sidecar's own services (health, reflection) are served."""
+    def set_serving(self, serving: bool) -> None:
+        """What the sidecar's own grpc.health.v1 says of it: SERVING, or NOT_SERVING."""
+    def call(
+        self,
+        address: str,
+        path: str,
+        message: bytes,
+        timeout: float | None,
+        on_message: Callable[[bytes], object],
+        done: Callable[[int, str], object],
+    ) -> OwnCall:
+        """A gRPC call of the control plane's own on the data plane's connections: each
+        response message to ``on_message``, then the status to ``done``, both on the data
+        plane's thread."""
     def warm(self, address: str) -> None: ...
     def forget(self, address: str) -> None: ...
     def connections(self) -> int: ...

@@ -1,0 +1,126 @@
+"""The sidecar's own gRPC calls (to the registry, to its app), on the data plane.
+
+The data plane (``DataPlane.call``) sends one request message and reports each
+response message, then the status, from its own thread; here they are handed to the
+event loop and turned into awaitables: ``unary`` for one reply, ``stream`` for a
+server-streaming call such as the registry's Watch. Messages are protobuf messages
+on this side; codes are gRPC's numbers (no grpcio in the sidecar's process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
+from shoal_dataplane import DataPlane
+
+from shoal_core.codes import code_name
+
+__all__ = ["DEADLINE_EXCEEDED", "NOT_FOUND", "UNAVAILABLE", "UNIMPLEMENTED", "Rpc", "RpcError"]
+
+NOT_FOUND, DEADLINE_EXCEEDED, UNIMPLEMENTED, UNAVAILABLE, INTERNAL = 5, 4, 12, 14, 13
+
+M = TypeVar("M", bound=Message)
+
+
+class RpcError(Exception):
+    """A call ended with a status other than OK."""
+
+    def __init__(self, code: int, details: str) -> None:
+        self.code = code
+        self.details = details
+        super().__init__(f"{code_name(code)}: {details}")
+
+    @property
+    def name(self) -> str:
+        return code_name(self.code)
+
+
+_END = object()
+
+
+class Rpc:
+    """Calls on ``dataplane``, awaited on the running event loop."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dataplane = dataplane
+        self._loop = asyncio.get_running_loop()
+        # The queues of calls under way: a data plane that stops ends its calls without
+        # a word, so ``close`` ends them here.
+        self._open: set[asyncio.Queue[object]] = set()
+
+    def close(self) -> None:
+        """The data plane has stopped: every call still waiting ends UNAVAILABLE."""
+        for queue in self._open:
+            queue.put_nowait((UNAVAILABLE, "shoal: the sidecar's data plane stopped"))
+            queue.put_nowait(_END)
+
+    async def unary(
+        self, address: str, path: str, request: Message, reply: type[M], *, timeout: float
+    ) -> M:
+        """One call with one reply; ``RpcError`` unless it ends OK."""
+        async with contextlib.aclosing(
+            self.stream(address, path, request, reply, timeout=timeout)
+        ) as replies:
+            answer: M | None = None
+            async for message in replies:
+                if answer is not None:
+                    raise RpcError(INTERNAL, f"{path} answered more than once")
+                answer = message
+        if answer is None:
+            raise RpcError(INTERNAL, f"{path} ended OK without an answer")
+        return answer
+
+    async def stream(
+        self,
+        address: str,
+        path: str,
+        request: Message,
+        reply: type[M],
+        *,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[M]:
+        """The replies of one call as they come; ``RpcError`` unless it ends OK. Closing
+        the iterator early cancels the call."""
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        post = self._loop.call_soon_threadsafe
+
+        def on_message(data: bytes) -> None:
+            post(queue.put_nowait, data)
+
+        def done(code: int, details: str) -> None:
+            post(queue.put_nowait, (code, details))
+            post(queue.put_nowait, _END)
+
+        call = self._dataplane.call(
+            address, path, request.SerializeToString(), timeout, on_message, done
+        )
+        self._open.add(queue)
+        ended = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    ended = True
+                    return
+                if isinstance(item, tuple):
+                    code, details = item
+                    if code != 0:
+                        ended = True
+                        raise RpcError(code, details)
+                    continue
+                assert isinstance(item, bytes)
+                try:
+                    message = reply.FromString(item)
+                except DecodeError:
+                    raise RpcError(
+                        INTERNAL, f"{path} answered a message that does not decode"
+                    ) from None
+                yield message
+        finally:
+            self._open.discard(queue)
+            if not ended:
+                call.cancel()
