@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Self
 
 from prometheus_client.registry import CollectorRegistry
 from shoal_dataplane import DataPlane
@@ -42,6 +40,7 @@ from proxy_sidecar.rpc import Rpc
 from shoal_core.addresses import HostPort, dial_address, parse_address
 from shoal_core.errors import ServerStartError
 from shoal_core.http import HttpServer
+from shoal_core.lifecycle import ServiceBase
 from shoal_core.metrics import metrics_page
 
 __all__ = ["SidecarServer"]
@@ -52,7 +51,7 @@ logger = logging.getLogger(__name__)
 APP_KEY, ADMIN_KEY = "shoal.app", "shoal.admin"
 
 
-class SidecarServer:
+class SidecarServer(ServiceBase):
     """A sidecar on ``listen`` forwarding its app's calls to the mesh found through
     ``registry``.
 
@@ -98,7 +97,7 @@ class SidecarServer:
         self._inbound_port = 0
         self.dataplane: DataPlane | None = None
         self._rpc: Rpc | None = None
-        self._closed = asyncio.Event()
+        super().__init__()
         self._registry_address = registry
         self._service = service
         self._app = app
@@ -264,22 +263,7 @@ class SidecarServer:
         if self._admin is not None:
             await self._admin.close()
         logger.info("sidecar on %s stopped", self.address)
-        self._closed.set()
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close(grace=1.0)
+        self._closed_now()
 
     def _healthz(self) -> Page:
         # A sidecar whose data plane is gone forwards nothing, whatever else is well.

@@ -11,13 +11,11 @@ explained, here and nowhere else.
 from __future__ import annotations
 
 import abc
-import asyncio
 import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self, cast
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from shoal_core.addresses import dial_address, parse_address
 from shoal_core.decoding import StrictDecodingServer
 from shoal_core.errors import ServerStartError
+from shoal_core.lifecycle import ServiceBase
 from shoal_core.logs import quiet_vanished_clients
 
 __all__ = ["ConnectionLimits", "GrpcServer", "ServerStartError"]
@@ -150,7 +149,7 @@ def _why_unbindable(listen: str) -> str:
     return "the address was refused"
 
 
-class GrpcServer(abc.ABC):
+class GrpcServer(ServiceBase):
     """A grpc.aio server with grpc.health.v1 and reflection; use as ``async with``."""
 
     def __init__(self, listen: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
@@ -162,7 +161,7 @@ class GrpcServer(abc.ABC):
         self._server: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self._port = 0
-        self._closed = asyncio.Event()
+        super().__init__()
         self._closing = False
 
     @abc.abstractmethod
@@ -228,7 +227,7 @@ class GrpcServer(abc.ABC):
         """Stop taking calls; let running ones finish for ``grace`` seconds, then cancel them."""
         server = self._server
         if server is None:
-            self._closed.set()
+            self._closed_now()
             return
         if self._closing:
             # A second close (the forcing signal) cuts the grace period short.
@@ -240,19 +239,4 @@ class GrpcServer(abc.ABC):
         await server.stop(grace)
         await self._after_stop()
         logger.info("%s on %s stopped", type(self).__name__, self.address)
-        self._closed.set()
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close(grace=1.0)
+        self._closed_now()

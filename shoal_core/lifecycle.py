@@ -7,15 +7,17 @@ grace ran out is logged by the service's own ``close``.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
 import os
 import signal
 from collections.abc import Callable
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
-__all__ = ["Service", "serve"]
+__all__ = ["Service", "ServiceBase", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,41 @@ class Service(Protocol):
     async def close(self, grace: float | None = None) -> None: ...
 
     async def wait_closed(self) -> None: ...
+
+
+class ServiceBase(abc.ABC):
+    """The shape every Shoal server shares: ``start``, ``close(grace)``, ``wait_closed``
+    and ``async with`` (which closes with a one-second grace). A subclass calls
+    ``_closed_now()`` once its ``close`` has finished."""
+
+    def __init__(self) -> None:
+        self._closed = asyncio.Event()
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start serving."""
+
+    @abc.abstractmethod
+    async def close(self, grace: float | None = None) -> None:
+        """Stop: let what runs finish for ``grace`` seconds; a second call forces."""
+
+    def _closed_now(self) -> None:
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close(grace=1.0)
 
 
 async def serve(
