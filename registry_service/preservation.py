@@ -1,7 +1,8 @@
 """Self-preservation: when many leases lapse at once, suspect ourselves, not them.
 
-If more than a share of all instances lapse inside one window, the likelier
-story is that this registry was cut off from them, so it stops evicting. Unlike
+If more than a share of all instances (distinct instances, not lapses) lapse
+inside one window, the likelier story is that this registry was cut off from
+them, so it stops evicting. Unlike
 registries that can stay stuck in this mode, it always leaves it: as soon as
 the overdue share drops back to the threshold (heartbeats returned), or after a
 bounded time, after which evictions resume and the mode cannot re-trigger on
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["SelfPreservation"]
@@ -34,7 +36,8 @@ class SelfPreservation:
         self, *, share: float, window: float, max_duration: float, min_instances: int
     ) -> None:
         self._cfg = _Settings(share, window, max_duration, min_instances)
-        self._recent: collections.deque[float] = collections.deque()
+        # instance id -> when it last lapsed, oldest first; at most one entry per instance.
+        self._recent: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._since: float | None = None
         self._cooldown_until = float("-inf")
         self.reason = ""
@@ -47,23 +50,28 @@ class SelfPreservation:
     def seconds_active(self, now: float) -> float:
         return 0.0 if self._since is None else now - self._since
 
-    def allow_evictions(self, now: float, overdue: int, total: int) -> bool:
-        """Called each sweep with the overdue lease count; False means hold every eviction."""
+    def allow_evictions(self, now: float, overdue: Sequence[str], total: int) -> bool:
+        """Called each sweep with the overdue instances' ids; False means hold every eviction.
+
+        Lapses are counted per instance: one flapping instance that lapses again and again
+        is one instance in trouble, not a sign that we are cut off from the fleet.
+        """
         cfg = self._cfg
-        while self._recent and self._recent[0] <= now - cfg.window:
-            self._recent.popleft()
+        recent = self._recent
+        while recent and next(iter(recent.values())) <= now - cfg.window:
+            recent.popitem(last=False)
         if self._since is not None:
             if now - self._since >= cfg.max_duration:
                 self._leave(now, f"time bound of {cfg.max_duration:g}s reached")
                 # The backlog now evicted must not count towards re-entering at once.
                 self._cooldown_until = now + cfg.window
                 return True
-            if overdue <= cfg.share * total:
+            if len(overdue) <= cfg.share * total:
                 self._leave(now, "heartbeats returned")
-                self._recent.extend([now] * overdue)
+                self._remember(now, overdue)
                 return True
             return False
-        lapsed = len(self._recent) + overdue
+        lapsed = len(recent.keys() | set(overdue))
         if (
             overdue
             and total >= cfg.min_instances
@@ -73,8 +81,14 @@ class SelfPreservation:
             self._enter(now, lapsed, total)
             return False
         if now >= self._cooldown_until:
-            self._recent.extend([now] * overdue)
+            self._remember(now, overdue)
         return True
+
+    def _remember(self, now: float, lapsed: Sequence[str]) -> None:
+        for instance_id in lapsed:
+            # Moved to the end so the dict stays ordered by the time of each last lapse.
+            self._recent.pop(instance_id, None)
+            self._recent[instance_id] = now
 
     def _enter(self, now: float, lapsed: int, total: int) -> None:
         self._since = now

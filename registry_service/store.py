@@ -216,7 +216,8 @@ class RegistryStore:
                 overdue.append(lease)
             elif lease.pending_load is not None and lease.load_published_at <= due:
                 self._publish_load(lease, lease.pending_load, now)
-        if not self.preservation.allow_evictions(now, len(overdue), len(self._instances)):
+        overdue_ids = [lease.instance_id for lease in overdue]
+        if not self.preservation.allow_evictions(now, overdue_ids, len(self._instances)):
             return
         for lease in overdue:
             del self._leases[lease.lease_id]

@@ -103,6 +103,22 @@ def test_lapses_spread_over_the_window_add_up() -> None:
     assert store.preservation.active
 
 
+def test_one_instance_lapsing_twice_counts_once() -> None:
+    clock = Clock()
+    store, leases = fleet(clock, n=3, removal_grace=0.5)
+    flaky = InstanceSpec(instance_id="i0", service="svc", address="10.0.0.1:80")
+    for _ in range(2):  # i0 lapses, comes back, lapses again, all within the window
+        clock.now += 3.0
+        beat(store, leases[1:])
+        store.sweep()
+        assert not store.preservation.active, store.preservation.reason
+        clock.now += 0.5
+        store.sweep()  # removed after the grace
+        leases[0] = store.register(flaky, 2.0, SERVING).lease_id
+    assert store.stats.lapses == 2
+    assert store.preservation.entered_total == 0
+
+
 def test_small_registries_never_enter() -> None:
     clock = Clock()
     store, _ = fleet(clock, n=2)
@@ -117,4 +133,4 @@ def test_threshold_is_strictly_more_than_the_share(
     overdue: int, total: int, expected: bool
 ) -> None:
     sp = SelfPreservation(share=0.5, window=10.0, max_duration=60.0, min_instances=3)
-    assert sp.allow_evictions(0.0, overdue, total) is expected
+    assert sp.allow_evictions(0.0, [f"i{n}" for n in range(overdue)], total) is expected
