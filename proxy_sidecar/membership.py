@@ -6,6 +6,9 @@ app's grpc.health.v1 status and the load the sidecar sees going into it. When
 the registry has forgotten the lease (``NOT_FOUND``: it expired or the registry
 restarted) the sidecar registers again after a random pause, so a restarted
 registry is not hit by every instance at once. Draining deregisters first.
+
+Heartbeats that keep failing are said once at WARNING, and their recovery once
+at INFO: an operator sees an outage and its end, not a line per heartbeat.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable
 
 from grpc_health.v1 import health_pb2
@@ -21,7 +25,14 @@ from grpc_health.v1 import health_pb2
 from protos import registry_pb2 as pb
 from proxy_sidecar.config import MembershipSettings
 from proxy_sidecar.reflect import list_services
-from proxy_sidecar.rpc import NOT_FOUND, UNIMPLEMENTED, Rpc, RpcError
+from proxy_sidecar.rpc import (
+    DEADLINE_EXCEEDED,
+    NOT_FOUND,
+    UNAVAILABLE,
+    UNIMPLEMENTED,
+    Rpc,
+    RpcError,
+)
 from shoal_core.backoff import Attempts, Backoff
 
 __all__ = ["Membership"]
@@ -31,6 +42,8 @@ logger = logging.getLogger(__name__)
 _RPC_TIMEOUT = 3.0
 _REGISTRY = "/shoal.registry.v1.Registry/"
 _CHECK = "/grpc.health.v1.Health/Check"
+# Heartbeats failing for this many intervals are an outage worth a WARNING.
+_WARN_AFTER_INTERVALS = 3
 
 
 class Membership:
@@ -67,6 +80,11 @@ class Membership:
         self.status: pb.ServingStatus.ValueType = pb.NOT_SERVING
         self.registrations = 0
         self.heartbeats = 0
+        # False once the app's health check found nothing listening (or no answer in time).
+        self.app_reachable = True
+        self._check_timeout = _RPC_TIMEOUT
+        self._failing_since: float | None = None
+        self._warned = False
 
     async def start(self) -> None:
         """Find what the app serves, register it, then keep it registered in the background.
@@ -96,13 +114,15 @@ class Membership:
                 _CHECK,
                 health_pb2.HealthCheckRequest(service=self._settings.health_service),
                 health_pb2.HealthCheckResponse,
-                timeout=_RPC_TIMEOUT,
+                timeout=self._check_timeout,
             )
         except RpcError as exc:
+            self.app_reachable = exc.code not in (UNAVAILABLE, DEADLINE_EXCEEDED)
             # An app without the health service is judged by being reachable.
             if exc.code == UNIMPLEMENTED:
                 return pb.SERVING
             return pb.NOT_SERVING
+        self.app_reachable = True
         if reply.status == health_pb2.HealthCheckResponse.SERVING:
             return pb.SERVING
         return pb.NOT_SERVING
@@ -132,6 +152,7 @@ class Membership:
         )
         self.lease_id = reply.lease_id
         self.registrations += 1
+        self._registry_answered()
         logger.info(
             "registered %s (%s) at %s, lease %d ms",
             self.instance_id,
@@ -139,7 +160,38 @@ class Membership:
             self._advertise,
             reply.ttl_ms,
         )
-        return reply.heartbeat_interval_ms / 1000
+        interval: float = reply.heartbeat_interval_ms / 1000
+        # A check that outlives half an interval would delay the heartbeat it feeds.
+        self._check_timeout = min(_RPC_TIMEOUT, interval / 2)
+        return interval
+
+    def _registry_answered(self) -> None:
+        if self._warned and self._failing_since is not None:
+            logger.info(
+                "heartbeats to the registry recovered after %.1fs",
+                time.monotonic() - self._failing_since,
+            )
+        self._failing_since = None
+        self._warned = False
+
+    def _heartbeat_failed(self, exc: RpcError, interval: float) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        failing_for = now - self._failing_since
+        if not self._warned and failing_for >= _WARN_AFTER_INTERVALS * interval:
+            self._warned = True
+            logger.warning(
+                "heartbeats to the registry at %s have failed for %.1fs (%s: %s); "
+                "still routing, and the lease of %s lapses if this goes on",
+                self._registry,
+                failing_for,
+                exc.name,
+                exc.details,
+                self.instance_id,
+            )
+        else:
+            logger.debug("heartbeat failed: %s", exc.name)
 
     async def _run(self, interval: float | None) -> None:
         # Registering again is paced like every retry, and never waits past a heartbeat.
@@ -175,12 +227,14 @@ class Membership:
                     timeout=_RPC_TIMEOUT,
                 )
                 self.heartbeats += 1
+                self._registry_answered()
             except RpcError as exc:
                 if exc.code == NOT_FOUND:
+                    self._registry_answered()
                     logger.info("lease of %s is gone; registering again", self.instance_id)
                     return
                 # Unreachable registry: keep trying; the lease may still be alive.
-                logger.debug("heartbeat failed: %s", exc.name)
+                self._heartbeat_failed(exc, interval)
 
     async def drain(self) -> None:
         """Stop heartbeating and deregister, so callers stop picking this instance."""

@@ -266,10 +266,20 @@ class SidecarServer(ServiceBase):
         self._closed_now()
 
     def _healthz(self) -> Page:
-        # A sidecar whose data plane is gone forwards nothing, whatever else is well.
+        # A sidecar whose data plane is gone forwards nothing, whatever else is well;
+        # one cut off from its app brings nothing into the mesh: both are unhealthy.
         forwarding = self._forwarding()
-        status = "draining" if self._draining else "serving" if forwarding else "down"
-        body = {
+        app_ok = self.membership is None or self.membership.app_reachable
+        status = (
+            "draining"
+            if self._draining
+            else "down"
+            if not forwarding
+            else "app unreachable"
+            if not app_ok
+            else "serving"
+        )
+        body: dict[str, object] = {
             "status": status,
             "dataplane": "running" if forwarding else "stopped",
             "registry_connected": self.discovery.connected,
@@ -277,6 +287,7 @@ class SidecarServer(ServiceBase):
             "endpoints": len(self.table.endpoints()),
         }
         if self.membership is not None:
+            body["app_reachable"] = self.membership.app_reachable
             body["app_registered"] = bool(self.membership.lease_id)
             body["instance_id"] = self.membership.instance_id
         return json_page(body, 200 if status == "serving" else 503)

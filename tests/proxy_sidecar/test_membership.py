@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import urllib.error
+import urllib.request
+
 import grpc
 from grpc_health.v1 import health_pb2
 
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from proxy_sidecar import SidecarConfig, SidecarServer
-from tests.proxy_sidecar.conftest import sidecar_config, wait_for
+from registry_service import RegistryServer
+from tests.proxy_sidecar.conftest import FAST_REGISTRY, sidecar_config, wait_for
 from tests.proxy_sidecar.upstream import OTHER, SERVICE
 
 
@@ -71,3 +78,80 @@ async def test_inbound_load_is_reported(make_mesh, registry):
         what="an in-flight load report",
     )
     call.cancel()
+
+
+def _said(caplog, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if text in r.getMessage()]
+
+
+async def test_failing_heartbeats_warn_once_and_recovery_is_said_once(upstreams, caplog):
+    caplog.set_level(logging.DEBUG, logger="proxy_sidecar.membership")
+    registry = RegistryServer("127.0.0.1:0", FAST_REGISTRY)
+    await registry.start()
+    address = registry.address
+    async with SidecarServer(
+        "127.0.0.1:0",
+        address,
+        sidecar_config(),
+        service="echo",
+        app=upstreams[0].address,
+        inbound="127.0.0.1:0",
+    ) as sidecar:
+        membership = sidecar.membership
+        assert membership is not None
+        await wait_for(lambda: membership.heartbeats >= 1, what="a heartbeat")
+        await registry.close(grace=0)
+        # Lease 1.5 s, a heartbeat every 0.5 s: a WARNING after three failed intervals.
+        await wait_for(lambda: _said(caplog, "have failed for"), what="the WARNING")
+        await asyncio.sleep(2.0)  # more failures follow; none of them is said again
+        (warning,) = _said(caplog, "have failed for")
+        assert warning.levelno == logging.WARNING
+        assert address in warning.getMessage()
+        assert not _said(caplog, "recovered")
+
+        # The registry comes back (empty): its NOT_FOUND is an answer, so heartbeats recovered.
+        registry = RegistryServer(address, FAST_REGISTRY)
+        await registry.start()
+        try:
+            await wait_for(lambda: registry.store.instances(), what="registering again")
+            await asyncio.sleep(1.5)  # heartbeats go on
+            (recovered,) = _said(caplog, "recovered")
+            assert recovered.levelno == logging.INFO
+            assert len(_said(caplog, "have failed for")) == 1
+        finally:
+            await registry.close(grace=0)
+
+
+async def test_a_sidecar_cut_off_from_its_app_says_so_on_healthz(registry, upstreams):
+    app = upstreams[0]
+    async with SidecarServer(
+        "127.0.0.1:0",
+        registry.address,
+        sidecar_config(),
+        service="echo",
+        app=app.address,
+        inbound="127.0.0.1:0",
+        admin="127.0.0.1:0",
+    ) as sidecar:
+        port = sidecar.admin_port
+        status, body = await asyncio.to_thread(_healthz, port)
+        assert (status, body["status"], body["app_reachable"]) == (200, "serving", True)
+        await app.stop()
+
+        async def unreachable() -> bool:
+            status, body = await asyncio.to_thread(_healthz, port)
+            return status == 503 and body["status"] == "app unreachable"
+
+        await wait_for(unreachable, what="healthz to fail")
+        _, body = await asyncio.to_thread(_healthz, port)
+        assert body["app_reachable"] is False
+        # And the heartbeats tell the registry the instance is not serving.
+        assert sidecar.membership is not None and sidecar.membership.status == pb.NOT_SERVING
+
+
+def _healthz(port: int) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as page:
+            return page.status, json.load(page)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
