@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from prometheus_client.registry import CollectorRegistry
 from shoal_dataplane import DataPlane
 
-from proxy_sidecar.admin import Page, json_page
 from proxy_sidecar.balancers import balancer_class
 from proxy_sidecar.config import MembershipSettings, SidecarConfig
 from proxy_sidecar.control import Control
@@ -39,7 +38,7 @@ from proxy_sidecar.routing import Router
 from proxy_sidecar.rpc import Rpc
 from shoal_core.addresses import HostPort, dial_address, parse_address
 from shoal_core.errors import ServerStartError
-from shoal_core.http import HttpServer
+from shoal_core.http import HttpServer, Page, json_page
 from shoal_core.lifecycle import ServiceBase
 from shoal_core.metrics import metrics_page
 

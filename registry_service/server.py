@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector
 
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
@@ -17,7 +17,6 @@ from registry_service.config import RegistryConfig
 from registry_service.servicer import RegistryServicer
 from registry_service.store import RegistryStore
 from shoal_core.grpc_server import GrpcServer
-from shoal_core.metrics import metrics_endpoint
 
 __all__ = ["RegistryServer"]
 
@@ -77,7 +76,9 @@ class RegistryServer(GrpcServer):
         metrics_listen: str | None = None,
     ) -> None:
         self.config = config or RegistryConfig()
-        super().__init__(listen, max_message_bytes=self.config.max_message_bytes)
+        super().__init__(
+            listen, max_message_bytes=self.config.max_message_bytes, metrics_listen=metrics_listen
+        )
         self.store = RegistryStore(self.config)
         self.servicer = RegistryServicer(
             self.store,
@@ -85,17 +86,8 @@ class RegistryServer(GrpcServer):
             queue_size=self.config.watch_queue_size,
             queue_bytes=self.config.watch_queue_bytes,
         )
-        self.metrics = CollectorRegistry()
         self.metrics.register(_StoreCollector(self))
-        self._metrics_endpoint = (
-            metrics_endpoint(metrics_listen, self.metrics) if metrics_listen else None
-        )
         self._sweeper: asyncio.Task[None] | None = None
-
-    @property
-    def metrics_port(self) -> int:
-        """The bound ``--metrics`` port once started; 0 without ``metrics_listen``."""
-        return 0 if self._metrics_endpoint is None else self._metrics_endpoint.port
 
     def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
         pb_grpc.add_RegistryServicer_to_server(self.servicer, server)
@@ -104,12 +96,6 @@ class RegistryServer(GrpcServer):
     async def start(self) -> None:
         await super().start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="registry-sweeper")
-        if self._metrics_endpoint is not None:
-            try:
-                await self._metrics_endpoint.start()
-            except BaseException:
-                await self.close(0)
-                raise
 
     async def _sweep_forever(self) -> None:
         interval = self.config.sweep_interval
@@ -131,5 +117,3 @@ class RegistryServer(GrpcServer):
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        if self._metrics_endpoint is not None:
-            await self._metrics_endpoint.close()

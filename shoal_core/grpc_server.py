@@ -2,6 +2,9 @@
 
 Subclasses add their servicers and, if they hold long-lived streams, end them
 in ``_before_stop`` so a graceful stop does not wait out the whole grace period.
+With ``metrics_listen`` the server also serves ``/metrics`` (its ``metrics``
+registry) and ``/healthz``, a JSON page that says what grpc.health.v1 says, for
+probes that should not have to speak gRPC (a container health check, say).
 
 Every Shoal gRPC server (registry, worker, the sidecar's own services) takes the
 connection limits below: what one client connection may hold or do is chosen, and
@@ -25,8 +28,10 @@ from grpc_reflection.v1alpha import reflection
 from shoal_core.addresses import dial_address, parse_address
 from shoal_core.decoding import StrictDecodingServer
 from shoal_core.errors import ServerStartError
+from shoal_core.http import HttpServer, Page, json_page
 from shoal_core.lifecycle import ServiceBase
 from shoal_core.logs import quiet_vanished_clients
+from shoal_core.metrics import CollectorRegistry, metrics_page
 
 __all__ = ["ConnectionLimits", "GrpcServer", "ServerStartError"]
 
@@ -152,7 +157,13 @@ def _why_unbindable(listen: str) -> str:
 class GrpcServer(ServiceBase):
     """A grpc.aio server with grpc.health.v1 and reflection; use as ``async with``."""
 
-    def __init__(self, listen: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self,
+        listen: str,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        metrics_listen: str | None = None,
+    ) -> None:
         parse_address(listen, allow_port_zero=True)
         self._listen = listen
         self._max_message_bytes = max_message_bytes
@@ -163,6 +174,17 @@ class GrpcServer(ServiceBase):
         self._port = 0
         super().__init__()
         self._closing = False
+        self._serving = False
+        self.metrics = CollectorRegistry()
+        self._pages = (
+            HttpServer(
+                metrics_listen,
+                {"/metrics": metrics_page(self.metrics), "/healthz": self.healthz},
+                name="metrics",
+            )
+            if metrics_listen
+            else None
+        )
 
     @abc.abstractmethod
     def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
@@ -191,6 +213,16 @@ class GrpcServer(ServiceBase):
     @property
     def health(self) -> health_aio.HealthServicer:
         return self._health
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound ``--metrics`` port once started; 0 without ``metrics_listen``."""
+        return 0 if self._pages is None else self._pages.port
+
+    def healthz(self) -> Page:
+        """What grpc.health.v1 answers for the server as a whole: 200 only while SERVING."""
+        status = "serving" if self._serving else "draining" if self._closing else "starting"
+        return json_page({"status": status}, 200 if self._serving else 503)
 
     async def start(self) -> None:
         quiet_vanished_clients()
@@ -221,7 +253,14 @@ class GrpcServer(ServiceBase):
         serving = health_pb2.HealthCheckResponse.SERVING
         for name in ("", *names):
             await self._health.set(name, serving)
+        self._serving = True
         logger.info("%s listening on %s", type(self).__name__, self.address)
+        if self._pages is not None:
+            try:
+                await self._pages.start()
+            except BaseException:
+                await self.close(0)
+                raise
 
     async def close(self, grace: float | None = None) -> None:
         """Stop taking calls; let running ones finish for ``grace`` seconds, then cancel them."""
@@ -234,9 +273,12 @@ class GrpcServer(ServiceBase):
             await server.stop(grace)
             return
         self._closing = True
+        self._serving = False
         await self._health.enter_graceful_shutdown()
         await self._before_stop()
         await server.stop(grace)
         await self._after_stop()
+        if self._pages is not None:
+            await self._pages.close()
         logger.info("%s on %s stopped", type(self).__name__, self.address)
         self._closed_now()

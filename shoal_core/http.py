@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -31,13 +32,19 @@ import h11
 from shoal_core.addresses import HostPort, parse_address
 from shoal_core.errors import ServerStartError
 
-__all__ = ["HttpServer", "Page", "PageBuilder"]
+__all__ = ["HttpServer", "Page", "PageBuilder", "json_page"]
 
 logger = logging.getLogger(__name__)
 
 # A page is (HTTP status, content type, body), built on the event loop when asked for.
 Page = tuple[int, str, bytes]
 PageBuilder = Callable[[], Page]
+
+
+def json_page(data: object, status: int = 200) -> Page:
+    """``data`` as an indented JSON page."""
+    return status, "application/json", json.dumps(data, indent=2).encode() + b"\n"
+
 
 _ALLOWED = "GET, HEAD"
 # How long close() lets replies already written drain before it cuts connections.

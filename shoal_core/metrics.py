@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from shoal_core.http import HttpServer, Page, PageBuilder
+from shoal_core.http import Page, PageBuilder
 
-__all__ = ["CollectorRegistry", "metrics_endpoint", "metrics_page", "render"]
+__all__ = ["CollectorRegistry", "metrics_page", "render"]
 
 
 def render(registry: CollectorRegistry) -> bytes:
@@ -26,8 +26,3 @@ def metrics_page(registry: CollectorRegistry) -> PageBuilder:
         return 200, CONTENT_TYPE_LATEST, render(registry)
 
     return page
-
-
-def metrics_endpoint(listen: str, registry: CollectorRegistry) -> HttpServer:
-    """The ``--metrics`` server of a service: ``/metrics`` alone, on the service's loop."""
-    return HttpServer(listen, {"/metrics": metrics_page(registry)}, name="metrics")

@@ -14,12 +14,11 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector
 
 from protos import worker_pb2 as pb
 from protos import worker_pb2_grpc as pb_grpc
 from shoal_core.grpc_server import GrpcServer
-from shoal_core.metrics import metrics_endpoint
 from worker_node.cache import ResponseCache
 from worker_node.config import WorkerConfig, default_config
 from worker_node.execs import ExecRunner
@@ -115,7 +114,9 @@ class WorkerServer(GrpcServer):
         metrics_listen: str | None = None,
     ) -> None:
         self.config = config or default_config()
-        super().__init__(listen, max_message_bytes=self.config.max_message_bytes)
+        super().__init__(
+            listen, max_message_bytes=self.config.max_message_bytes, metrics_listen=metrics_listen
+        )
         functions = self.config.functions
         self.pools = {
             name: Pool(
@@ -134,16 +135,7 @@ class WorkerServer(GrpcServer):
         self.stats = WorkerStats()
         self.runner = ExecRunner(self.config.commands)
         self.servicer = WorkerServicer(self.config, self.pools, self.runner, self.cache, self.stats)
-        self.metrics = CollectorRegistry()
         self.metrics.register(_WorkerCollector(self))
-        self._metrics_endpoint = (
-            metrics_endpoint(metrics_listen, self.metrics) if metrics_listen else None
-        )
-
-    @property
-    def metrics_port(self) -> int:
-        """The bound ``--metrics`` port once started; 0 without ``metrics_listen``."""
-        return 0 if self._metrics_endpoint is None else self._metrics_endpoint.port
 
     def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
         pb_grpc.add_WorkerServicer_to_server(self.servicer, server)
@@ -162,16 +154,8 @@ class WorkerServer(GrpcServer):
         except BaseException:
             await self._after_stop()
             raise
-        if self._metrics_endpoint is not None:
-            try:
-                await self._metrics_endpoint.start()
-            except BaseException:
-                await self.close(0)
-                raise
 
     async def _after_stop(self) -> None:
         self.runner.kill_all()
         await self.runner.close()
         await asyncio.gather(*(pool.close(POOL_GRACE) for pool in self.pools.values()))
-        if self._metrics_endpoint is not None:
-            await self._metrics_endpoint.close()

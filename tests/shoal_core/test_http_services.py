@@ -1,11 +1,16 @@
-"""The services' pages: ``--metrics`` of the registry and the worker, on their own loops."""
+"""The services' pages: ``/metrics`` and ``/healthz`` of the registry and the worker."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from protos.worker_pb2 import CallRequest
+from protos.worker_pb2_grpc import WorkerStub
 from registry_service import RegistryServer
 from shoal_core.grpc_server import ServerStartError
 from tests.shoal_core.test_http import ended_by_server, request
@@ -45,3 +50,29 @@ async def test_a_taken_metrics_port_fails_the_start_and_leaves_nothing_running()
         await asyncio.wait_for(second.wait_closed(), 5)
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", second.port)
+
+
+async def test_healthz_says_what_grpc_health_says_and_fails_once_draining() -> None:
+    server = WorkerServer("127.0.0.1:0", metrics_listen="127.0.0.1:0")
+    await server.start()
+    try:
+        port = server.metrics_port
+        status, headers, body = await request(port, "GET", "/healthz")
+        assert (status, json.loads(body)) == (200, {"status": "serving"})
+        assert headers[b"content-type"] == b"application/json"
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # Draining: a call still running holds the close open while the page is read.
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = WorkerStub(channel).Call(CallRequest(function="sleep", payload=b"1.5"))
+            running = asyncio.ensure_future(call)
+            await asyncio.sleep(0.3)
+            closing = asyncio.ensure_future(server.close(grace=5.0))
+            await asyncio.sleep(0.3)
+            status, _, body = await request(port, "GET", "/healthz")
+            assert (status, json.loads(body)) == (503, {"status": "draining"})
+            await running
+    finally:
+        await server.close(grace=0)
+    await closing
