@@ -9,7 +9,7 @@ import click
 
 from shoal_cli.output import mute
 from shoal_core.addresses import AddressError
-from shoal_core.errors import ShoalUserError
+from shoal_core.errors import Isolated, ShoalUserError
 
 __all__ = ["USER_ERROR", "Group", "ReaderGone", "UserError", "WorkFailed", "run_guarded"]
 
@@ -64,7 +64,7 @@ def run_guarded(run: Callable[[], object]) -> int:
         return _fail(exc.format_message().replace("\n", " "))
     except (UserError, AddressError, ShoalUserError) as exc:
         return _fail(str(exc))
-    except WorkFailed as exc:
+    except (WorkFailed, Isolated) as exc:
         click.echo(f"shoal: {exc}", err=True)
         return 1
     except KeyboardInterrupt:

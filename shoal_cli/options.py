@@ -69,6 +69,20 @@ def metrics_option() -> Callable[[F], F]:
     )
 
 
+def isolation_option() -> Callable[[F], F]:
+    """``--exit-when-isolated SECONDS`` (parameter ``exit_when_isolated``)."""
+    return click.option(
+        "--exit-when-isolated",
+        "exit_when_isolated",
+        type=click.FloatRange(min=1.0),
+        default=None,
+        metavar="SECONDS",
+        help="Drain and exit (status 1) once nothing but loopback has been reachable "
+        "this long, so a container restart policy brings the process back into a live "
+        "network (for containers sharing a pod's network namespace).",
+    )
+
+
 def json_option() -> Callable[[F], F]:
     """``--json`` (parameter ``as_json``): one JSON object on stdout instead of text."""
     return click.option(

@@ -10,7 +10,7 @@ import pydantic
 from proxy_sidecar import SidecarConfig, SidecarServer, load_config
 from proxy_sidecar.errors import SidecarError
 from shoal_cli.errors import UserError
-from shoal_cli.options import ADDRESS, LISTEN, grace_option, log_level_option
+from shoal_cli.options import ADDRESS, LISTEN, grace_option, isolation_option, log_level_option
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
 
@@ -65,6 +65,7 @@ __all__ = ["sidecar"]
     default=None,
     help="YAML file with balancing, retry, outlier and membership settings.",
 )
+@isolation_option()
 @grace_option(5.0)
 @log_level_option()
 def sidecar(
@@ -78,6 +79,7 @@ def sidecar(
     lb: str | None,
     admin: str | None,
     config_path: str | None,
+    exit_when_isolated: float | None,
     grace: float,
     log_level: str | None,
 ) -> None:
@@ -121,6 +123,8 @@ def sidecar(
         click.echo(line)
 
     try:
-        asyncio.run(serve(server, grace=grace, on_started=ready))
+        asyncio.run(
+            serve(server, grace=grace, on_started=ready, exit_when_isolated=exit_when_isolated)
+        )
     except SidecarError as exc:
         raise UserError(str(exc)) from exc

@@ -7,7 +7,13 @@ import asyncio
 import click
 
 from shoal_cli.errors import UserError
-from shoal_cli.options import LISTEN, grace_option, log_level_option, metrics_option
+from shoal_cli.options import (
+    LISTEN,
+    grace_option,
+    isolation_option,
+    log_level_option,
+    metrics_option,
+)
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
 
@@ -30,12 +36,14 @@ __all__ = ["worker"]
     help="YAML allowlist of commands, functions and pools (default: Echo and demo functions).",
 )
 @metrics_option()
+@isolation_option()
 @grace_option(10.0, "Seconds in-flight work may run on SIGTERM/SIGINT before it is stopped.")
 @log_level_option()
 def worker(
     listen: str,
     config_path: str | None,
     metrics_listen: str | None,
+    exit_when_isolated: float | None,
     grace: float,
     log_level: str | None,
 ) -> None:
@@ -54,6 +62,8 @@ def worker(
         click.echo(f"shoal worker serving on {server.address}")
 
     try:
-        asyncio.run(serve(server, grace=grace, on_started=ready))
+        asyncio.run(
+            serve(server, grace=grace, on_started=ready, exit_when_isolated=exit_when_isolated)
+        )
     except PoolStartError as exc:
         raise UserError(str(exc)) from exc

@@ -4,13 +4,14 @@ imports nothing heavy: the CLI catches them before it knows which command runs.
 ShoalUserError
 +-- ConfigError        a config file is missing, is not YAML, or does not validate
 +-- ServerStartError   a server could not bind its listen address
+Isolated               a server stopped itself: no network but loopback (exit 1)
 
 ``shoal_core.config`` and ``shoal_core.grpc_server`` raise them and re-export them.
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "ServerStartError", "ShoalUserError"]
+__all__ = ["ConfigError", "Isolated", "ServerStartError", "ShoalUserError"]
 
 
 class ShoalUserError(Exception):
@@ -28,3 +29,8 @@ class ConfigError(ShoalUserError, ValueError):
 
 class ServerStartError(ShoalUserError, RuntimeError):
     """The server could not bind its listen address."""
+
+
+class Isolated(Exception):
+    """A server found only loopback for too long and stopped, so it can be restarted into a
+    live network (``--exit-when-isolated``); not the user's mistake, so exit status 1."""

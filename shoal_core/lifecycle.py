@@ -3,6 +3,11 @@
 The first SIGTERM or SIGINT starts a graceful close bounded by a grace period;
 a second one forces the close at once. Whatever was still running when the
 grace ran out is logged by the service's own ``close``.
+
+In a container that joins another's network namespace (a pod's), the namespace
+can die under a running process, leaving it with loopback alone and nothing to
+tell it. ``exit_when_isolated`` makes such a process drain and exit (``Isolated``)
+so that its restart policy starts it again in the live namespace.
 """
 
 from __future__ import annotations
@@ -13,17 +18,21 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol, Self
 
-__all__ = ["Service", "ServiceBase", "serve"]
+from shoal_core.errors import Isolated
+
+__all__ = ["Service", "ServiceBase", "only_loopback", "serve"]
 
 logger = logging.getLogger(__name__)
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PARENT_ENV = "SHOAL_PARENT_PID"
 _PARENT_POLL = 1.0
+_ISOLATION_POLL = 1.0
 
 
 async def _parent_gone(parent: int, drain: asyncio.Event, grace: float) -> None:
@@ -32,6 +41,47 @@ async def _parent_gone(parent: int, drain: asyncio.Event, grace: float) -> None:
         await asyncio.sleep(_PARENT_POLL)
     logger.warning("supervisor (pid %d) is gone: draining for up to %.1fs", parent, grace)
     drain.set()
+
+
+def only_loopback() -> bool:
+    """True when this network namespace routes nothing but over loopback.
+
+    Routes, not interfaces: a namespace whose veth is gone may still hold idle tunnel
+    devices, but with no route through them nothing can be reached.
+    """
+    for table, iface_column in (("/proc/self/net/route", 0), ("/proc/self/net/ipv6_route", -1)):
+        try:
+            with open(table) as rows:
+                lines = rows.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields and fields[0] != "Iface" and fields[iface_column] != "lo":
+                return False
+    return True
+
+
+async def _isolated(after: float, drain: asyncio.Event, why: list[str]) -> None:
+    """Drain once nothing but loopback has been routable for ``after`` seconds."""
+    since: float | None = None
+    while True:
+        await asyncio.sleep(_ISOLATION_POLL)
+        if not only_loopback():
+            since = None
+            continue
+        now = time.monotonic()
+        if since is None:
+            since = now
+            logger.warning("no network but loopback; exiting if it lasts %.0fs", after)
+        if now - since >= after:
+            why.append(
+                f"no network but loopback for {after:g}s: stopped so that a restart "
+                "can join a live network"
+            )
+            logger.error("%s", why[0])
+            drain.set()
+            return
 
 
 class Service(Protocol):
@@ -84,8 +134,13 @@ async def serve(
     *,
     grace: float,
     on_started: Callable[[], None] | None = None,
+    exit_when_isolated: float | None = None,
 ) -> None:
-    """Start ``service`` and run it until a signal asks it to stop or it closes itself."""
+    """Start ``service`` and run it until a signal asks it to stop or it closes itself.
+
+    With ``exit_when_isolated``, also drain and raise ``Isolated`` once only loopback
+    has been routable for that many seconds.
+    """
     loop = asyncio.get_running_loop()
     drain = asyncio.Event()
     force = asyncio.Event()
@@ -101,6 +156,7 @@ async def serve(
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     tasks: list[asyncio.Task[object]] = []
+    isolated: list[str] = []
     try:
         await service.start()
         if on_started is not None:
@@ -112,6 +168,9 @@ async def serve(
         parent = os.environ.get(PARENT_ENV, "")
         if parent.isdigit() and int(parent) == os.getppid():
             tasks.append(asyncio.ensure_future(_parent_gone(int(parent), drain, grace)))
+        if exit_when_isolated is not None:
+            watch = _isolated(exit_when_isolated, drain, isolated)
+            tasks.append(asyncio.ensure_future(watch))
         await asyncio.wait({closed, drained}, return_when=asyncio.FIRST_COMPLETED)
         if closed.done():
             return
@@ -122,6 +181,8 @@ async def serve(
         if not closing.done():
             await service.close(0)
             await closing
+        if isolated:
+            raise Isolated(isolated[0])
     finally:
         for sig in _STOP_SIGNALS:
             loop.remove_signal_handler(sig)
