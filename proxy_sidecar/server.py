@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from prometheus_client.registry import CollectorRegistry
 from shoal_dataplane import DataPlane
 
+from protos import registry_pb2 as pb
 from proxy_sidecar.balancers import balancer_class
 from proxy_sidecar.config import MembershipSettings, SidecarConfig
 from proxy_sidecar.control import Control
@@ -265,19 +266,24 @@ class SidecarServer(ServiceBase):
         self._closed_now()
 
     def _healthz(self) -> Page:
-        # A sidecar whose data plane is gone forwards nothing, whatever else is well;
-        # one cut off from its app brings nothing into the mesh: both are unhealthy.
+        """The pod's health: this sidecar's, and its app's as its last check found it.
+
+        A sidecar whose data plane is gone forwards nothing, whatever else is well; one
+        cut off from its app, or whose app is not SERVING, brings nothing into the mesh.
+        All three are unhealthy, so one probe of this page stands for the whole pod.
+        """
         forwarding = self._forwarding()
-        app_ok = self.membership is None or self.membership.app_reachable
-        status = (
-            "draining"
-            if self._draining
-            else "down"
-            if not forwarding
-            else "app unreachable"
-            if not app_ok
-            else "serving"
-        )
+        member = self.membership
+        if self._draining:
+            status = "draining"
+        elif not forwarding:
+            status = "down"
+        elif member is not None and not member.app_reachable:
+            status = "app unreachable"
+        elif member is not None and member.status != pb.SERVING:
+            status = "app not serving"
+        else:
+            status = "serving"
         body: dict[str, object] = {
             "status": status,
             "dataplane": "running" if forwarding else "stopped",
@@ -285,10 +291,11 @@ class SidecarServer(ServiceBase):
             "registry_synced": self.table.synced,
             "endpoints": len(self.table.endpoints()),
         }
-        if self.membership is not None:
-            body["app_reachable"] = self.membership.app_reachable
-            body["app_registered"] = bool(self.membership.lease_id)
-            body["instance_id"] = self.membership.instance_id
+        if member is not None:
+            body["app_reachable"] = member.app_reachable
+            body["app_serving"] = member.status == pb.SERVING
+            body["app_registered"] = bool(member.lease_id)
+            body["instance_id"] = member.instance_id
         return json_page(body, 200 if status == "serving" else 503)
 
     def _endpoints(self) -> Page:

@@ -122,7 +122,7 @@ async def test_failing_heartbeats_warn_once_and_recovery_is_said_once(upstreams,
             await registry.close(grace=0)
 
 
-async def test_a_sidecar_cut_off_from_its_app_says_so_on_healthz(registry, upstreams):
+async def test_healthz_fails_while_the_app_is_not_serving_or_unreachable(registry, upstreams):
     app = upstreams[0]
     async with SidecarServer(
         "127.0.0.1:0",
@@ -136,13 +136,18 @@ async def test_a_sidecar_cut_off_from_its_app_says_so_on_healthz(registry, upstr
         port = sidecar.admin_port
         status, body = await asyncio.to_thread(_healthz, port)
         assert (status, body["status"], body["app_reachable"]) == (200, "serving", True)
+
+        async def says(expected: int, text: str) -> bool:
+            status, body = await asyncio.to_thread(_healthz, port)
+            return (status, body["status"]) == (expected, text)
+
+        await app.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await wait_for(lambda: says(503, "app not serving"), what="healthz to see NOT_SERVING")
+        await app.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await wait_for(lambda: says(200, "serving"), what="healthz to recover")
         await app.stop()
 
-        async def unreachable() -> bool:
-            status, body = await asyncio.to_thread(_healthz, port)
-            return status == 503 and body["status"] == "app unreachable"
-
-        await wait_for(unreachable, what="healthz to fail")
+        await wait_for(lambda: says(503, "app unreachable"), what="healthz to fail")
         _, body = await asyncio.to_thread(_healthz, port)
         assert body["app_reachable"] is False
         # And the heartbeats tell the registry the instance is not serving.
