@@ -96,6 +96,16 @@ class ComposeMesh:
         assert cid, f"no container for {service}"
         return cid
 
+    def containers(self) -> list[str]:
+        """The ids of this project's running containers."""
+        label = f"label=com.docker.compose.project={self.project}"
+        out = subprocess.run(
+            ["docker", "ps", "-q", "--no-trunc", "--filter", label],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+        assert out, "no running container"
+        return out
+
     def network(self) -> str:
         out = subprocess.run(
             [

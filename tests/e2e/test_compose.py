@@ -1,4 +1,5 @@
-"""The compose mesh under faults: kill, partition, registry restart, scale-out, teardown.
+"""The compose mesh under faults: crash, kill, pause, partition, registry restart,
+scale-out, teardown; and what its health checks cost.
 
 The tests share one mesh and run in file order; each leaves it whole again.
 """
@@ -6,11 +7,16 @@ The tests share one mesh and run in file order; each leaves it whole again.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import statistics
 import subprocess
 import time
+from datetime import datetime
 
 import pytest
 
+from tests.e2e.cgroups import short_lived_cpu, snapshot
 from tests.e2e.conftest import ALL_FILES, ComposeMesh
 from tests.e2e.load import Load, healthy_workers, served, wait_until
 
@@ -19,6 +25,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
 WORKERS = {f"worker@worker{n}:7900" for n in (1, 2, 3)}
 TTL, SWEEP = 3.0, 0.5  # docker/compose/sidecar.yaml and docker-compose.yml
+FULL_STRENGTH_WITHIN = 15.0
 
 
 async def mesh_ready(mesh: ComposeMesh, workers: set[str] = WORKERS) -> None:
@@ -58,6 +65,155 @@ async def test_calls_through_the_client_sidecar_reach_all_three(compose_mesh: Co
     assert inside.stdout == "FROM THE CLIENT APP"
 
 
+def test_health_checks_of_an_idle_mesh_use_under_2_percent_of_a_core(
+    compose_mesh: ComposeMesh,
+) -> None:
+    containers = compose_mesh.containers()
+    before = {c: snapshot(c) for c in containers}
+    started = time.monotonic()
+    time.sleep(30)
+    elapsed = time.monotonic() - started
+    after = {c: snapshot(c) for c in containers}
+    probes = sum(short_lived_cpu(before[c], after[c]) for c in containers) / 1e9
+    whole = sum(after[c].usage_ns - before[c].usage_ns for c in containers) / 1e9
+    share = probes / elapsed
+    print(
+        f"health checks: {probes:.3f} CPU-s in {elapsed:.1f}s = {share:.2%} of a core "
+        f"(the whole idle mesh: {whole / elapsed:.2%})"
+    )
+    assert 0 < share < 0.02
+
+
+def _crash(container: str) -> None:
+    """Kill a container's processes from outside, as the OOM killer or a crash would.
+
+    Not ``docker kill``: Docker takes that for an operator's stop and, as documented,
+    disables the restart policy until the container is started again.
+    """
+    pid = int(
+        subprocess.run(
+            ["docker", "inspect", "--format", "{{.State.Pid}}", container],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    os.kill(pid, signal.SIGKILL)
+
+
+def _probe_times(container: str) -> list[float]:
+    """How long each of the container's last health checks took (Docker keeps five)."""
+    out = subprocess.run(
+        ["docker", "inspect", "--format",
+         "{{range .State.Health.Log}}{{.Start.Format \"2006-01-02T15:04:05.000000Z07:00\"}} "
+         "{{.End.Format \"2006-01-02T15:04:05.000000Z07:00\"}}\n{{end}}", container],
+        capture_output=True, text=True, check=True,
+    ).stdout.split("\n")  # fmt: skip
+    times = []
+    for line in filter(None, out):
+        start, end = (datetime.fromisoformat(part) for part in line.split())
+        times.append((end - start).total_seconds())
+    return times
+
+
+def _restarts(container: str) -> int:
+    out = subprocess.run(
+        ["docker", "inspect", "--format", "{{.RestartCount}} {{.State.Running}}", container],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    return int(out[0]) if out[1] == "true" else -1
+
+
+def _serving(container: str, port: int) -> bool:
+    """The container's own /healthz says SERVING (read inside it, as its check does)."""
+    probe = ["docker", "exec", container, "shoal-healthz", str(port)]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+async def _back_to_full_strength(
+    mesh: ComposeMesh, container: str, port: int, restarts: int, target: str
+) -> float:
+    """Seconds until Docker has restarted ``container``, it serves, and so does ``target``.
+
+    It is often back before its lease could lapse, so the registry may never list it
+    as gone: what counts is the restarted process serving and calls reaching it.
+    """
+    started = time.monotonic()
+    await wait_until(lambda: _restarts(container) > restarts, 30, f"{container} to restart")
+    await wait_until(lambda: _serving(container, port), 30, f"{container} to serve")
+    await wait_until(lambda: healthy_workers(mesh.registry) == WORKERS, 60, "three healthy")
+    mark = served(mesh.client_admin).get(target, 0)
+    await wait_until(lambda: served(mesh.client_admin).get(target, 0) > mark, 60, "its traffic")
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize(("victim", "port"), [("worker2", 7801), ("worker2-sidecar", 7902)])
+async def test_a_crashed_container_is_back_at_full_strength_by_itself(
+    compose_mesh: ComposeMesh, victim: str, port: int
+) -> None:
+    await mesh_ready(compose_mesh)
+    async with Load(compose_mesh.client) as load:
+        await wait_until(lambda: load.ok >= 50, 30, "steady load")
+        container = compose_mesh.container(victim)
+        restarts = _restarts(container)
+        _crash(container)
+        took = await _back_to_full_strength(
+            compose_mesh, container, port, restarts, "worker@worker2:7900"
+        )
+        probes = [
+            t for n in (1, 2, 3) for t in _probe_times(compose_mesh.container(f"worker{n}-sidecar"))
+        ]
+    print(
+        f"{victim} crashed: three workers serving again after {took:.1f}s, no command typed; "
+        f"health checks under load took median {statistics.median(probes) * 1000:.0f} ms, "
+        f"max {max(probes) * 1000:.0f} ms"
+    )
+    assert load.failed == [], load.failed[:5]
+    assert took <= FULL_STRENGTH_WITHIN, took
+
+
+async def test_a_crashed_pod_brings_its_worker_and_sidecar_back_by_themselves(
+    compose_mesh: ComposeMesh,
+) -> None:
+    # The pod restarts in a new network namespace; the worker and sidecar left in the
+    # old one (loopback only) exit after 10 s and their restarts join the new one.
+    await mesh_ready(compose_mesh)
+    app, sidecar = compose_mesh.container("worker2"), compose_mesh.container("worker2-sidecar")
+    before = _restarts(app), _restarts(sidecar)
+    async with Load(compose_mesh.client) as load:
+        await wait_until(lambda: load.ok >= 50, 30, "steady load")
+        started = time.monotonic()
+        _crash(compose_mesh.container("worker2-pod"))
+        await wait_until(lambda: _restarts(app) > before[0], 60, "the worker to restart")
+        await _back_to_full_strength(compose_mesh, sidecar, 7902, before[1], "worker@worker2:7900")
+        took = time.monotonic() - started
+    print(f"worker2-pod crashed: its worker and sidecar serving again after {took:.1f}s")
+    assert load.failed == [], load.failed[:5]
+    assert _serving(app, 7801)
+
+
+async def test_a_paused_worker_fails_no_call_and_takes_calls_again_once_unpaused(
+    compose_mesh: ComposeMesh,
+) -> None:
+    await mesh_ready(compose_mesh)
+    worker2, target = compose_mesh.container("worker2"), "worker@worker2:7900"
+    async with Load(compose_mesh.client) as load:
+        await wait_until(lambda: load.ok >= 50, 30, "steady load")
+        subprocess.run(["docker", "pause", worker2], check=True)
+        try:
+            await asyncio.sleep(8)
+            frozen_ok = load.ok
+        finally:
+            subprocess.run(["docker", "unpause", worker2], check=True)
+        assert frozen_ok > 50, "calls stopped while one worker was paused"
+        mark = served(compose_mesh.client_admin).get(target, 0)
+        took = await wait_until(
+            lambda: served(compose_mesh.client_admin).get(target, 0) > mark + 10,
+            30,
+            "worker2 to take calls again",
+        )
+    print(f"worker2 paused 8s: routed to again {took:.1f}s after unpause")
+    assert load.failed == [], load.failed[:5]
+
+
 async def test_killing_a_worker_under_load_fails_no_call(compose_mesh: ComposeMesh) -> None:
     await mesh_ready(compose_mesh)
     victims = [compose_mesh.container("worker2-sidecar"), compose_mesh.container("worker2")]
@@ -80,9 +236,32 @@ async def test_killing_a_worker_under_load_fails_no_call(compose_mesh: ComposeMe
     await mesh_ready(compose_mesh)
 
 
+async def test_a_docker_killed_worker_rejoins_its_pod_and_mesh_after_up(
+    compose_mesh: ComposeMesh,
+) -> None:
+    # The reported bug: the sidecar stayed in the dead worker's namespace for minutes.
+    await mesh_ready(compose_mesh)
+    async with Load(compose_mesh.client) as load:
+        await wait_until(lambda: load.ok >= 50, 30, "steady load")
+        subprocess.run(["docker", "kill", compose_mesh.container("worker2")], check=True)
+        await wait_until(
+            lambda: "worker@worker2:7900" not in healthy_workers(compose_mesh.registry),
+            30,
+            "worker2 to be out",
+        )
+        compose_mesh.run("up", "-d")
+        started = time.monotonic()
+        await mesh_ready(compose_mesh)
+        took = time.monotonic() - started
+    print(f"docker kill worker2, then up -d: three workers serving {took:.1f}s after up")
+    assert load.failed == [], load.failed[:5]
+    assert took <= FULL_STRENGTH_WITHIN, took
+
+
 async def test_a_partitioned_worker_loses_traffic_and_regains_it(compose_mesh: ComposeMesh) -> None:
     await mesh_ready(compose_mesh)
-    network, worker3 = compose_mesh.network(), compose_mesh.container("worker3")
+    # The pod owns the network namespace that worker3 and its sidecar share.
+    network, worker3 = compose_mesh.network(), compose_mesh.container("worker3-pod")
     target = "worker@worker3:7900"
     async with Load(compose_mesh.client) as load:
         await wait_until(lambda: load.ok >= 50, 30, "steady load")
