@@ -19,6 +19,7 @@ from proxy_sidecar.balancers import Balancer
 from proxy_sidecar.endpoints import Endpoint
 
 __all__ = [
+    "BUILTIN",
     "ConsistentHash",
     "LeastLoaded",
     "LeastRequest",
@@ -198,3 +199,18 @@ class ConsistentHash(Balancer):
             self._build(endpoints)
         start = bisect.bisect_left(self._points, _hash(key)) % len(self._points)
         return _first_allowed(self._owners, start, exclude)
+
+
+# The built-in policies by name; others come through the entry points (see balancers).
+BUILTIN: dict[str, type[Balancer]] = {
+    cls.name: cls
+    for cls in (
+        RoundRobin,
+        RandomChoice,
+        LeastRequest,
+        Weighted,
+        ConsistentHash,
+        PeakEwma,
+        LeastLoaded,
+    )
+}

@@ -23,7 +23,6 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from prometheus_client.registry import CollectorRegistry
 from shoal_dataplane import DataPlane
 
 from protos import registry_pb2 as pb
@@ -34,14 +33,12 @@ from proxy_sidecar.discovery import Discovery
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import PolicyError
 from proxy_sidecar.membership import Membership
-from proxy_sidecar.metrics import SidecarCollector
 from proxy_sidecar.routing import Router
 from proxy_sidecar.rpc import Rpc
 from shoal_core.addresses import HostPort, dial_address, parse_address
 from shoal_core.errors import ServerStartError
-from shoal_core.http import HttpServer, Page, json_page
+from shoal_core.http import HttpServer, Page, PageBuilder, json_page
 from shoal_core.lifecycle import ServiceBase
-from shoal_core.metrics import metrics_page
 
 __all__ = ["SidecarServer"]
 
@@ -107,17 +104,14 @@ class SidecarServer(ServiceBase):
         self._tables = (self.table, self.router.local_table)
         self.discovery = Discovery(registry, self.table, config.discovery)
         self.membership: Membership | None = None
-        self.metrics = CollectorRegistry()
-        self.metrics.register(
-            SidecarCollector(self.router.clusters, self.discovery, self._connections)
-        )
+        self._metrics: PageBuilder | None = None
         self._admin = (
             HttpServer(
                 admin,
                 {
                     "/healthz": self._healthz,
                     "/endpoints": self._endpoints,
-                    "/metrics": metrics_page(self.metrics),
+                    "/metrics": self._metrics_page,
                 },
                 name="admin",
             )
@@ -297,6 +291,20 @@ class SidecarServer(ServiceBase):
             body["app_registered"] = bool(member.lease_id)
             body["instance_id"] = member.instance_id
         return json_page(body, 200 if status == "serving" else 503)
+
+    def _metrics_page(self) -> Page:
+        # prometheus_client (with http.server, urllib and email under it) is loaded at
+        # the first scrape: a sidecar nobody scrapes does not carry it.
+        if self._metrics is None:
+            from proxy_sidecar.metrics import SidecarCollector
+            from shoal_core.metrics import CollectorRegistry, metrics_page
+
+            registry = CollectorRegistry()
+            registry.register(
+                SidecarCollector(self.router.clusters, self.discovery, self._connections)
+            )
+            self._metrics = metrics_page(registry)
+        return self._metrics()
 
     def _endpoints(self) -> Page:
         services = {name: c.snapshot() for name, c in sorted(self.router.clusters().items())}

@@ -9,7 +9,7 @@ import threading
 import pydantic
 import pytest
 
-from proxy_sidecar.balancers import Balancer, available, make_balancer
+from proxy_sidecar.balancers import Balancer, available, balancer_class, make_balancer
 from proxy_sidecar.cluster import Cluster
 from proxy_sidecar.config import OutlierSettings, ServicePolicy, SidecarConfig
 from proxy_sidecar.endpoints import Endpoint, EndpointTable, InstanceInfo
@@ -81,7 +81,7 @@ def test_unroutable_instance_leaves_and_load_updates_in_place():
     assert table.members("b.T") is None
 
 
-def test_all_policies_are_registered_by_entry_point():
+def test_every_built_in_policy_is_available_and_unknown_names_are_refused():
     assert set(available()) >= {
         "round_robin",
         "random",
@@ -93,6 +93,40 @@ def test_all_policies_are_registered_by_entry_point():
     }
     with pytest.raises(PolicyError, match="unknown load balancer 'nope'"):
         make_balancer("nope")
+
+
+PLUGIN = """
+from proxy_sidecar.balancers import Balancer
+
+class First(Balancer):
+    name = "first"
+
+    def pick(self, endpoints, key, exclude):
+        return next((e for e in endpoints if e not in exclude), None)
+"""
+
+
+def test_a_policy_installed_as_an_entry_point_is_found_by_name(tmp_path, monkeypatch):
+    # A real distribution on sys.path, as pip would install it.
+    (tmp_path / "shoal_first.py").write_text(PLUGIN)
+    dist = tmp_path / "shoal_first-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shoal-first\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[shoal.balancers]\nfirst = shoal_first:First\nbroken = shoal_first:Missing\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    balancer_class.cache_clear()
+    try:
+        assert {"first", "broken", "round_robin"} <= set(available())
+        balancer = make_balancer("first")
+        assert type(balancer).__module__ == "shoal_first"
+        eps = endpoints(2)
+        assert balancer.pick(eps, None, (eps[0],)) is eps[1]
+        with pytest.raises(PolicyError, match="'broken' cannot be loaded"):
+            make_balancer("broken")
+    finally:
+        balancer_class.cache_clear()
 
 
 @pytest.mark.parametrize(
