@@ -174,7 +174,6 @@ class GrpcServer(ServiceBase):
         self._port = 0
         super().__init__()
         self._closing = False
-        self._serving = False
         self.metrics = CollectorRegistry()
         self._pages = (
             HttpServer(
@@ -199,7 +198,8 @@ class GrpcServer(ServiceBase):
         return None
 
     async def _after_stop(self) -> None:
-        """Release what the service owns once no call is running any more."""
+        """Release what the service owns: once no call is running any more, or when the
+        server failed to start listening."""
         return None
 
     @property
@@ -221,8 +221,9 @@ class GrpcServer(ServiceBase):
 
     def healthz(self) -> Page:
         """What grpc.health.v1 answers for the server as a whole: 200 only while SERVING."""
-        status = "serving" if self._serving else "draining" if self._closing else "starting"
-        return json_page({"status": status}, 200 if self._serving else 503)
+        serving = self._server is not None and not self._closing
+        status = "serving" if serving else "draining" if self._closing else "starting"
+        return json_page({"status": status}, 200 if serving else 503)
 
     async def start(self) -> None:
         quiet_vanished_clients()
@@ -239,6 +240,25 @@ class GrpcServer(ServiceBase):
             server,
         )
         try:
+            await self._listen_on(server)
+        except BaseException:
+            # Never started, so close() has nothing to stop: release what the subclass owns.
+            await self._after_stop()
+            raise
+        self._server = server
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for name in ("", *names):
+            await self._health.set(name, serving)
+        logger.info("%s listening on %s", type(self).__name__, self.address)
+        if self._pages is not None:
+            try:
+                await self._pages.start()
+            except BaseException:
+                await self.close(0)
+                raise
+
+    async def _listen_on(self, server: grpc.aio.Server) -> None:
+        try:
             self._port = server.add_insecure_port(self._listen)
         except RuntimeError as exc:
             raise ServerStartError(
@@ -249,18 +269,6 @@ class GrpcServer(ServiceBase):
                 f"cannot listen on {self._listen}: {_why_unbindable(self._listen)}"
             )
         await server.start()
-        self._server = server
-        serving = health_pb2.HealthCheckResponse.SERVING
-        for name in ("", *names):
-            await self._health.set(name, serving)
-        self._serving = True
-        logger.info("%s listening on %s", type(self).__name__, self.address)
-        if self._pages is not None:
-            try:
-                await self._pages.start()
-            except BaseException:
-                await self.close(0)
-                raise
 
     async def close(self, grace: float | None = None) -> None:
         """Stop taking calls; let running ones finish for ``grace`` seconds, then cancel them."""
@@ -273,7 +281,6 @@ class GrpcServer(ServiceBase):
             await server.stop(grace)
             return
         self._closing = True
-        self._serving = False
         await self._health.enter_graceful_shutdown()
         await self._before_stop()
         await server.stop(grace)

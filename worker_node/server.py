@@ -149,11 +149,7 @@ class WorkerServer(GrpcServer):
         except BaseException:
             await asyncio.gather(*(pool.close(0) for pool in self.pools.values()))
             raise
-        try:
-            await super().start()
-        except BaseException:
-            await self._after_stop()
-            raise
+        await super().start()  # a failed start releases the pools through _after_stop
 
     async def _after_stop(self) -> None:
         self.runner.kill_all()

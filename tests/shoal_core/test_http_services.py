@@ -52,6 +52,25 @@ async def test_a_taken_metrics_port_fails_the_start_and_leaves_nothing_running()
             await asyncio.open_connection("127.0.0.1", second.port)
 
 
+class CountingWorker(WorkerServer):
+    """A worker that counts how often what it owns is released."""
+
+    releases = 0
+
+    async def _after_stop(self) -> None:
+        self.releases += 1
+        await super()._after_stop()
+
+
+async def test_a_worker_whose_metrics_port_is_taken_releases_its_pools_once() -> None:
+    async with WorkerServer("127.0.0.1:0", metrics_listen="127.0.0.1:0") as first:
+        second = CountingWorker("127.0.0.1:0", metrics_listen=f"127.0.0.1:{first.metrics_port}")
+        with pytest.raises(ServerStartError, match="address already in use"):
+            await second.start()
+        await asyncio.wait_for(second.wait_closed(), 5)
+        assert second.releases == 1
+
+
 async def test_healthz_says_what_grpc_health_says_and_fails_once_draining() -> None:
     server = WorkerServer("127.0.0.1:0", metrics_listen="127.0.0.1:0")
     await server.start()
