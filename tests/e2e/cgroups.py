@@ -14,12 +14,13 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Snapshot", "snapshot", "short_lived_cpu"]
+__all__ = ["Snapshot", "main_pid", "short_lived_cpu", "snapshot"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def _main_pid(container: str) -> int:
+def main_pid(container: str) -> int:
+    """The host pid of the container's first process (its init)."""
     out = subprocess.run(
         ["docker", "inspect", "--format", "{{.State.Pid}}", container],
         capture_output=True, text=True, check=True,
@@ -69,7 +70,7 @@ class Snapshot:
 
 
 def snapshot(container: str) -> Snapshot:
-    cgroup, v2 = _cgroup_dir(_main_pid(container))
+    cgroup, v2 = _cgroup_dir(main_pid(container))
     # Threads first: CPU a thread uses after its reading still shows in the later total.
     threads = _threads(cgroup, v2)
     return Snapshot(_usage_ns(cgroup, v2), threads)

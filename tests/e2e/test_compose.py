@@ -16,7 +16,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.e2e.cgroups import short_lived_cpu, snapshot
+from tests.e2e.cgroups import main_pid, short_lived_cpu, snapshot
 from tests.e2e.conftest import ALL_FILES, ComposeMesh
 from tests.e2e.load import Load, healthy_workers, served, wait_until
 
@@ -90,13 +90,7 @@ def _crash(container: str) -> None:
     Not ``docker kill``: Docker takes that for an operator's stop and, as documented,
     disables the restart policy until the container is started again.
     """
-    pid = int(
-        subprocess.run(
-            ["docker", "inspect", "--format", "{{.State.Pid}}", container],
-            capture_output=True, text=True, check=True,
-        ).stdout
-    )  # fmt: skip
-    os.kill(pid, signal.SIGKILL)
+    os.kill(main_pid(container), signal.SIGKILL)
 
 
 def _probe_times(container: str) -> list[float]:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -49,6 +52,19 @@ async def wait_for(condition: Callable[[], object], timeout: float = 20.0, what:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or condition}")
         await asyncio.sleep(0.05)
+
+
+async def healthz(port: int) -> tuple[int, dict[str, Any]]:
+    """A sidecar admin page's ``/healthz``: its HTTP status and its JSON body."""
+
+    def fetch() -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as page:
+                return page.status, json.load(page)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+
+    return await asyncio.to_thread(fetch)
 
 
 def routable(sidecar: SidecarServer, service: str = SERVICE) -> int:

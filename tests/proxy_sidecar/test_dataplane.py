@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -28,7 +25,7 @@ from shoal_dataplane import Admission, DataPlane, Refusal
 from protos import registry_pb2 as rpb
 from protos import registry_pb2_grpc as rpb_grpc
 from tests.h2peers import RawH2
-from tests.proxy_sidecar.conftest import served_by, sidecar_config, wait_for
+from tests.proxy_sidecar.conftest import healthz, served_by, sidecar_config, wait_for
 from tests.proxy_sidecar.test_cli import SHOAL
 from tests.proxy_sidecar.upstream import SERVICE
 
@@ -322,18 +319,10 @@ async def test_healthz_fails_once_the_data_plane_is_gone(make_mesh):
     mesh = await make_mesh(admin=True)
     assert mesh.client is not None and mesh.client.dataplane is not None
     port = mesh.client.admin_port
-
-    def healthz() -> tuple[int, dict[str, Any]]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as page:
-                return page.status, json.load(page)
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.load(exc)
-
-    status, body = await asyncio.to_thread(healthz)
+    status, body = await healthz(port)
     assert (status, body["dataplane"]) == (200, "running")
     await asyncio.to_thread(mesh.client.dataplane.stop, 0.0)
-    status, body = await asyncio.to_thread(healthz)
+    status, body = await healthz(port)
     assert status == 503 and body["dataplane"] == "stopped" and body["status"] == "down"
 
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import urllib.error
-import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -15,7 +12,7 @@ from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from proxy_sidecar import SidecarConfig, SidecarServer
 from registry_service import RegistryServer
-from tests.proxy_sidecar.conftest import FAST_REGISTRY, sidecar_config, wait_for
+from tests.proxy_sidecar.conftest import FAST_REGISTRY, healthz, sidecar_config, wait_for
 from tests.proxy_sidecar.upstream import OTHER, SERVICE
 
 
@@ -134,11 +131,11 @@ async def test_healthz_fails_while_the_app_is_not_serving_or_unreachable(registr
         admin="127.0.0.1:0",
     ) as sidecar:
         port = sidecar.admin_port
-        status, body = await asyncio.to_thread(_healthz, port)
+        status, body = await healthz(port)
         assert (status, body["status"], body["app_reachable"]) == (200, "serving", True)
 
         async def says(expected: int, text: str) -> bool:
-            status, body = await asyncio.to_thread(_healthz, port)
+            status, body = await healthz(port)
             return (status, body["status"]) == (expected, text)
 
         await app.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -148,15 +145,7 @@ async def test_healthz_fails_while_the_app_is_not_serving_or_unreachable(registr
         await app.stop()
 
         await wait_for(lambda: says(503, "app unreachable"), what="healthz to fail")
-        _, body = await asyncio.to_thread(_healthz, port)
+        _, body = await healthz(port)
         assert body["app_reachable"] is False
         # And the heartbeats tell the registry the instance is not serving.
         assert sidecar.membership is not None and sidecar.membership.status == pb.NOT_SERVING
-
-
-def _healthz(port: int) -> tuple[int, dict[str, object]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as page:
-            return page.status, json.load(page)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
