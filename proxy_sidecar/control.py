@@ -38,22 +38,25 @@ from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, RouteError, UnknownService
 from proxy_sidecar.reflect import answer as reflection_answer
 from proxy_sidecar.routing import Route, Router, parse_method
-from shoal_core.codes import ErrorCodes, code_name
+from shoal_core.codes import (
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    UNAVAILABLE,
+    UNIMPLEMENTED,
+    ErrorCodes,
+    code_name,
+)
 
 __all__ = ["Call", "Control", "route_refusal"]
 
-_DEADLINE_EXCEEDED = 4
-_INTERNAL = 13
-_UNIMPLEMENTED = 12
-_UNAVAILABLE = 14
 _ROUTE_CODES = ErrorCodes[int](
-    {UnknownService: _UNIMPLEMENTED, NoHealthyEndpoint: _UNAVAILABLE}, default=_UNAVAILABLE
+    {UnknownService: UNIMPLEMENTED, NoHealthyEndpoint: UNAVAILABLE}, default=UNAVAILABLE
 )
 # Below this much time left, a retry could not finish: give the caller the failure.
 _MIN_RETRY_TIME = 0.005
 _MAX_CACHED_ROUTES = 4096
-_MALFORMED = Refusal(_UNIMPLEMENTED, "shoal: the method path is not /package.Service/Method")
-_NO_APP = Refusal(_UNIMPLEMENTED, "shoal: this sidecar has no app to deliver calls to")
+_MALFORMED = Refusal(UNIMPLEMENTED, "shoal: the method path is not /package.Service/Method")
+_NO_APP = Refusal(UNIMPLEMENTED, "shoal: this sidecar has no app to deliver calls to")
 
 
 def route_refusal(exc: RouteError) -> Refusal:
@@ -124,12 +127,12 @@ class Call:
         now = self._clock()
         left = None if self._deadline is None else self._deadline - now
         # DEADLINE_EXCEEDED with time left is the per-try timeout, not the caller's.
-        try_timed_out = code == _DEADLINE_EXCEEDED and (left is None or left > 0.0)
-        cluster.record(endpoint, code != _UNAVAILABLE and not try_timed_out, elapsed)
+        try_timed_out = code == DEADLINE_EXCEEDED and (left is None or left > 0.0)
+        cluster.record(endpoint, code != UNAVAILABLE and not try_timed_out, elapsed)
         retry = cluster.retry
         if not replayable or len(self._tried) + 1 >= retry.max_attempts:
             return None
-        if code != _UNAVAILABLE and not (
+        if code != UNAVAILABLE and not (
             retry.is_idempotent(self._method)
             and (try_timed_out or code_name(code) in retry.retry_on)
         ):
@@ -211,7 +214,7 @@ class Control:
             return Admission(call, cluster.breaker, outbound, cluster.per_try_timeout, first)
         except Exception:
             # Never a call in flight that the data plane does not know of.
-            call.finish(_INTERNAL, None)
+            call.finish(INTERNAL, None)
             raise
 
     def reflect(self, request: bytes) -> bytes:

@@ -25,15 +25,9 @@ from grpc_health.v1 import health_pb2
 from protos import registry_pb2 as pb
 from proxy_sidecar.config import MembershipSettings
 from proxy_sidecar.reflect import list_services
-from proxy_sidecar.rpc import (
-    DEADLINE_EXCEEDED,
-    NOT_FOUND,
-    UNAVAILABLE,
-    UNIMPLEMENTED,
-    Rpc,
-    RpcError,
-)
+from proxy_sidecar.rpc import Rpc, RpcError
 from shoal_core.backoff import Attempts, Backoff
+from shoal_core.codes import DEADLINE_EXCEEDED, NOT_FOUND, UNAVAILABLE, UNIMPLEMENTED
 
 __all__ = ["Membership"]
 

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2 as rpb
 
 from proxy_sidecar.errors import MembershipError
 from proxy_sidecar.rpc import Rpc, RpcError
+from shoal_core.codes import INVALID_ARGUMENT, NOT_FOUND, UNIMPLEMENTED
 
 __all__ = ["OWN_SERVICES", "answer", "list_services"]
 
@@ -30,7 +31,6 @@ OWN_SERVICES = (
     rpb.DESCRIPTOR.services_by_name["ServerReflection"].full_name,
 )
 _OWN_FILES = {d.name: d for d in (health_pb2.DESCRIPTOR, rpb.DESCRIPTOR)}
-_INVALID_ARGUMENT, _NOT_FOUND, _UNIMPLEMENTED = 3, 5, 12
 
 
 async def list_services(rpc: Rpc, app: str) -> tuple[str, ...]:
@@ -76,7 +76,7 @@ def answer(request_bytes: bytes) -> bytes:
         request = rpb.ServerReflectionRequest.FromString(request_bytes)
     except DecodeError:
         reply = rpb.ServerReflectionResponse()
-        reply.error_response.error_code = _INVALID_ARGUMENT
+        reply.error_response.error_code = INVALID_ARGUMENT
         reply.error_response.error_message = "the request does not decode"
         return bytes(reply.SerializeToString())
     reply = rpb.ServerReflectionResponse(valid_host=request.host, original_request=request)
@@ -88,11 +88,11 @@ def answer(request_bytes: bytes) -> bytes:
     elif kind in ("file_by_filename", "file_containing_symbol"):
         files = _files(request)
         if files is None:
-            reply.error_response.error_code = _NOT_FOUND
+            reply.error_response.error_code = NOT_FOUND
             reply.error_response.error_message = "not found"
         else:
             reply.file_descriptor_response.file_descriptor_proto.extend(files)
     else:
-        reply.error_response.error_code = _UNIMPLEMENTED
+        reply.error_response.error_code = UNIMPLEMENTED
         reply.error_response.error_message = f"{kind or 'an empty request'} is not served here"
     return bytes(reply.SerializeToString())

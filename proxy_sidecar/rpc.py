@@ -17,11 +17,9 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 from shoal_dataplane import DataPlane
 
-from shoal_core.codes import code_name
+from shoal_core.codes import INTERNAL, UNAVAILABLE, code_name
 
-__all__ = ["DEADLINE_EXCEEDED", "NOT_FOUND", "UNAVAILABLE", "UNIMPLEMENTED", "Rpc", "RpcError"]
-
-NOT_FOUND, DEADLINE_EXCEEDED, UNIMPLEMENTED, UNAVAILABLE, INTERNAL = 5, 4, 12, 14, 13
+__all__ = ["Rpc", "RpcError"]
 
 M = TypeVar("M", bound=Message)
 

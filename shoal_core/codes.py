@@ -11,7 +11,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Generic, TypeVar
 
-__all__ = ["CODE_NAMES", "ErrorCodes", "code_name"]
+__all__ = [
+    "CODE_NAMES",
+    "DEADLINE_EXCEEDED",
+    "INTERNAL",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "UNAVAILABLE",
+    "UNIMPLEMENTED",
+    "ErrorCodes",
+    "code_name",
+]
 
 C = TypeVar("C")
 
@@ -21,6 +31,9 @@ CODE_NAMES = tuple(
     "PERMISSION_DENIED RESOURCE_EXHAUSTED FAILED_PRECONDITION ABORTED OUT_OF_RANGE "
     "UNIMPLEMENTED INTERNAL UNAVAILABLE DATA_LOSS UNAUTHENTICATED".split()
 )
+# The ones Shoal's own code names, as plain ints (they cross into the data plane).
+INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND = 3, 4, 5
+UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 12, 13, 14
 
 
 def code_name(code: int) -> str:

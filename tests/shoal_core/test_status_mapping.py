@@ -10,6 +10,7 @@ import pytest
 
 from registry_service.errors import InvalidArgument, LeaseNotFound, RegistryError
 from registry_service.servicer import CODES
+from shoal_core import codes
 from shoal_core.codes import ErrorCodes
 from shoal_core.servicing import maps_errors
 
@@ -112,3 +113,12 @@ def test_the_workers_errors_map_by_class_too():
         grpc.StatusCode.FAILED_PRECONDITION
     )
     assert WORKER_CODES(errors.Overloaded("full")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_named_status_numbers_are_grpcs() -> None:
+    named = {"INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "UNIMPLEMENTED",
+             "INTERNAL", "UNAVAILABLE"}  # fmt: skip
+    for name in named:
+        number = getattr(codes, name)
+        assert number == getattr(grpc.StatusCode, name).value[0]
+        assert codes.code_name(number) == name
