@@ -13,12 +13,14 @@ from collections.abc import Sequence
 from typing import Protocol
 
 # The data plane allocates with mimalloc, which reads its options once, when the
-# extension loads. By default it keeps freed pages for reuse and commits its arenas
-# up front: thousands of connections that come and go would leave their memory with
-# the sidecar for good (3,000 idle connections: +92 MiB, none of it back after they
-# closed), and an idle sidecar would hold 6 MiB it never touched. Giving pages back as
-# soon as they are free costs no CPU per call that the sidecar bench can see.
-os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
+# extension loads. Eager commit is off: an idle sidecar would hold 6 MiB it never
+# touched. Freed pages go back to the OS a second after they are free (mimalloc's own
+# default, said here because src/alloc.rs counts on it): at once, a large message would
+# fault in fresh pages for every buffer it passes through (two sidecars moved 1 MiB
+# Echoes at 381 MiB/s, against 600 with the delay). mimalloc carries out a delayed
+# purge only when it is next used, so the data plane asks it every second: otherwise
+# 3,000 connections that came and went would leave +92 MiB with an idle sidecar.
+os.environ.setdefault("MIMALLOC_PURGE_DELAY", "1000")
 os.environ.setdefault("MIMALLOC_ARENA_EAGER_COMMIT", "0")
 
 from shoal_dataplane._native import (  # noqa: E402
