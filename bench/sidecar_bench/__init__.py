@@ -4,7 +4,9 @@ Everything runs on 127.0.0.1: a ``shoal worker`` (the upstream), and in front of
 ``shoal sidecar``, nginx (``grpc_pass``, upstream keepalive, one worker) and HAProxy
 (``mode http``, ``proto h2`` on the bind and the server line, ``nbthread 1``), as one
 hop each; for the two-hop part, a client sidecar -> the worker's own sidecar -> the
-worker as the mesh runs, against two nginx and two HAProxy in a row.
+worker as the mesh runs, against two nginx and two HAProxy in a row, and two of the
+sidecar's data plane behind a control plane that decides nothing (``floor``): what the
+data plane costs whatever Python decides.
 
 Parts (``--only unary,stream,twohop,large``): unary Echo under load and one call at a
 time (h2load), memory (idle and loaded RSS), CallStream bidi (a grpc.aio load generator

@@ -24,6 +24,7 @@ from .wire import ECHO, SERVICE
 __all__ = [
     "PACKAGES",
     "Child",
+    "floor",
     "haproxy",
     "missing_tools",
     "nginx",
@@ -153,6 +154,14 @@ async def process(*args: str, log: Path, ready: str | None = None) -> AsyncItera
 async def shoal(log: Path, *args: str) -> AsyncIterator[Child]:
     """A ``shoal`` command that prints ``serving on HOST:PORT`` when ready."""
     cmd = [sys.executable, "-m", "shoal_cli.main", *args, "--log-level", "WARNING"]
+    async with process(*cmd, log=log, ready=r"serving on (\S+)") as child:
+        yield child
+
+
+@contextlib.asynccontextmanager
+async def floor(log: Path, upstream: str) -> AsyncIterator[Child]:
+    """The sidecar's data plane with a control plane that decides nothing (``floor``)."""
+    cmd = [sys.executable, "-m", "bench.sidecar_bench.floor", upstream]
     async with process(*cmd, log=log, ready=r"serving on (\S+)") as child:
         yield child
 

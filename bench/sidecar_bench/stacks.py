@@ -3,7 +3,8 @@
 One hop: the worker registered by itself (no sidecar of its own), so the sidecar's path
 is one proxy like nginx's and HAProxy's. Two hops, as the mesh runs: a client sidecar,
 then the worker's own sidecar (``--service/--app``, which registers the worker at its
-inbound address), then the worker; against two nginx and two HAProxy in a row.
+inbound address), then the worker; against two nginx and two HAProxy in a row, and two
+of the sidecar's data plane with a control plane that decides nothing (``floor``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .measure import Meter
-from .procs import Child, haproxy, nginx, registered, shoal, wait_serving
+from .procs import Child, floor, haproxy, nginx, registered, shoal, wait_serving
 from .wire import SERVICE, echo_message
 
-__all__ = ["Target", "idle_rss", "one_hop", "two_hop"]
+__all__ = ["FLOOR", "Target", "idle_rss", "one_hop", "two_hop"]
 
 PROBE = echo_message(64)
+FLOOR = "data plane x2"
 
 
 @dataclass
@@ -85,6 +87,8 @@ async def two_hop(
         shoal(tmp / "client-sidecar.log", "sidecar", "--listen", "127.0.0.1:0",
               "--registry", registry.address, "--grace", "1")
     )  # fmt: skip
+    floor_b = await stack.enter_async_context(floor(tmp / "floor-b.log", upstream))
+    floor_a = await stack.enter_async_context(floor(tmp / "floor-a.log", floor_b.address))
     ngx_b = await stack.enter_async_context(nginx(tmp / "nginx-b", upstream))
     ngx_a = await stack.enter_async_context(nginx(tmp / "nginx-a", ngx_b.address))
     hap_b = await stack.enter_async_context(haproxy(tmp / "haproxy-b", upstream))
@@ -92,6 +96,7 @@ async def two_hop(
     ready = await _ready({
         "direct": (worker,),
         "sidecar x2": (client_side, worker_side),
+        FLOOR: (floor_a, floor_b),
         "nginx x2": (ngx_a, ngx_b),
         "haproxy x2": (hap_a, hap_b),
     })  # fmt: skip

@@ -22,7 +22,7 @@ from .report import (
     table,
     to_cheaper,
 )
-from .stacks import Target
+from .stacks import FLOOR, Target
 
 __all__ = ["UnaryPlan", "memory", "two_hops", "unary"]
 
@@ -179,6 +179,8 @@ async def two_hops(
     if cheaper > 0:
         print(
             f"  two sidecars add {extra['sidecar x2']:.3f} ms at p50, the cheaper pair "
-            f"{cheaper:.3f} ms ({extra['sidecar x2'] / cheaper:.2f}x)"
+            f"{cheaper:.3f} ms ({extra['sidecar x2'] / cheaper:.2f}x); "
+            f"{FLOOR} (the data plane, a control plane deciding nothing) "
+            f"{extra[FLOOR]:.3f} ms ({extra[FLOOR] / cheaper:.2f}x)"
         )
     return failures(runs)
