@@ -136,7 +136,10 @@ async def run(plan: Plan) -> int:
                         )
             if "twohop" in plan.parts:
                 async with contextlib.AsyncExitStack() as stack:
-                    _step("starting two sidecars, two bare data planes, two nginx and two HAProxy in a row")
+                    _step(
+                        "starting two sidecars, two bare data planes, two nginx and two "
+                        "HAProxy in a row"
+                    )
                     targets, sidecars = await two_hop(stack, tmp, worker)
                     mesh_idle = await idle_rss(sidecars)
                     _step("two hops")
