@@ -27,6 +27,7 @@ __all__ = ["cli", "main"]
 # checks every few seconds, must not pay for the registry, the sidecar and rich.
 _COMMANDS = {
     "bench": "shoal_cli.bench_cmd:bench",
+    "ca": "shoal_cli.identity_cmd:ca",
     "call": "shoal_cli.worker_ops:call",
     "config": "shoal_cli.config_cmd:config",
     "exec": "shoal_cli.worker_ops:exec_",
@@ -36,6 +37,7 @@ _COMMANDS = {
     "registry-demo": "shoal_cli.registry_cmd:registry_demo",
     "sidecar": "shoal_cli.sidecar_cmd:sidecar",
     "stats": "shoal_cli.stats_cmd:stats",
+    "token": "shoal_cli.identity_cmd:token",
     "up": "shoal_cli.up_cmd:up",
     "watch": "shoal_cli.registry_ops:watch",
     "worker": "shoal_cli.worker_cmd:worker",

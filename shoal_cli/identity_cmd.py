@@ -1,0 +1,78 @@
+"""``shoal ca init`` and ``shoal token create``: a mesh's CA and its join tokens."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+
+import click
+
+from identity.ca import CAError, init_ca, load_ca
+from identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeError
+from identity.tokens import TokenError, create_token
+from shoal_cli.errors import Group, UserError
+
+__all__ = ["ca", "token"]
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class _Duration(click.ParamType[dt.timedelta]):
+    """A lifetime such as ``90s``, ``30m``, ``1h`` or ``365d``."""
+
+    name = "duration"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> dt.timedelta:
+        if isinstance(value, dt.timedelta):
+            return value
+        match = re.fullmatch(r"(\d+)([smhd])", str(value).strip())
+        if match is None or int(match.group(1)) == 0:
+            self.fail(f"{value!r} is not a duration like 90s, 30m, 1h or 365d", param, ctx)
+        return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+DURATION = _Duration()
+_CA_DIR = click.Path(file_okay=False, path_type=Path)
+
+
+@click.group(cls=Group)
+def ca() -> None:
+    """The mesh's certificate authority."""
+
+
+@ca.command("init")
+@click.argument("directory", type=_CA_DIR)
+@click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True)
+@click.option("--ttl", type=DURATION, default="365d", show_default=True, help="The root's life.")
+def ca_init(directory: Path, trust_domain: str, ttl: dt.timedelta) -> None:
+    """Make a root and an issuing key in DIRECTORY (keys 0600, never printed)."""
+    try:
+        made = init_ca(directory, trust_domain, ttl)
+    except (CAError, SpiffeError) as exc:
+        raise UserError(str(exc)) from None
+    click.echo(
+        f"CA for trust domain {made.trust_domain} in {directory}: trust bundle "
+        f"{directory / 'bundle.crt'}, root valid until {made.root.not_valid_after_utc:%Y-%m-%d}"
+    )
+
+
+@click.group(cls=Group)
+def token() -> None:
+    """Join tokens: how a workload proves which service it is."""
+
+
+@token.command("create")
+@click.option("--ca", "ca_dir", type=_CA_DIR, required=True, help="The CA directory.")
+@click.option("--service", required=True, help="The one service the token admits.")
+@click.option("--ttl", type=DURATION, default="1h", show_default=True)
+def token_create(ca_dir: Path, service: str, ttl: dt.timedelta) -> None:
+    """Print a token admitting SERVICE; give it as SHOAL_TOKEN or a file, not a flag."""
+    try:
+        text, claims = create_token(load_ca(ca_dir), service, ttl)
+    except (CAError, TokenError, SpiffeError) as exc:
+        raise UserError(str(exc)) from None
+    click.echo(text)
+    click.echo(f"admits {claims.identity} until {claims.expires:%Y-%m-%d %H:%M:%SZ}", err=True)

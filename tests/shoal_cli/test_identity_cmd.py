@@ -1,0 +1,51 @@
+"""`shoal ca init` and `shoal token create`, run as a user runs them."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+
+from identity.ca import load_ca
+from identity.tokens import verify_token
+
+from .conftest import SHOAL
+
+
+def _shoal(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SHOAL, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_ca_init_then_token_create_gives_a_token_for_that_service(tmp_path):
+    ca_dir = tmp_path / "ca"
+    made = _shoal("ca", "init", str(ca_dir), "--trust-domain", "example.test")
+    assert made.returncode == 0, made.stderr
+    assert "trust domain example.test" in made.stdout
+    assert stat.S_IMODE((ca_dir / "issuer.key").stat().st_mode) == 0o600
+    key = (ca_dir / "issuer.key").read_text()
+    key_body = key.splitlines()[1]
+    got = _shoal("token", "create", "--ca", str(ca_dir), "--service", "worker", "--ttl", "90s")
+    assert got.returncode == 0, got.stderr
+    # Only the token on stdout (for `$(...)`); what it admits on stderr.
+    token = got.stdout.strip()
+    assert "\n" not in token
+    assert "spiffe://example.test/svc/worker" in got.stderr
+    assert verify_token(load_ca(ca_dir), token).service == "worker"
+    for out in (made.stdout, made.stderr, got.stdout, got.stderr):
+        assert key_body not in out
+
+
+def test_identity_user_errors_are_one_line_and_exit_2(tmp_path):
+    ca_dir = tmp_path / "ca"
+    assert _shoal("ca", "init", str(ca_dir)).returncode == 0
+    cases = [
+        (("ca", "init", str(ca_dir)), "already holds a CA"),
+        (("ca", "init", str(tmp_path / "x"), "--trust-domain", "Bad Domain"), "trust domain"),
+        (("token", "create", "--ca", str(tmp_path / "none"), "--service", "w"), "holds no CA"),
+        (("token", "create", "--ca", str(ca_dir), "--service", "a/b"), "service name"),
+        (("token", "create", "--ca", str(ca_dir), "--service", "w", "--ttl", "soon"), "duration"),
+    ]
+    for args, said in cases:
+        got = _shoal(*args)
+        assert got.returncode == 2, (args, got.stderr)
+        assert got.stderr.count("\n") == 1 and said in got.stderr, (args, got.stderr)
+        assert got.stdout == ""
