@@ -20,6 +20,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from identity.spiffe import SpiffeId
@@ -58,10 +59,10 @@ class CA:
     bundle_pem: bytes
 
     def issue(
-        self, public_key: ec.EllipticCurvePublicKey, who: SpiffeId, ttl: dt.timedelta = LEAF_TTL,
-        *, now: dt.datetime | None = None,
-    ) -> Leaf:  # fmt: skip
-        """A leaf for ``public_key`` naming ``who``, valid for ``ttl`` (within the issuer's)."""
+        self, public_key: CertificatePublicKeyTypes, who: SpiffeId, ttl: dt.timedelta = LEAF_TTL
+    ) -> Leaf:
+        """A leaf for ``public_key`` (ECDSA P-256) naming ``who``, valid for ``ttl`` (within
+        the issuer's)."""
         if who.trust_domain != self.trust_domain:
             raise CAError(f"{who} is not in this mesh's trust domain {self.trust_domain}")
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
@@ -70,7 +71,7 @@ class CA:
             raise CAError("the key must be ECDSA P-256")
         if ttl <= dt.timedelta(0):
             raise CAError("a certificate's lifetime must be positive")
-        now = now or dt.datetime.now(dt.UTC)
+        now = dt.datetime.now(dt.UTC)
         not_after = min(now + ttl, self.issuer.not_valid_after_utc)
         cert = (
             x509.CertificateBuilder()
@@ -109,10 +110,7 @@ class CA:
             raise CAError(f"not a PEM certificate signing request: {exc}") from None
         if not csr.is_signature_valid:
             raise CAError("the CSR's signature does not match its key")
-        key = csr.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise CAError("the key must be ECDSA P-256")
-        return self.issue(key, who, ttl)
+        return self.issue(csr.public_key(), who, ttl)
 
 
 def _usage(*, cert_sign: bool) -> x509.KeyUsage:

@@ -2,8 +2,8 @@
 //!
 //! mimalloc gives freed pages back to the OS only after a delay (`MIMALLOC_PURGE_DELAY`,
 //! 1 s, as `shoal_dataplane` sets it). With no delay, a large message faults in fresh
-//! pages for every buffer its frames pass through: a quarter of the sidecar's CPU at
-//! 1 MiB (perf: `exc_page_fault` under `recv`). But delayed purges are carried out
+//! pages for every buffer its frames pass through: 15 % of the sidecar's CPU samples
+//! at 1 MiB (perf: `exc_page_fault` under `recv`). But delayed purges are carried out
 //! only when the allocator is next used, so an idle sidecar would keep what a burst of
 //! connections left behind for good: `collect_forever` makes sure it is asked.
 
