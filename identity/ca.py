@@ -6,8 +6,9 @@ signs leaves and join tokens, so the root key can stay offline), and ``bundle.cr
 trust bundle workloads verify against; a second root can be added to it for a
 rotation). Private keys are written 0600 and never printed.
 
-A leaf carries exactly one URI SAN, the workload's SPIFFE ID, whatever the CSR asked
-for: the CA decides who a workload is, the CSR only brings its public key.
+A leaf carries exactly one URI SAN, the workload's SPIFFE ID (and the same ID as a DNS
+name, see ``SpiffeId.dns_name``), whatever the CSR asked for: the CA decides who a
+workload is, the CSR only brings its public key.
 """
 
 from __future__ import annotations
@@ -81,9 +82,12 @@ class CA:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _SKEW)
             .not_valid_after(not_after)
-            # SPIFFE X.509-SVID: an empty subject makes the SAN critical.
+            # SPIFFE X.509-SVID: an empty subject makes the SAN critical. The DNS name is
+            # for grpcio's server-name check only; the URI is who the workload is.
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(who))]),
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(str(who)), x509.DNSName(who.dns_name)]
+                ),
                 critical=True,
             )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

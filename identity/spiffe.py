@@ -1,8 +1,9 @@
 """SPIFFE IDs as the mesh names its workloads: ``spiffe://<trust-domain>/<kind>/<name>``.
 
-``svc/<service>`` is an instance's sidecar, ``registry`` the registry, and
-``operator/<name>`` a person or script using the CLI. Parsing follows the SPIFFE ID
-standard: lowercase trust domain, path segments of letters, digits, ``.``, ``-``, ``_``.
+``svc/<service>`` is an instance's sidecar, ``registry`` the registry, ``identity`` the
+server that issues certificates, and ``operator/<name>`` a person or script using the
+CLI. Parsing follows the SPIFFE ID standard: lowercase trust domain, path segments of
+letters, digits, ``.``, ``-``, ``_``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ __all__ = ["DEFAULT_TRUST_DOMAIN", "SpiffeError", "SpiffeId"]
 DEFAULT_TRUST_DOMAIN = "shoal.local"
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,255}")
-_KINDS = {"svc": 1, "operator": 1, "registry": 0}
-_LABELS = {"svc": "service", "operator": "operator", "registry": "registry"}
+_KINDS = {"svc": 1, "operator": 1, "registry": 0, "identity": 0}
+_LABELS = {"svc": "service", "operator": "operator", "registry": "registry", "identity": "identity"}
 
 
 class SpiffeError(ValueError):
@@ -60,8 +61,20 @@ class SpiffeId:
         parts = path.split("/")
         kind, name = parts[0], "/".join(parts[1:])
         if len(parts) > 2 or (len(parts) == 2 and not name):
-            raise SpiffeError(f"{uri!r}: the path must be svc/NAME, operator/NAME or registry")
+            raise SpiffeError(
+                f"{uri!r}: the path must be svc/NAME, operator/NAME, registry or identity"
+            )
         return cls(trust_domain, kind, name)
+
+    @property
+    def dns_name(self) -> str:
+        """The ID as a DNS name (``worker.svc.shoal.local``, ``registry.shoal.local``).
+
+        Leaves carry it beside the URI SAN because grpcio checks a server's name only
+        against DNS names: a client that expects the registry asks for this name.
+        """
+        head = f"{self.name}.{self.kind}" if self.name else self.kind
+        return f"{head}.{self.trust_domain}"
 
     def __str__(self) -> str:
         tail = f"/{self.name}" if self.name else ""

@@ -1,7 +1,9 @@
-"""``shoal ca init`` and ``shoal token create``: a mesh's CA and its join tokens."""
+"""``shoal ca init``, ``shoal token create`` and ``shoal identity``: a mesh's CA, its join
+tokens, and the server that certifies workloads."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 from pathlib import Path
@@ -12,8 +14,11 @@ from identity.ca import CAError, init_ca, load_ca
 from identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeError
 from identity.tokens import TokenError, create_token
 from shoal_cli.errors import Group, UserError
+from shoal_cli.options import LISTEN, grace_option, log_level_option, metrics_option
+from shoal_core.lifecycle import serve
+from shoal_core.logs import setup_logging
 
-__all__ = ["ca", "token"]
+__all__ = ["ca", "identity", "token"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -76,3 +81,49 @@ def token_create(ca_dir: Path, service: str, ttl: dt.timedelta) -> None:
         raise UserError(str(exc)) from None
     click.echo(text)
     click.echo(f"admits {claims.identity} until {claims.expires:%Y-%m-%d %H:%M:%SZ}", err=True)
+
+
+@click.command()
+@click.option("--ca", "ca_dir", type=_CA_DIR, required=True, help="The CA directory.")
+@click.option(
+    "--listen",
+    type=LISTEN,
+    default="127.0.0.1:7710",
+    show_default=True,
+    help="Address for Certify (port 0 picks a free one).",
+)
+@click.option(
+    "--leaf-ttl",
+    type=DURATION,
+    default="24h",
+    show_default=True,
+    help="Life of the certificates issued (seconds, for tests, down to 1s).",
+)
+@metrics_option()
+@grace_option(2.0)
+@log_level_option()
+def identity(
+    ca_dir: Path,
+    listen: str,
+    leaf_ttl: dt.timedelta,
+    metrics_listen: str | None,
+    grace: float,
+    log_level: str | None,
+) -> None:
+    """Serve Certify: workloads trade a CSR and a join token for a certificate."""
+    from identity_service.server import IdentityServer
+
+    setup_logging(log_level)
+    try:
+        server = IdentityServer(
+            listen, load_ca(ca_dir), leaf_ttl=leaf_ttl, metrics_listen=metrics_listen
+        )
+    except CAError as exc:
+        raise UserError(str(exc)) from None
+
+    def ready() -> None:
+        click.echo(
+            f"shoal identity serving on {server.address} for {server.certifier.ca.trust_domain}"
+        )
+
+    asyncio.run(serve(server, grace=grace, on_started=ready))

@@ -32,6 +32,7 @@ _COMMANDS = {
     "config": "shoal_cli.config_cmd:config",
     "exec": "shoal_cli.worker_ops:exec_",
     "health": "shoal_cli.probe_cmd:health",
+    "identity": "shoal_cli.identity_cmd:identity",
     "ls": "shoal_cli.registry_ops:ls",
     "registry": "shoal_cli.registry_cmd:registry",
     "registry-demo": "shoal_cli.registry_cmd:registry_demo",

@@ -163,9 +163,12 @@ class GrpcServer(ServiceBase):
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         metrics_listen: str | None = None,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         parse_address(listen, allow_port_zero=True)
         self._listen = listen
+        # None: plaintext, which the caller chose (``--insecure``); see ``shoal_core.tls``.
+        self._credentials = credentials
         self._max_message_bytes = max_message_bytes
         # What each client connection may hold; replace it before start() to change it.
         self.limits = DEFAULT_LIMITS
@@ -259,7 +262,11 @@ class GrpcServer(ServiceBase):
 
     async def _listen_on(self, server: grpc.aio.Server) -> None:
         try:
-            self._port = server.add_insecure_port(self._listen)
+            self._port = (
+                server.add_secure_port(self._listen, self._credentials)
+                if self._credentials is not None
+                else server.add_insecure_port(self._listen)
+            )
         except RuntimeError as exc:
             raise ServerStartError(
                 f"cannot listen on {self._listen}: {_why_unbindable(self._listen)}"

@@ -61,6 +61,8 @@ def test_a_leaf_names_only_the_identity_the_ca_gives_whatever_the_csr_asks(tmp_p
     assert san.critical and san.value.get_values_for_type(x509.UniformResourceIdentifier) == [
         "spiffe://shoal.local/svc/worker"
     ]
+    # The same identity, for grpcio's server-name check; nothing the CSR said.
+    assert san.value.get_values_for_type(x509.DNSName) == ["worker.svc.shoal.local"]
     assert leaf.cert.subject == x509.Name([])
     assert leaf.cert.public_key() == key.public_key()
     basic = leaf.cert.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -113,6 +115,7 @@ def test_load_says_what_is_missing_or_wrong(tmp_path):
     [
         ("spiffe://shoal.local/svc/worker", SpiffeId("shoal.local", "svc", "worker")),
         ("spiffe://shoal.local/registry", SpiffeId("shoal.local", "registry")),
+        ("spiffe://shoal.local/identity", SpiffeId("shoal.local", "identity")),
         ("spiffe://td.test/operator/alice", SpiffeId("td.test", "operator", "alice")),
     ],
 )

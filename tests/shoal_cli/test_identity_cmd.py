@@ -1,12 +1,15 @@
-"""`shoal ca init` and `shoal token create`, run as a user runs them."""
+"""`shoal ca init`, `shoal token create` and `shoal identity`, run as a user runs them."""
 
 from __future__ import annotations
 
+import datetime as dt
+import signal
 import stat
 import subprocess
 
 from identity.ca import load_ca
 from identity.tokens import verify_token
+from shoal_core.certify_client import certify
 
 from .conftest import SHOAL
 
@@ -49,3 +52,38 @@ def test_identity_user_errors_are_one_line_and_exit_2(tmp_path):
         assert got.returncode == 2, (args, got.stderr)
         assert got.stderr.count("\n") == 1 and said in got.stderr, (args, got.stderr)
         assert got.stdout == ""
+
+
+async def test_shoal_identity_certifies_a_token_holder_and_stops_on_sigterm(tmp_path):
+    ca_dir = tmp_path / "ca"
+    assert _shoal("ca", "init", str(ca_dir)).returncode == 0
+    token = _shoal("token", "create", "--ca", str(ca_dir), "--service", "worker").stdout.strip()
+    proc = subprocess.Popen(
+        [*SHOAL, "identity", "--ca", str(ca_dir), "--listen", "127.0.0.1:0", "--leaf-ttl", "90s"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline()
+        assert line.startswith("shoal identity serving on "), line
+        address = line.split()[4]
+        bundle = (ca_dir / "bundle.crt").read_bytes()
+        got = await certify(address, bundle_pem=bundle, trust_domain="shoal.local", token=token)
+        assert str(got.identity) == "spiffe://shoal.local/svc/worker"
+        assert got.leaf.not_valid_after_utc - got.leaf.not_valid_before_utc <= dt.timedelta(
+            seconds=90 + 60
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        logged = proc.stderr.read()
+        # The log says who was certified, never the token or a key.
+        assert token not in logged and "PRIVATE KEY" not in logged
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()

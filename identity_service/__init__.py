@@ -1,0 +1,1 @@
+"""The identity server: certifies workloads with the mesh CA's issuing key."""
