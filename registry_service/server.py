@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
+from registry_service.access import Access
 from registry_service.config import RegistryConfig
 from registry_service.servicer import RegistryServicer
 from registry_service.store import RegistryStore
@@ -74,10 +75,19 @@ class RegistryServer(GrpcServer):
         config: RegistryConfig | None = None,
         *,
         metrics_listen: str | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+        trust_domain: str | None = None,
     ) -> None:
+        """``credentials`` (mTLS, see ``shoal_core.tls``) and ``trust_domain`` go together:
+        with them every call is authorized by the caller's certificate (``access``)."""
+        if (credentials is None) != (trust_domain is None):
+            raise ValueError("credentials and trust_domain go together")
         self.config = config or RegistryConfig()
         super().__init__(
-            listen, max_message_bytes=self.config.max_message_bytes, metrics_listen=metrics_listen
+            listen,
+            max_message_bytes=self.config.max_message_bytes,
+            metrics_listen=metrics_listen,
+            credentials=credentials,
         )
         self.store = RegistryStore(self.config)
         self.servicer = RegistryServicer(
@@ -85,6 +95,7 @@ class RegistryServer(GrpcServer):
             progress_interval=self.config.watch_progress_interval,
             queue_size=self.config.watch_queue_size,
             queue_bytes=self.config.watch_queue_bytes,
+            access=Access(trust_domain),
         )
         self.metrics.register(_StoreCollector(self))
         self._sweeper: asyncio.Task[None] | None = None

@@ -11,8 +11,10 @@ from typing import Any
 
 import grpc
 
+from identity.spiffe import SpiffeId
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
+from registry_service.access import Access, PermissionDenied, Unauthenticated
 from registry_service.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -26,6 +28,7 @@ from registry_service.validation import MAX_TTL_MS, check_lease_id, check_servic
 from registry_service.watch import WatchHub
 from registry_service.wire import InstanceRenderer, load_from_pb, spec_from_pb, status_from_pb
 from shoal_core.codes import ErrorCodes
+from shoal_core.peers import peer_identity
 from shoal_core.servicing import maps_errors
 
 __all__ = ["CODES", "RegistryServicer"]
@@ -38,6 +41,8 @@ CODES = ErrorCodes[grpc.StatusCode](
         AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
         LeaseNotFound: grpc.StatusCode.NOT_FOUND,
         LimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+        PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     },
     default=grpc.StatusCode.FAILED_PRECONDITION,
 )
@@ -54,8 +59,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         progress_interval: float,
         queue_size: int,
         queue_bytes: int,
+        access: Access | None = None,
     ) -> None:
         self._store = store
+        self._access = access or Access(None)
         self._render = InstanceRenderer(store.get)
         store.subscribe(self._render.on_event)
         self._hub: WatchHub[pb.WatchEvent] = WatchHub(
@@ -78,6 +85,12 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         if not request.HasField("instance"):
             raise InvalidArgument("instance", "is required")
         spec = spec_from_pb(request.instance)
+        who = self._who(context)
+        self._access.write(who, "register", spec.service)
+        held = self._store.get(spec.instance_id)
+        if held is not None and held.spec.service != spec.service:
+            # Re-registering another service's instance id would take it out of the mesh.
+            self._access.write(who, "replace", held.spec.service)
         status = status_from_pb("instance.status", request.instance.status)
         if request.ttl_ms > MAX_TTL_MS:
             raise InvalidArgument("ttl_ms", f"{request.ttl_ms} is out of range 0..{MAX_TTL_MS}")
@@ -95,6 +108,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.HeartbeatResponse:
         lease_id = check_lease_id(request.lease_id)
+        self._check_lease(context, "renew", lease_id)
         status = status_from_pb("status", request.status)
         load = load_from_pb("load", request.load)
         inst = self._store.heartbeat(lease_id, status, load)
@@ -104,13 +118,16 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def Deregister(
         self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DeregisterResponse:
-        self._store.deregister(check_lease_id(request.lease_id))
+        lease_id = check_lease_id(request.lease_id)
+        self._check_lease(context, "deregister", lease_id)
+        self._store.deregister(lease_id)
         return pb.DeregisterResponse(revision=self._store.revision)
 
     @_mapped
     async def Discover(
         self, request: pb.DiscoverRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DiscoverResponse:
+        self._access.read(self._who(context))
         if request.service:
             check_service_name("service", request.service)
         found = self._store.discover(
@@ -126,6 +143,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchEvent]:
+        self._access.read(self._who(context))
         service = request.service
         if service:
             check_service_name("service", service)
@@ -176,9 +194,11 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         finally:
             self._hub.release(sub)
 
+    @_mapped
     async def ListServices(
         self, request: pb.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListServicesResponse:
+        self._access.read(self._who(context))
         store = self._store
         everyone = store.instances()
         reply = pb.ListServicesResponse(
@@ -201,6 +221,22 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                 grpc_services=summary.grpc_services,
             )
         return reply
+
+    def _who(self, context: grpc.aio.ServicerContext[Any, Any]) -> SpiffeId | None:
+        # Without TLS there is no identity to read (and no rule needs one).
+        return None if self._access.trust_domain is None else peer_identity(context)
+
+    def _check_lease(
+        self, context: grpc.aio.ServicerContext[Any, Any], action: str, lease_id: str
+    ) -> None:
+        # An unknown lease is NOT_FOUND for everyone (the store says so next); a known one
+        # may be touched only by its own service.
+        service = self._store.service_of_lease(lease_id)
+        who = self._who(context)
+        if service is None:
+            self._access.read(who)
+        else:
+            self._access.write(who, action, service)
 
     def _fill(self, out: Any, instances: list[Instance]) -> None:
         for inst in instances:

@@ -109,6 +109,11 @@ class RegistryStore:
     def get(self, instance_id: str) -> Instance | None:
         return self._instances.get(instance_id)
 
+    def service_of_lease(self, lease_id: str) -> str | None:
+        """The service whose instance holds ``lease_id``, if the lease is live."""
+        lease = self._leases.get(lease_id)
+        return None if lease is None else self._instances[lease.instance_id].spec.service
+
     def lease_age(self, instance_id: str) -> float:
         lease = self._lease_by_instance.get(instance_id)
         if lease is None:

@@ -1,0 +1,51 @@
+"""Who may do what at the registry, decided from the caller's mesh identity.
+
+An instance's sidecar may register, renew and deregister only instances of the service
+its certificate names: otherwise any process that reaches the registry could register
+as ``worker`` and draw the client's calls, or take another service's instances out.
+Reading (Discover, Watch, ListServices) needs any identity of this mesh. Operators may do
+everything. A registry that runs without TLS (``--insecure``) has no identities to go
+by and lets everyone do everything, as a plaintext mesh always did.
+"""
+
+from __future__ import annotations
+
+from identity.spiffe import SpiffeId
+from registry_service.errors import RegistryError
+
+__all__ = ["Access", "PermissionDenied", "Unauthenticated"]
+
+
+class Unauthenticated(RegistryError):
+    """The caller has no mesh identity."""
+
+
+class PermissionDenied(RegistryError):
+    """The caller's identity may not do this; the message names both sides."""
+
+
+class Access:
+    """The rules for a registry of ``trust_domain``; ``None``: no TLS, no rules."""
+
+    def __init__(self, trust_domain: str | None) -> None:
+        self.trust_domain = trust_domain
+
+    def _known(self, who: SpiffeId | None) -> SpiffeId | None:
+        if self.trust_domain is None:
+            return None
+        if who is None:
+            raise Unauthenticated("a mesh certificate is required")
+        if who.trust_domain != self.trust_domain:
+            raise Unauthenticated(f"{who} is not of trust domain {self.trust_domain}")
+        return who
+
+    def read(self, who: SpiffeId | None) -> None:
+        self._known(who)
+
+    def write(self, who: SpiffeId | None, action: str, service: str) -> None:
+        """``who`` may ``action`` an instance of ``service``, or this raises."""
+        known = self._known(who)
+        if known is None or known.kind == "operator":
+            return
+        if known.kind != "svc" or known.name != service:
+            raise PermissionDenied(f"{known} may not {action} an instance of service {service!r}")
