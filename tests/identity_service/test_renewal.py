@@ -8,19 +8,19 @@ import datetime as dt
 import functools
 import logging
 
-from identity.ca import init_ca
+from identity.ca import CA, init_ca
 from identity.tokens import create_token
 from identity.workload import Credentials
 from identity_service.server import IdentityServer
 from shoal_core.backoff import Backoff
 from shoal_core.certify_client import certify
-from shoal_core.renewal import CertificateKeeper
+from shoal_core.renewal import CertificateKeeper, Certify
 
 TD = "shoal.local"
 SHORT = dt.timedelta(seconds=3)
 
 
-def _certify_at(address: str, ca, token: str):
+def _certify_at(address: str, ca: CA, token: str) -> Certify:
     async def certify_once(held: Credentials | None) -> Credentials:
         return await certify(
             address, bundle_pem=ca.bundle_pem, trust_domain=TD, token=token, current=held,
