@@ -1,7 +1,8 @@
 """Join tokens: a workload's proof, before it has a certificate, of the service it is.
 
-A token is ``shoal1.<claims>.<signature>``: base64url JSON claims (trust domain,
-service, expiry, a random id) signed by the CA's issuing key (ECDSA P-256, SHA-256).
+A token is ``shoal1.<claims>.<signature>``: base64url JSON claims (trust domain, the
+identity's kind and name, expiry, a random id) signed by the CA's issuing key (ECDSA
+P-256, SHA-256).
 Whoever holds the issuer's certificate can check one; only the CA can make one. A token
 for ``worker`` can only ever obtain a ``worker`` identity: the service is in what is
 signed, and the CA takes it from there, never from the request.
@@ -40,13 +41,19 @@ class TokenError(Exception):
 @dataclass(frozen=True, slots=True)
 class Claims:
     trust_domain: str
-    service: str
+    kind: str
+    name: str
     expires: dt.datetime
     token_id: str
 
     @property
     def identity(self) -> SpiffeId:
-        return SpiffeId.service(self.trust_domain, self.service)
+        return SpiffeId(self.trust_domain, self.kind, self.name)
+
+    @property
+    def service(self) -> str:
+        """The service admitted (for ``svc`` tokens; the registry's is ``registry``)."""
+        return self.name or self.kind
 
 
 def _b64(data: bytes) -> str:
@@ -58,19 +65,23 @@ def _unb64(text: str) -> bytes:
 
 
 def create_token(
-    ca: CA, service: str, ttl: dt.timedelta, *, now: dt.datetime | None = None
+    ca: CA, who: str | SpiffeId, ttl: dt.timedelta, *, now: dt.datetime | None = None
 ) -> tuple[str, Claims]:
-    """A token admitting ``service`` for ``ttl``, and what it claims."""
+    """A token admitting ``who`` (a service name, or any identity of the mesh, such as
+    the registry's) for ``ttl``, and what it claims."""
     if ttl <= dt.timedelta(0):
         raise TokenError("a token's lifetime must be positive")
-    SpiffeId.service(ca.trust_domain, service)  # a name the mesh can issue
+    if isinstance(who, str):
+        who = SpiffeId.service(ca.trust_domain, who)  # a name the mesh can issue
+    if who.trust_domain != ca.trust_domain:
+        raise TokenError(f"{who} is not in this mesh's trust domain {ca.trust_domain}")
     now = now or dt.datetime.now(dt.UTC)
     # Whole seconds, as signed: the claims returned are the ones a check will read.
     expires = (now + ttl).replace(microsecond=0)
-    claims = Claims(ca.trust_domain, service, expires, secrets.token_hex(8))
+    claims = Claims(ca.trust_domain, who.kind, who.name, expires, secrets.token_hex(8))
     body = _b64(
         json.dumps(
-            {"td": claims.trust_domain, "svc": service,
+            {"td": claims.trust_domain, "kind": who.kind, "name": who.name,
              "exp": int(claims.expires.timestamp()), "jti": claims.token_id},
             separators=(",", ":"), sort_keys=True,
         ).encode()
@@ -102,10 +113,10 @@ def verify_token(ca: CA, token: str, *, now: dt.datetime | None = None) -> Claim
         raise TokenError("not a Shoal join token")
     try:
         claims = Claims(
-            str(raw["td"]), str(raw["svc"]),
+            str(raw["td"]), str(raw["kind"]), str(raw["name"]),
             dt.datetime.fromtimestamp(int(raw["exp"]), dt.UTC), str(raw["jti"]),
         )  # fmt: skip
-        claims.identity  # noqa: B018 - validates the service name
+        claims.identity  # noqa: B018 - validates the kind and name
     except (KeyError, TypeError, ValueError, SpiffeError):
         raise TokenError("the token's claims are malformed") from None
     if claims.trust_domain != ca.trust_domain:

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from identity.ca import CAError, init_ca, load_ca
-from identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeError
+from identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeError, SpiffeId
 from identity.tokens import TokenError, create_token
 from shoal_cli.errors import Group, UserError
 from shoal_cli.options import LISTEN, grace_option, log_level_option, metrics_option
@@ -71,12 +71,17 @@ def token() -> None:
 
 @token.command("create")
 @click.option("--ca", "ca_dir", type=_CA_DIR, required=True, help="The CA directory.")
-@click.option("--service", required=True, help="The one service the token admits.")
+@click.option("--service", help="The one service the token admits.")
+@click.option("--registry", is_flag=True, help="Admit the registry instead of a service.")
 @click.option("--ttl", type=DURATION, default="1h", show_default=True)
-def token_create(ca_dir: Path, service: str, ttl: dt.timedelta) -> None:
+def token_create(ca_dir: Path, service: str | None, registry: bool, ttl: dt.timedelta) -> None:
     """Print a token admitting SERVICE; give it as SHOAL_TOKEN or a file, not a flag."""
+    if (service is None) == (not registry):
+        raise UserError("give either --service NAME or --registry")
     try:
-        text, claims = create_token(load_ca(ca_dir), service, ttl)
+        ca = load_ca(ca_dir)
+        who = SpiffeId(ca.trust_domain, "registry") if registry else service or ""
+        text, claims = create_token(ca, who, ttl)
     except (CAError, TokenError, SpiffeError) as exc:
         raise UserError(str(exc)) from None
     click.echo(text)

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from pathlib import Path
 
 import click
 
+from identity.spiffe import SpiffeId
 from registry_service import RegistryConfig, RegistryServer
 from shoal_cli.errors import UserError
 from shoal_cli.mesh.config import config_option
+from shoal_cli.mesh_tls import MeshIdentity, identity_options
 from shoal_cli.options import LISTEN, grace_option, log_level_option, metrics_option
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
+from shoal_core.tls import server_credentials
 
 __all__ = ["registry", "registry_demo"]
+
+logger = logging.getLogger(__name__)
 
 _SECONDS = click.FloatRange(min=0.0, min_open=True)
 _DEFAULTS = RegistryConfig()
@@ -95,6 +102,7 @@ _DEFAULTS = RegistryConfig()
     show_default=True,
     help="Bytes the change history (for resuming watchers) may hold.",
 )
+@identity_options()
 @grace_option(5.0)
 @log_level_option()
 def registry(
@@ -112,10 +120,13 @@ def registry(
     max_instances_per_service: int,
     max_instances_bytes: int,
     history_bytes: int,
+    identity_server: str | None,
+    trust_bundle: Path | None,
+    token_file: Path | None,
     grace: float,
     log_level: str | None,
 ) -> None:
-    """Run the service registry."""
+    """Run the service registry (mTLS with --identity-server; plaintext without)."""
     try:
         setup_logging(log_level)
         config = RegistryConfig(
@@ -134,12 +145,46 @@ def registry(
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    server = RegistryServer(listen, config, metrics_listen=metrics_listen)
+    mesh = MeshIdentity.from_options(identity_server, trust_bundle, token_file)
+    asyncio.run(_run(listen, config, metrics_listen, mesh, grace))
+
+
+async def _run(
+    listen: str,
+    config: RegistryConfig,
+    metrics_listen: str | None,
+    mesh: MeshIdentity | None,
+    grace: float,
+) -> None:
+    keeper = None
+    if mesh is None:
+        server = RegistryServer(listen, config, metrics_listen=metrics_listen)
+    else:
+        keeper = await mesh.start(SpiffeId(mesh.trust_domain, "registry"))
+        server = RegistryServer(
+            listen,
+            config,
+            metrics_listen=metrics_listen,
+            credentials=server_credentials(keeper.current),
+            trust_domain=mesh.trust_domain,
+        )
 
     def ready() -> None:
+        # The line's last word is the address: supervisors and tests read it.
         click.echo(f"shoal registry serving on {server.address}", nl=True)
+        if keeper is not None:
+            logger.info("mTLS as %s", keeper.current().identity)
+        else:
+            logger.warning(
+                "running without mTLS: any process that reaches %s may change the mesh",
+                server.address,
+            )
 
-    asyncio.run(serve(server, grace=grace, on_started=ready))
+    try:
+        await serve(server, grace=grace, on_started=ready)
+    finally:
+        if keeper is not None:
+            await keeper.close()
 
 
 @click.command("registry-demo")

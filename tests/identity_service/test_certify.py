@@ -150,3 +150,10 @@ def test_renewal_comes_at_about_seventy_percent_of_the_life_left(ca):
     # Jitter: the workloads certified together do not all come back together.
     assert max(delays) - min(delays) > 5
     assert isinstance(Credentials(key, leaf.cert_pem, ca.bundle_pem).identity, SpiffeId)
+
+
+async def test_a_registry_token_gets_the_registry_identity_and_nothing_else(ca, server):
+    token, claims = create_token(ca, SpiffeId(TD, "registry"), dt.timedelta(minutes=1))
+    assert claims.identity == SpiffeId(TD, "registry")
+    got = await certify(server.address, bundle_pem=ca.bundle_pem, trust_domain=TD, token=token)
+    assert str(got.identity) == "spiffe://shoal.local/registry"

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import signal
 import stat
 import subprocess
 
-from identity.ca import load_ca
-from identity.tokens import verify_token
-from shoal_core.certify_client import certify
+import grpc
+import pytest
 
-from .conftest import SHOAL
+from identity.ca import load_ca
+from identity.spiffe import SpiffeId
+from identity.tokens import verify_token
+from protos import registry_pb2 as pb
+from protos import registry_pb2_grpc as pb_grpc
+from shoal_core.certify_client import certify
+from shoal_core.tls import channel_credentials, target_options
+from tests.mesh_identity import credentials
+from tests.registry_service.conftest import instance
+
+from .conftest import SHOAL, reap
 
 
 def _shoal(*args: str) -> subprocess.CompletedProcess[str]:
@@ -81,9 +91,72 @@ async def test_shoal_identity_certifies_a_token_holder_and_stops_on_sigterm(tmp_
         # The log says who was certified, never the token or a key.
         assert token not in logged and "PRIVATE KEY" not in logged
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        reap(proc)
+
+
+def _serving(
+    args: list[str], env: dict[str, str], prefix: str
+) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [*SHOAL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith(prefix):
+        proc.kill()
+        raise AssertionError((line, proc.communicate(timeout=10)))
+    return proc, line.split()[4]
+
+
+async def test_shoal_registry_certifies_with_its_token_and_serves_mtls_only(tmp_path):
+    ca_dir = tmp_path / "ca"
+    assert _shoal("ca", "init", str(ca_dir)).returncode == 0
+    token = _shoal("token", "create", "--ca", str(ca_dir), "--registry").stdout.strip()
+    env = {**os.environ, "SHOAL_LOG_LEVEL": "INFO"}
+    procs = []
+    try:
+        identity, identity_at = _serving(
+            ["identity", "--ca", str(ca_dir), "--listen", "127.0.0.1:0"], env, "shoal identity"
+        )
+        procs.append(identity)
+        # The token travels in the environment, never in argv (which `ps` shows).
+        registry, registry_at = _serving(
+            ["registry", "--listen", "127.0.0.1:0", "--identity-server", identity_at,
+             "--trust-bundle", str(ca_dir / "bundle.crt")],
+            {**env, "SHOAL_TOKEN": token}, "shoal registry serving on",
+        )  # fmt: skip
+        procs.append(registry)
+        ca = load_ca(ca_dir)
+        options = target_options(SpiffeId(ca.trust_domain, "registry"))
+        worker = credentials(ca, "worker")
+        async with grpc.aio.secure_channel(
+            registry_at, channel_credentials(worker), options=options
+        ) as channel:
+            reply = await pb_grpc.RegistryStub(channel).Register(
+                pb.RegisterRequest(instance=instance(1, "worker")), timeout=5
+            )
+            assert reply.lease_id
+        async with grpc.aio.insecure_channel(registry_at) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await pb_grpc.RegistryStub(channel).Discover(pb.DiscoverRequest(), timeout=3)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            assert proc.wait(timeout=15) == 0
+        logged = "".join(proc.communicate(timeout=5)[1] for proc in procs)
+        assert "mTLS as spiffe://shoal.local/registry" in logged
+        assert token not in logged and "PRIVATE KEY" not in logged
+    finally:
+        for proc in procs:
+            reap(proc)
+
+
+def test_shoal_registry_with_half_the_mtls_settings_is_a_one_line_user_error(tmp_path):
+    ca_dir = tmp_path / "ca"
+    assert _shoal("ca", "init", str(ca_dir)).returncode == 0
+    got = _shoal(
+        "registry", "--listen", "127.0.0.1:0", "--trust-bundle", str(ca_dir / "bundle.crt")
+    )
+    assert got.returncode == 2
+    assert got.stderr.strip().count("\n") == 0 and "--identity-server" in got.stderr

@@ -1,0 +1,119 @@
+"""``--identity-server`` and friends: how a mesh process gets and keeps its certificate.
+
+A process given an identity server, a trust bundle and a join token (``SHOAL_TOKEN``,
+or ``--token-file``: never a flag's value, which ``ps`` shows) certifies before it
+serves and renews in the background. The trust domain is read from the bundle's roots,
+so there is nothing else to configure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import grpc
+
+from identity.spiffe import SpiffeId
+from identity.workload import Credentials, trust_domain_of
+from shoal_cli.errors import UserError
+from shoal_cli.options import ADDRESS
+from shoal_core.certify_client import certify
+from shoal_core.renewal import CertificateKeeper
+
+__all__ = ["MeshIdentity", "identity_options"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+_FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
+
+
+def identity_options() -> Callable[[F], F]:
+    """``--identity-server``, ``--trust-bundle`` and ``--token-file``; the command passes
+    them to ``MeshIdentity.from_options``."""
+
+    def wrap(command: F) -> F:
+        for option in reversed(
+            [
+                click.option(
+                    "--identity-server",
+                    type=ADDRESS,
+                    envvar="SHOAL_IDENTITY_SERVER",
+                    help="Where to certify (shoal identity); with it, mTLS on the mesh port.",
+                ),
+                click.option(
+                    "--trust-bundle",
+                    type=_FILE,
+                    envvar="SHOAL_TRUST_BUNDLE",
+                    help="The mesh's roots (bundle.crt of `shoal ca init`).",
+                ),
+                click.option(
+                    "--token-file",
+                    type=_FILE,
+                    envvar="SHOAL_TOKEN_FILE",
+                    help="A file holding the join token (or set SHOAL_TOKEN).",
+                ),
+            ]
+        ):
+            command = option(command)
+        return command
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class MeshIdentity:
+    """Where and how this process certifies."""
+
+    server: str
+    bundle_pem: bytes
+    trust_domain: str
+    token: str
+
+    @classmethod
+    def from_options(
+        cls, identity_server: str | None, trust_bundle: Path | None, token_file: Path | None
+    ) -> MeshIdentity | None:
+        """The settings given, None for none; a half-given set is a user error."""
+        token = token_file.read_text().strip() if token_file else os.environ.get("SHOAL_TOKEN", "")
+        if identity_server is None and trust_bundle is None:
+            return None
+        if identity_server is None or trust_bundle is None or not token:
+            raise UserError(
+                "mTLS needs --identity-server, --trust-bundle and a token "
+                "(SHOAL_TOKEN or --token-file)"
+            )
+        bundle = trust_bundle.read_bytes()
+        try:
+            trust_domain = trust_domain_of(bundle)
+        except ValueError as exc:
+            raise UserError(f"{trust_bundle}: {exc}") from None
+        return cls(identity_server, bundle, trust_domain, token)
+
+    def keeper(self) -> CertificateKeeper:
+        async def certify_once(held: Credentials | None) -> Credentials:
+            return await certify(
+                self.server,
+                bundle_pem=self.bundle_pem,
+                trust_domain=self.trust_domain,
+                token=self.token,
+                current=held,
+            )
+
+        return CertificateKeeper(certify_once)
+
+    async def start(self, expected: SpiffeId | None = None) -> CertificateKeeper:
+        """Certified and renewing; a refused token is a user error, in one line."""
+        keeper = self.keeper()
+        try:
+            held = await keeper.start()
+        except grpc.aio.AioRpcError as exc:
+            raise UserError(
+                f"cannot certify at {self.server}: {exc.code().name}: {exc.details()}"
+            ) from None
+        if expected is not None and held.identity != expected:
+            await keeper.close()
+            raise UserError(f"the token admits {held.identity}, not {expected}")
+        return keeper
