@@ -157,6 +157,11 @@ async def serve(
         loop.add_signal_handler(sig, on_signal, sig)
     tasks: list[asyncio.Task[object]] = []
     isolated: list[str] = []
+    # Whether a supervisor started us is read before we say we serve: it may act on that
+    # line and die at once, and a check made after would find us re-parented already and
+    # never drain (the process would outlive its supervisor for good).
+    parent = os.environ.get(PARENT_ENV, "")
+    supervised = parent.isdigit() and int(parent) == os.getppid()
     try:
         await service.start()
         if on_started is not None:
@@ -165,8 +170,7 @@ async def serve(
         drained = asyncio.ensure_future(drain.wait())
         tasks += [closed, drained]
         # A supervisor (`shoal up`) names itself; if it dies without stopping us, drain.
-        parent = os.environ.get(PARENT_ENV, "")
-        if parent.isdigit() and int(parent) == os.getppid():
+        if supervised:
             tasks.append(asyncio.ensure_future(_parent_gone(int(parent), drain, grace)))
         if exit_when_isolated is not None:
             watch = _isolated(exit_when_isolated, drain, isolated)
