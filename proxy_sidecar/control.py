@@ -6,7 +6,7 @@ cluster's balancer the endpoint, outlier detection and the retry budget judge th
 outcome. ``Control`` is the data plane's ``ControlPlane`` and ``Call`` its
 ``CallControl`` (typed in ``shoal_dataplane``); it calls, from its own thread:
 
-- ``Control.begin(path, target, inbound, metadata, remaining)``: route a new call;
+- ``Control.begin(path, target, inbound, metadata, remaining, peer)``: route a new call;
   an ``Admission`` (the call's ``Call``, its cluster's ``Breaker``, whether it goes
   out to the mesh, the per-try timeout, and its first pick) or a ``Refusal``;
 - ``Call.pick()``: the ``Target`` of the next try, or a ``Refusal``;
@@ -182,7 +182,9 @@ class Control:
         inbound: bool,
         metadata: Sequence[tuple[str, str]],
         remaining: float | None,
+        peer: str | None,
     ) -> Admission | Refusal:
+        """Route a new call. ``peer`` (the caller's SPIFFE ID under mTLS) is not used yet."""
         route = self._routes.get(path)
         if route is None:
             route = parse_method(path)

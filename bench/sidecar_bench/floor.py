@@ -46,6 +46,7 @@ class _Floor:
         inbound: bool,
         metadata: Sequence[tuple[str, str]],
         remaining: float | None,
+        peer: str | None,
     ) -> Admission | Refusal:
         # Not outbound: no shoal-hop header, so a second floor takes it on its app port.
         return Admission(self._call, self._breaker, False, None, self._target)

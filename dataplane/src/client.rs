@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
 
 use crate::grpc::{self, Deframer};
-use crate::pool::Pool;
+use crate::pool::{Pool, Upstream};
 
 /// The largest response message taken (a registry snapshot of many instances).
 const MAX_MESSAGE: usize = 64 << 20;
@@ -37,13 +37,16 @@ impl Status {
     }
 }
 
-fn request(address: &str, path: &str, timeout: Option<Duration>) -> Result<Request<()>, Status> {
+fn request(
+    upstream: &Upstream,
+    path: &str,
+    timeout: Option<Duration>,
+) -> Result<Request<()>, Status> {
     let bad = |what: &str| Status::new(grpc::INTERNAL, format!("shoal: bad {what} for a call"));
-    let authority: Authority = address.parse().map_err(|_| bad("address"))?;
     let path: PathAndQuery = path.parse().map_err(|_| bad("method path"))?;
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority);
+    parts.scheme = Some(upstream.scheme.clone());
+    parts.authority = Some(upstream.authority.clone());
     parts.path_and_query = Some(path);
     let mut request = Request::new(());
     *request.method_mut() = Method::POST;
@@ -87,12 +90,13 @@ async fn exchange(
     timeout: Option<Duration>,
     mut deliver: impl FnMut(Bytes),
 ) -> Status {
-    let request = match request(address, path, timeout) {
-        Ok(request) => request,
-        Err(status) => return status,
-    };
+    // The pool's own rule for the address (plaintext, or mTLS to whom) applies here too.
     let Some(upstream) = pool.get(address) else {
         return Status::new(grpc::UNAVAILABLE, format!("shoal: bad address {address:?}"));
+    };
+    let request = match request(&upstream, path, timeout) {
+        Ok(request) => request,
+        Err(status) => return status,
     };
     let response = match upstream
         .send_whole(pool, request, grpc::frame(&message))

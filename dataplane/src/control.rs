@@ -282,7 +282,8 @@ impl Control {
         made
     }
 
-    /// Route a new call: its admission, or the refusal to answer with.
+    /// Route a new call: its admission, or the refusal to answer with. `peer` is who
+    /// called, the SPIFFE ID of a mutual TLS client.
     pub fn begin(
         &self,
         path: &str,
@@ -290,6 +291,7 @@ impl Control {
         inbound: bool,
         metadata: Vec<(String, String)>,
         remaining: Option<f64>,
+        peer: Option<&str>,
     ) -> Result<Admitted, Refusal> {
         Python::attach(|py| {
             // The calls that ended since: told first, so this one is routed on them.
@@ -298,11 +300,11 @@ impl Control {
             let begin = intern!(py, "begin");
             // Usually no metadata to route on: the empty tuple is a shared object.
             let got = if metadata.is_empty() {
-                let args = (path, target, inbound, PyTuple::empty(py), remaining);
+                let args = (path, target, inbound, PyTuple::empty(py), remaining, peer);
                 self.obj.call_method1(py, begin, args)
             } else {
-                self.obj
-                    .call_method1(py, begin, (path, target, inbound, metadata, remaining))
+                let args = (path, target, inbound, metadata, remaining, peer);
+                self.obj.call_method1(py, begin, args)
             };
             let got = got.map_err(|e| {
                 report(py, "begin", e);

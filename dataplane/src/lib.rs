@@ -23,6 +23,8 @@ mod relay;
 mod replay;
 mod server;
 mod stream;
+mod tls;
+mod verify;
 
 use std::net::ToSocketAddrs;
 use std::sync::{Arc, Mutex};
@@ -42,6 +44,7 @@ use crate::control::Control;
 use crate::pool::Pool;
 use crate::proxy::{Plane, Role};
 use crate::server::{Limits, Listener};
+use crate::tls::{Identity, Tls};
 
 struct Running {
     thread: Option<JoinHandle<()>>,
@@ -56,6 +59,9 @@ struct DataPlane {
     plane: Arc<Plane>,
     limits: Limits,
     running: Mutex<Option<Running>>,
+    /// Whether the mesh-facing listener and the pool speak mutual TLS.
+    secure: bool,
+    tls: Arc<Tls>,
 }
 
 fn seconds(name: &str, value: f64) -> PyResult<Duration> {
@@ -84,7 +90,7 @@ impl DataPlane {
     #[new]
     #[pyo3(signature = (
         control, *, replay_limit=1 << 20, idle_timeout=300.0, max_connections=1024,
-        max_streams=1000, connection_idle_timeout=600.0,
+        max_streams=1000, connection_idle_timeout=600.0, secure=false,
     ))]
     fn new(
         control: Py<PyAny>,
@@ -93,6 +99,7 @@ impl DataPlane {
         max_connections: usize,
         max_streams: u32,
         connection_idle_timeout: f64,
+        secure: bool,
     ) -> PyResult<Self> {
         let idle_timeout = seconds("idle_timeout", idle_timeout)?;
         let connection_idle_timeout = seconds("connection_idle_timeout", connection_idle_timeout)?;
@@ -108,10 +115,11 @@ impl DataPlane {
                 control.connection_state(address, state.name())
             })
         };
+        let tls = Arc::new(Tls::default());
         Ok(DataPlane {
             plane: Arc::new(Plane {
                 control,
-                pool: Pool::new(observer, idle_timeout),
+                pool: Pool::new(observer, idle_timeout, secure.then(|| tls.clone())),
                 serving: watch::Sender::new(true),
                 replay_limit,
             }),
@@ -121,6 +129,8 @@ impl DataPlane {
                 idle_timeout: connection_idle_timeout,
             },
             running: Mutex::new(None),
+            secure,
+            tls,
         })
     }
 
@@ -132,6 +142,11 @@ impl DataPlane {
         let mut running = self.running.lock().unwrap();
         if running.is_some() {
             return Err(PyRuntimeError::new_err("the data plane is started already"));
+        }
+        if self.secure && !self.tls.ready() {
+            return Err(PyRuntimeError::new_err(
+                "a secure data plane needs a mesh identity: call set_identity() first",
+            ));
         }
         let mut bound = vec![(bind(outbound)?, Role::Outbound)];
         if let Some(inbound) = inbound {
@@ -148,6 +163,7 @@ impl DataPlane {
         let (stop, stopped) = watch::channel(None);
         let plane = self.plane.clone();
         let limits = self.limits;
+        let tls = self.secure.then(|| self.tls.clone());
         let thread = std::thread::Builder::new()
             .name("shoal-dataplane".into())
             .spawn(move || {
@@ -164,6 +180,8 @@ impl DataPlane {
                                         socket,
                                         role,
                                         limits,
+                                        // The app talks to its sidecar on loopback, in plaintext.
+                                        tls: tls.clone().filter(|_| role == Role::Inbound),
                                     }),
                                     Err(err) => {
                                         log::error!("{} listener failed: {err}", role.name())
@@ -260,6 +278,38 @@ impl DataPlane {
     /// `address` left the mesh: close its connection once its calls are done.
     fn forget(&self, address: &str) {
         self.plane.pool.forget(address);
+    }
+
+    /// Install (or replace) the mesh identity: the leaf and its issuers, the leaf's key
+    /// and the trust bundle, as PEM. New connections use it; open ones keep theirs.
+    fn set_identity(&self, chain_pem: &[u8], key_pem: &[u8], bundle_pem: &[u8]) -> PyResult<()> {
+        let identity = Identity::from_pem(chain_pem, key_pem, bundle_pem)
+            .map_err(|why| PyValueError::new_err(format!("bad mesh identity: {why}")))?;
+        self.tls.install(identity);
+        Ok(())
+    }
+
+    /// In secure mode, how `address` is reached: over mutual TLS to a server that proves
+    /// it is `peer` (a SPIFFE ID), or in plaintext (`None`).
+    #[pyo3(signature = (address, peer))]
+    fn expect_peer(&self, address: &str, peer: Option<&str>) -> PyResult<()> {
+        if let Some(peer) = peer.filter(|p| !verify::is_spiffe(p)) {
+            return Err(PyValueError::new_err(format!(
+                "{peer:?} is not a SPIFFE ID (spiffe://DOMAIN/PATH)"
+            )));
+        }
+        self.plane.pool.expect_peer(address, peer);
+        Ok(())
+    }
+
+    /// TLS handshakes completed, both directions.
+    fn handshakes(&self) -> u64 {
+        self.tls.handshakes()
+    }
+
+    /// TLS handshakes that failed, both directions.
+    fn handshake_failures(&self) -> u64 {
+        self.tls.failures()
     }
 
     /// Open upstream connections.

@@ -6,6 +6,12 @@
 //! State changes are reported (READY, CONNECTING, TRANSIENT_FAILURE, IDLE) so the
 //! control plane stops routing to an endpoint whose connection fails before a call
 //! fails there.
+//!
+//! In secure mode each address also carries how it is reached (`Security`), fixed when
+//! its `Upstream` is made: over mTLS to the SPIFFE ID `expect_peer` named, in plaintext
+//! when told so (the sidecar's own app), or not at all when nothing was said, so that
+//! no call leaves the sidecar unencrypted by omission. A new rule replaces the address's
+//! `Upstream`, as `forget` does, and the next connection follows it.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
@@ -16,9 +22,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use http::uri::Authority;
+use http::uri::{Authority, Scheme};
 use http::{Request, Response};
 use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -26,6 +33,7 @@ use tokio::task::JoinHandle;
 use crate::grpc;
 use crate::replay::ReplayBody;
 use crate::stream::{self, Abandon, UpBody};
+use crate::tls::Tls;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
@@ -86,9 +94,21 @@ impl Link {
 /// Told of every connection state change: `(address, state)`.
 pub type Observer = Arc<dyn Fn(&str, State) + Send + Sync>;
 
+/// How an address is reached.
+enum Security {
+    Plain,
+    /// Over mTLS, to a server that proves it is this SPIFFE ID.
+    Mesh(Arc<str>),
+    /// Secure mode, and no rule for this address: refused.
+    Unknown,
+}
+
 pub struct Upstream {
     pub address: String,
     pub authority: Authority,
+    /// `https` over TLS, as the request's `:scheme` says.
+    pub scheme: Scheme,
+    security: Security,
     link: watch::Sender<Link>,
     used: AtomicBool,
     keeper: Mutex<Option<JoinHandle<()>>>,
@@ -150,6 +170,12 @@ impl Upstream {
 
     /// A sender on this endpoint's connection, once it is ready.
     async fn sender(self: &Arc<Self>, pool: &Arc<Pool>) -> Result<SendRequest<Bytes>, Failure> {
+        if matches!(self.security, Security::Unknown) {
+            return Err(Failure {
+                code: grpc::UNAVAILABLE,
+                message: format!("shoal: no mesh identity is known for {}", self.address),
+            });
+        }
         self.used.store(true, Ordering::Relaxed);
         let mut sender = self.link.borrow().sender.clone();
         if sender.is_none() {
@@ -184,6 +210,15 @@ impl Upstream {
         }
     }
 
+    /// Out of the pool: stop reconnecting; the connection closes once its calls are done.
+    fn retire(&self) {
+        if let Some(keeper) = self.keeper.lock().unwrap().take() {
+            // Its guard gives back its place in the open count.
+            keeper.abort();
+        }
+        self.link.send_replace(Link::idle());
+    }
+
     fn set(&self, pool: &Pool, link: Link) {
         let state = link.state;
         let changed = self.link.borrow().state != state;
@@ -194,39 +229,83 @@ impl Upstream {
     }
 }
 
+#[derive(Default)]
+struct Table {
+    upstreams: HashMap<String, Arc<Upstream>>,
+    /// Secure mode's rule per address: the SPIFFE ID its server must prove, or `None`
+    /// for plaintext. In one lock with `upstreams`, so that no `Upstream` is made under
+    /// a rule that is being replaced.
+    expected: HashMap<String, Option<Arc<str>>>,
+}
+
 pub struct Pool {
-    upstreams: Mutex<HashMap<String, Arc<Upstream>>>,
+    table: Mutex<Table>,
     observer: Observer,
     idle_timeout: Duration,
     open: AtomicUsize,
+    /// Set in secure mode: the identity the pool's connections present.
+    tls: Option<Arc<Tls>>,
 }
 
 impl Pool {
-    pub fn new(observer: Observer, idle_timeout: Duration) -> Arc<Self> {
+    pub fn new(observer: Observer, idle_timeout: Duration, tls: Option<Arc<Tls>>) -> Arc<Self> {
         Arc::new(Pool {
-            upstreams: Mutex::new(HashMap::new()),
+            table: Mutex::default(),
             observer,
             idle_timeout,
             open: AtomicUsize::new(0),
+            tls,
         })
     }
 
     /// The endpoint at `address`; `None` when the address is not `host:port`.
     pub fn get(self: &Arc<Self>, address: &str) -> Option<Arc<Upstream>> {
-        if let Some(found) = self.upstreams.lock().unwrap().get(address) {
+        let mut table = self.table.lock().unwrap();
+        if let Some(found) = table.upstreams.get(address) {
             return Some(found.clone());
         }
         let authority: Authority = address.parse().ok()?;
         authority.port_u16()?;
+        let security = match (&self.tls, table.expected.get(address)) {
+            (None, _) | (Some(_), Some(None)) => Security::Plain,
+            (Some(_), Some(Some(peer))) => Security::Mesh(peer.clone()),
+            (Some(_), None) => Security::Unknown,
+        };
         let upstream = Arc::new(Upstream {
             address: address.to_owned(),
             authority,
+            scheme: match security {
+                Security::Mesh(_) => Scheme::HTTPS,
+                _ => Scheme::HTTP,
+            },
+            security,
             link: watch::Sender::new(Link::idle()),
             used: AtomicBool::new(true),
             keeper: Mutex::new(None),
         });
-        let mut map = self.upstreams.lock().unwrap();
-        Some(map.entry(address.to_owned()).or_insert(upstream).clone())
+        table.upstreams.insert(address.to_owned(), upstream.clone());
+        Some(upstream)
+    }
+
+    /// In secure mode, how `address` is reached from now on: over mTLS to a server that
+    /// proves it is `peer`, or in plaintext (`None`). A change lets go of the address's
+    /// connection as `forget` does. Without TLS everything is plaintext: ignored.
+    pub fn expect_peer(&self, address: &str, peer: Option<&str>) {
+        if self.tls.is_none() {
+            return;
+        }
+        let peer: Option<Arc<str>> = peer.map(Arc::from);
+        let gone = {
+            let mut table = self.table.lock().unwrap();
+            if table.expected.get(address) == Some(&peer) {
+                return;
+            }
+            table.expected.insert(address.to_owned(), peer);
+            table.upstreams.remove(address)
+        };
+        if let Some(upstream) = gone {
+            upstream.retire();
+        }
     }
 
     /// Open the connection to `address` ahead of its first call.
@@ -237,13 +316,11 @@ impl Pool {
     }
 
     /// The endpoint left: stop reconnecting. Calls running on its connection go on.
+    /// (Its `expect_peer` rule stays: it is about the address, not the endpoint.)
     pub fn forget(&self, address: &str) {
-        if let Some(upstream) = self.upstreams.lock().unwrap().remove(address) {
-            if let Some(keeper) = upstream.keeper.lock().unwrap().take() {
-                // Its guard gives back its place in the open count.
-                keeper.abort();
-            }
-            upstream.link.send_replace(Link::idle());
+        let gone = self.table.lock().unwrap().upstreams.remove(address);
+        if let Some(upstream) = gone {
+            upstream.retire();
         }
     }
 
@@ -251,8 +328,11 @@ impl Pool {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Start the keeper of `upstream` unless it runs already.
+    /// Start the keeper of `upstream` unless it runs already (or it may not connect).
     fn keep(self: &Arc<Self>, upstream: &Arc<Upstream>) {
+        if matches!(upstream.security, Security::Unknown) {
+            return;
+        }
         let mut keeper = upstream.keeper.lock().unwrap();
         if keeper.as_ref().is_some_and(|k| !k.is_finished()) {
             return;
@@ -275,7 +355,7 @@ impl Pool {
                 };
                 upstream.set(&self, connecting);
             }
-            let (sender, connection) = match connect(&upstream.address).await {
+            let (sender, mut connection) = match connect(&upstream, self.tls.as_deref()).await {
                 Ok(found) => found,
                 Err(why) => {
                     log::debug!("cannot connect to {}: {why}", upstream.address);
@@ -292,7 +372,6 @@ impl Pool {
             };
             let opened = Instant::now();
             let counted = Opened::new(&self.open);
-            let mut connection = tokio::spawn(connection);
             let ready = Link {
                 state: State::Ready,
                 sender: Some(sender),
@@ -356,16 +435,38 @@ impl Drop for Opened<'_> {
     }
 }
 
-type Connection = h2::client::Connection<TcpStream, Bytes>;
+/// A connection's task, driving it; it ends when the connection does.
+type Connection = JoinHandle<Result<(), h2::Error>>;
 
-/// A new connection to `address`, or why there is none.
-async fn connect(address: &str) -> Result<(SendRequest<Bytes>, Connection), String> {
+/// A new connection to `upstream`, over TLS if its rule says so, or why there is none.
+async fn connect(
+    upstream: &Upstream,
+    tls: Option<&Tls>,
+) -> Result<(SendRequest<Bytes>, Connection), String> {
+    let address = &upstream.address;
     let timed_out = |what: &str| format!("{what} timed out after {}s", CONNECT_TIMEOUT.as_secs());
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
         .await
         .map_err(|_| timed_out("connecting"))?
         .map_err(|err| err.to_string())?;
     crate::net::tune(&stream);
+    match (&upstream.security, tls) {
+        (Security::Plain, _) => handshake(stream).await,
+        (Security::Mesh(peer), Some(tls)) => {
+            let host = upstream.authority.host();
+            handshake(tls.connect(stream, host, peer, CONNECT_TIMEOUT).await?).await
+        }
+        _ => Err(format!("no mesh identity is known for {address}")),
+    }
+}
+
+/// HTTP/2 on `io`, its connection driven by a task of its own: the task is what the
+/// keeper holds, whatever the stream's type.
+async fn handshake<T>(io: T) -> Result<(SendRequest<Bytes>, Connection), String>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let timed_out = |what: &str| format!("{what} timed out after {}s", CONNECT_TIMEOUT.as_secs());
     // h2's defaults as hyper's client sets them, but for the windows and the header list.
     let mut builder = h2::client::Builder::new();
     builder
@@ -376,8 +477,9 @@ async fn connect(address: &str) -> Result<(SendRequest<Bytes>, Connection), Stri
         .max_frame_size(1 << 14)
         .max_send_buffer_size(1 << 20)
         .enable_push(false);
-    tokio::time::timeout(CONNECT_TIMEOUT, builder.handshake(stream))
+    let (sender, connection) = tokio::time::timeout(CONNECT_TIMEOUT, builder.handshake(io))
         .await
         .map_err(|_| timed_out("the HTTP/2 handshake"))?
-        .map_err(|err| format!("HTTP/2 handshake failed: {err}"))
+        .map_err(|err| format!("HTTP/2 handshake failed: {err}"))?;
+    Ok((sender, tokio::spawn(connection)))
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{
     response, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
 };
@@ -105,9 +105,11 @@ fn try_timeout(
 }
 
 /// Forward one call that arrived on a listener facing `role`; the response to give.
+/// `caller` is the SPIFFE ID a TLS client proved, for the control plane.
 pub async fn handle(
     plane: Arc<Plane>,
     role: Role,
+    caller: Option<Arc<str>>,
     request: Request<UpBody>,
 ) -> Response<RelayBody> {
     let plane = &plane;
@@ -161,6 +163,7 @@ pub async fn handle(
         inbound,
         metadata(&headers),
         remaining,
+        caller.as_deref(),
     ) {
         Ok(admitted) => admitted,
         Err(refusal) => return refused(refusal),
@@ -373,7 +376,7 @@ async fn try_once(
 
 fn upstream_uri(upstream: &Upstream, path: &PathAndQuery) -> Uri {
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(upstream.scheme.clone());
     parts.authority = Some(upstream.authority.clone());
     parts.path_and_query = Some(path.clone());
     Uri::from_parts(parts).expect("scheme, authority and path make a URI")

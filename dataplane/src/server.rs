@@ -11,6 +11,11 @@
 //! stream (then GOAWAY, and the connection is dropped if the peer does not close it).
 //! Stopping sends GOAWAY on every connection, lets the calls under way finish within
 //! the grace period, and then drops whatever is left.
+//!
+//! A secure listener (the mesh-facing one, in secure mode) speaks only mutual TLS: the
+//! TLS handshake comes first, within the same handshake time and under the same
+//! connection cap, and the caller's SPIFFE ID, read once for the connection, goes with
+//! each of its calls to the control plane.
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -23,12 +28,14 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response};
 use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
 use crate::net;
 use crate::proxy::{self, Plane, Role};
 use crate::stream::{Pump, UpBody};
+use crate::tls::Tls;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After an idle connection's GOAWAY, how long the peer has to close it.
@@ -50,6 +57,8 @@ pub struct Listener {
     pub socket: TcpListener,
     pub role: Role,
     pub limits: Limits,
+    /// Set when the listener takes mutual TLS only.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// How many of something are open (connections of a listener, streams of a
@@ -169,6 +178,7 @@ async fn accept(
             role,
             limits,
             peer,
+            tls: listener.tls.clone(),
         };
         tokio::spawn(connection.serve(stream, closing.clone(), held));
     }
@@ -179,10 +189,37 @@ struct Connection {
     role: Role,
     limits: Limits,
     peer: SocketAddr,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Connection {
-    async fn serve(self, stream: TcpStream, mut closing: watch::Receiver<bool>, _held: Entered) {
+    async fn serve(self, stream: TcpStream, closing: watch::Receiver<bool>, held: Entered) {
+        // One deadline for both handshakes, TLS and then HTTP/2.
+        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        match self.tls.clone() {
+            None => self.run(stream, None, deadline, closing, held).await,
+            Some(tls) => match tls.accept(stream, deadline).await {
+                Ok((stream, caller)) => {
+                    self.run(stream, Some(caller), deadline, closing, held)
+                        .await
+                }
+                // Dropped here, socket and TLS state with it.
+                Err(why) => log::debug!("connection from {}: {why}", self.peer),
+            },
+        }
+    }
+
+    /// Serve HTTP/2 on `io`; `caller` is the client's SPIFFE ID on a TLS connection.
+    async fn run<T>(
+        self,
+        io: T,
+        caller: Option<Arc<str>>,
+        deadline: tokio::time::Instant,
+        mut closing: watch::Receiver<bool>,
+        _held: Entered,
+    ) where
+        T: AsyncRead + AsyncWrite + Unpin,
+    {
         let peer = self.peer;
         let mut builder = h2::server::Builder::new();
         builder
@@ -191,9 +228,7 @@ impl Connection {
             .max_concurrent_streams(self.limits.max_streams)
             .max_header_list_size(1 << 16);
         let mut conn =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, builder.handshake::<_, Bytes>(stream))
-                .await
-            {
+            match tokio::time::timeout_at(deadline, builder.handshake::<_, Bytes>(io)).await {
                 Ok(Ok(conn)) => conn,
                 // Not HTTP/2: h2 has answered with GOAWAY where it could.
                 Ok(Err(err)) => return log::debug!("connection from {peer}: handshake: {err}"),
@@ -213,7 +248,9 @@ impl Connection {
                 next = conn.accept() => match next {
                     Some(Ok((request, respond))) => {
                         let open = streams.enter();
-                        tokio::spawn(call(self.plane.clone(), self.role, request, respond, open));
+                        let caller = caller.clone();
+                        let plane = self.plane.clone();
+                        tokio::spawn(call(plane, self.role, caller, request, respond, open));
                     }
                     Some(Err(err)) => {
                         return log::debug!("connection from {peer} failed: {err}");
@@ -259,13 +296,14 @@ impl Connection {
 async fn call(
     plane: Arc<Plane>,
     role: Role,
+    caller: Option<Arc<str>>,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     _open: Entered,
 ) {
     let request = request.map(UpBody::new);
     // Boxed: the call's state machine is a few kilobytes, and this task is one per call.
-    let forward = Box::pin(proxy::handle(plane, role, request));
+    let forward = Box::pin(proxy::handle(plane, role, caller, request));
     let response = tokio::select! {
         response = forward => response,
         // The caller reset the stream: dropping the forward cancels the upstream try.
@@ -285,7 +323,7 @@ async fn call(
 mod tests {
     use super::*;
 
-    fn size<A, B, C, D, E, F: std::future::Future>(_: fn(A, B, C, D, E) -> F) -> usize {
+    fn size<A, B, C, D, E, G, F: std::future::Future>(_: fn(A, B, C, D, E, G) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 

@@ -65,8 +65,9 @@ class Mesh:
         inbound: bool = False,
         metadata: Sequence[tuple[str, str]] = (),
         remaining: float | None = None,
+        peer: str | None = None,
     ) -> Admission:
-        result = self.control.begin(path, target, inbound, list(metadata), remaining)
+        result = self.control.begin(path, target, inbound, list(metadata), remaining, peer)
         assert isinstance(result, Admission), result
         return result
 
@@ -103,17 +104,17 @@ def all_in_flight(mesh: Mesh) -> list[int]:
 @pytest.mark.parametrize("path", ["", "/", "a.S/M", "/a.S/", "//M", "/a S/M", "/a.S/M/x"])
 async def test_begin_refuses_a_malformed_path(path):
     mesh = Mesh()
-    refusal = refused(mesh.control.begin(path, None, False, [], None))
+    refusal = refused(mesh.control.begin(path, None, False, [], None, None))
     assert refusal.code == UNIMPLEMENTED and "/package.Service/Method" in refusal.message
     assert mesh.router.clusters() == {}
 
 
 async def test_begin_refuses_an_unknown_service_once_the_table_is_synced():
     mesh = Mesh()
-    refusal = refused(mesh.control.begin("/nobody.Serves/M", None, False, [], None))
+    refusal = refused(mesh.control.begin("/nobody.Serves/M", None, False, [], None, None))
     assert refusal.code == UNIMPLEMENTED and "nobody.Serves" in refusal.message
     # Same through the target override, even on a well-formed path of a known service.
-    refusal = refused(mesh.control.begin("/a.S/M", "nobody.Serves", False, [], None))
+    refusal = refused(mesh.control.begin("/a.S/M", "nobody.Serves", False, [], None, None))
     assert refusal.code == UNIMPLEMENTED and "nobody.Serves" in refusal.message
     assert "nobody.Serves" not in mesh.router.clusters()
 
@@ -125,14 +126,14 @@ async def test_calls_before_the_first_snapshot_are_unavailable_and_hold_nothing(
     control = Control(router, [table], clock=clock)
     # Any well-formed name may be a service the registry will know: none gets a cluster.
     for n in range(500):
-        refusal = refused(control.begin(f"/made.Up{n}/M", None, False, [], None))
+        refusal = refused(control.begin(f"/made.Up{n}/M", None, False, [], None, None))
         assert refusal.code == UNAVAILABLE
         assert "registry has not been reached" in refusal.message
     assert router.clusters() == {}
     # Once the registry has answered, known services route and the rest stay unknown.
     table.replace([info(1)])
-    assert isinstance(control.begin("/a.S/M", None, False, [], None), Admission)
-    assert refused(control.begin("/made.Up1/M", None, False, [], None)).code == UNIMPLEMENTED
+    assert isinstance(control.begin("/a.S/M", None, False, [], None, None), Admission)
+    assert refused(control.begin("/made.Up1/M", None, False, [], None, None)).code == UNIMPLEMENTED
     assert list(router.clusters()) == ["a.S"]
 
 
@@ -146,7 +147,7 @@ async def test_the_cluster_of_a_service_that_left_the_registry_is_dropped():
     # The next routed call prunes: b.T is unknown now, and its cluster is gone.
     mesh.start("/a.S/M")[0].finish(OK, 0.001)
     assert "b.T" not in mesh.router.clusters()
-    assert refused(mesh.control.begin("/b.T/M", None, False, [], None)).code == UNIMPLEMENTED
+    assert refused(mesh.control.begin("/b.T/M", None, False, [], None, None)).code == UNIMPLEMENTED
 
 
 async def test_begin_routes_a_known_service_and_picks_its_first_endpoint():
@@ -189,7 +190,7 @@ async def test_inbound_goes_to_the_local_app_not_outbound():
 
 async def test_inbound_without_a_local_app_is_refused_not_sent_round_the_mesh():
     mesh = Mesh()
-    refusal = refused(mesh.control.begin("/a.S/M", None, True, [], None))
+    refusal = refused(mesh.control.begin("/a.S/M", None, True, [], None, None))
     assert refusal.code == UNIMPLEMENTED and "no app" in refusal.message
     assert mesh.router.clusters() == {}
 

@@ -175,6 +175,7 @@ class Routing:
         inbound: bool,
         metadata: Sequence[tuple[str, str]],
         remaining: float | None,
+        peer: str | None,
     ) -> Admission | Refusal:
         if isinstance(self.answer, Exception):
             raise self.answer

@@ -67,9 +67,12 @@ class ControlPlane(Protocol):
         inbound: bool,
         metadata: Sequence[tuple[str, str]],
         remaining: float | None,
+        peer: str | None,
     ) -> Admission | Refusal:
         """Route a new call that arrived on the app-facing (or, ``inbound``, the
-        mesh-facing) listener; ``remaining`` is the caller's deadline in seconds."""
+        mesh-facing) listener; ``remaining`` is the caller's deadline in seconds;
+        ``peer`` is the caller's SPIFFE ID, proved by its client certificate, on a
+        secure data plane's mesh-facing listener (else None)."""
 
     def connection_state(self, address: str, state: str) -> None:
         """The upstream connection to ``address`` changed state (READY, CONNECTING, ...)."""

@@ -50,7 +50,15 @@ class OwnCall:
         """End the call; its ``done`` is then not called."""
 
 class DataPlane:
-    """Serves the sidecar's listeners; asks ``control`` where each call goes."""
+    """Serves the sidecar's listeners; asks ``control`` where each call goes.
+
+    With ``secure=True`` the mesh-facing (inbound) listener takes only TLS 1.3 with a
+    client certificate that chains to the trust bundle (ALPN h2), and the pool reaches
+    each address as ``expect_peer`` says: over mutual TLS to the SPIFFE ID named, in
+    plaintext when told ``None``, and not at all when nothing was said (UNAVAILABLE,
+    "shoal: no mesh identity is known for ADDRESS"). The app-facing (outbound)
+    listener is plaintext either way. Without ``secure`` everything is plaintext.
+    """
 
     def __init__(
         self,
@@ -61,10 +69,32 @@ class DataPlane:
         max_connections: int = ...,
         max_streams: int = ...,
         connection_idle_timeout: float = ...,
+        secure: bool = False,
     ) -> None: ...
     def start(self, outbound: str, inbound: str | None = None) -> tuple[int, int | None]:
         """Bind the app-facing (and mesh-facing) listeners and serve them on a thread of
-        their own; the ports bound."""
+        their own; the ports bound. A secure data plane needs ``set_identity`` first
+        (RuntimeError otherwise)."""
+    def set_identity(self, chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> None:
+        """Install or replace the mesh identity: the leaf certificate then its issuers,
+        the leaf's private key (PKCS#8 PEM) and the trust bundle (one or more roots).
+
+        Connections opened from now on, in both directions, use it; open ones keep the
+        one they were made with. ValueError (one line) for bad PEM, a key that is not
+        the leaf's, a leaf with no SPIFFE ID, or an empty bundle."""
+    def expect_peer(self, address: str, peer: str | None) -> None:
+        """On a secure data plane, how calls to ``address`` go: over mutual TLS to a
+        server whose certificate chains to the bundle and names exactly ``peer`` (a
+        SPIFFE ID, e.g. ``spiffe://shoal.local/svc/worker``) as its URI SAN, or in
+        plaintext with ``None`` (the sidecar's own app on loopback). Applies to
+        ``call`` and ``warm`` too. A change closes the address's connection once its
+        calls are done, as ``forget`` does; ``forget`` keeps the rule. Ignored when
+        not secure. ValueError if ``peer`` is not a SPIFFE ID."""
+    def handshakes(self) -> int:
+        """TLS handshakes completed, both directions."""
+    def handshake_failures(self) -> int:
+        """TLS handshakes that failed (refused certificates, plaintext clients, time
+        outs), both directions."""
     def alive(self) -> bool:
         """Whether the data plane's thread is serving: started, not stopped, not dead."""
     def set_serving(self, serving: bool) -> None:
@@ -81,8 +111,11 @@ class DataPlane:
         """A gRPC call of the control plane's own on the data plane's connections: each
         response message to ``on_message``, then the status to ``done``, both on the data
         plane's thread."""
-    def warm(self, address: str) -> None: ...
-    def forget(self, address: str) -> None: ...
-    def connections(self) -> int: ...
+    def warm(self, address: str) -> None:
+        """Connect to ``address`` ahead of its first call."""
+    def forget(self, address: str) -> None:
+        """``address`` left the mesh: close its connection once its calls are done."""
+    def connections(self) -> int:
+        """Open upstream connections."""
     def stop(self, grace: float) -> None:
         """Stop taking calls, let running ones finish for ``grace`` seconds, end the rest."""
