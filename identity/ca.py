@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from identity.spiffe import SpiffeId
 
-__all__ = ["CA", "CAError", "Leaf", "init_ca", "load_ca"]
+__all__ = ["CA", "CAError", "Leaf", "init_ca", "load_ca", "trust_domain_of"]
 
 ROOT_TTL = dt.timedelta(days=365)
 LEAF_TTL = dt.timedelta(hours=24)
@@ -216,8 +216,28 @@ def load_ca(directory: Path) -> CA:
     if key.public_key() != issuer.public_key():
         raise CAError(f"{directory}/issuer.key does not belong to issuer.crt")
     try:
-        san = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uri = san.get_values_for_type(x509.UniformResourceIdentifier)[0]
-    except (x509.ExtensionNotFound, IndexError):
+        trust_domain = trust_domain_of(root.public_bytes(serialization.Encoding.PEM))
+    except ValueError:
         raise CAError(f"{directory}/root.crt names no trust domain: not a Shoal root") from None
-    return CA(uri.removeprefix("spiffe://"), root, issuer, key, bundle)
+    return CA(trust_domain, root, issuer, key, bundle)
+
+
+def trust_domain_of(bundle_pem: bytes) -> str:
+    """The trust domain the roots of a bundle name (``shoal ca init`` puts it in their URI
+    SAN); ``ValueError`` if the bundle names none, or more than one."""
+    try:
+        roots = x509.load_pem_x509_certificates(bundle_pem)
+    except ValueError:
+        raise ValueError("not a PEM trust bundle") from None
+    domains = set()
+    for root in roots:
+        try:
+            san = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            continue
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+            if uri.startswith("spiffe://"):
+                domains.add(uri[len("spiffe://") :].rstrip("/"))
+    if len(domains) != 1:
+        raise ValueError(f"the bundle's roots name {len(domains)} trust domains, not one")
+    return domains.pop()

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from identity.certify import Renewal, spiffe_id_of
 from identity.spiffe import SpiffeId
 
-__all__ = ["Credentials", "new_request", "renew_after", "trust_domain_of"]
+__all__ = ["Credentials", "new_request", "renew_after"]
 
 RENEW_AT = 0.7
 JITTER = 0.1
@@ -74,24 +74,3 @@ def renew_after(leaf: x509.Certificate, *, rng: random.Random | None = None) -> 
     """
     left = (leaf.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
     return max(0.0, left * (RENEW_AT + (rng or random).uniform(-JITTER, JITTER)))
-
-
-def trust_domain_of(bundle_pem: bytes) -> str:
-    """The trust domain the roots of a bundle name (``shoal ca init`` puts it in their URI
-    SAN); ``ValueError`` if the bundle names none, or more than one."""
-    try:
-        roots = x509.load_pem_x509_certificates(bundle_pem)
-    except ValueError:
-        raise ValueError("not a PEM trust bundle") from None
-    domains = set()
-    for root in roots:
-        try:
-            san = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            continue
-        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-            if uri.startswith("spiffe://"):
-                domains.add(uri[len("spiffe://") :].rstrip("/"))
-    if len(domains) != 1:
-        raise ValueError(f"the bundle's roots name {len(domains)} trust domains, not one")
-    return domains.pop()

@@ -68,8 +68,7 @@ class IdentityServer(GrpcServer):
 
     def credentials(self) -> Credentials:
         """The server's own leaf, renewed when it is due (asked at each handshake)."""
-        own, due = self._own
-        if time.monotonic() >= due:
+        if time.monotonic() >= self._own[1]:
             self._own = self._issue_own()
             logger.info("renewed the identity server's own certificate")
         return self._own[0]

@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 import click
 import grpc
 
+from identity.ca import trust_domain_of
 from identity.spiffe import SpiffeId
-from identity.workload import Credentials, trust_domain_of
+from identity.workload import Credentials
 from shoal_cli.errors import UserError
 from shoal_cli.options import ADDRESS
 from shoal_core.certify_client import certify
