@@ -145,7 +145,8 @@ impl DataPlane {
         }
         if self.secure && !self.tls.ready() {
             return Err(PyRuntimeError::new_err(
-                "a secure data plane needs a mesh identity: call set_identity() first",
+                "a secure data plane needs a mesh identity or a trust bundle: \
+                 call set_identity() or set_trust_bundle() first",
             ));
         }
         let mut bound = vec![(bind(outbound)?, Role::Outbound)];
@@ -287,6 +288,14 @@ impl DataPlane {
             .map_err(|why| PyValueError::new_err(format!("bad mesh identity: {why}")))?;
         self.tls.install(identity);
         Ok(())
+    }
+
+    /// Trust the roots of `bundle_pem` for connections made before `set_identity`: they
+    /// present no certificate (the one call that asks for it), but check the server's.
+    fn set_trust_bundle(&self, bundle_pem: &[u8]) -> PyResult<()> {
+        self.tls
+            .trust(bundle_pem)
+            .map_err(|why| PyValueError::new_err(format!("bad trust bundle: {why}")))
     }
 
     /// In secure mode, how `address` is reached: over mutual TLS to a server that proves

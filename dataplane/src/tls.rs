@@ -71,18 +71,8 @@ impl Identity {
         // `from_der` lets "cannot tell" pass; a key that cannot be checked is refused here.
         key.keys_match()
             .map_err(|_| "the key does not match the leaf certificate".to_owned())?;
-        let mut roots = RootCertStore::empty();
-        for root in CertificateDer::pem_slice_iter(bundle) {
-            let root = root.map_err(|e| format!("the trust bundle is not valid PEM: {e}"))?;
-            roots
-                .add(root)
-                .map_err(|e| format!("the trust bundle holds a bad certificate: {e}"))?;
-        }
-        if roots.is_empty() {
-            return Err("the trust bundle holds no certificate".into());
-        }
         let key = Arc::new(key);
-        let roots = Arc::new(roots);
+        let roots = roots_from_pem(bundle)?;
         let clients = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| format!("the trust bundle is not usable: {e}"))?;
@@ -100,21 +90,44 @@ impl Identity {
             server: Arc::new(server),
         })
     }
+}
 
-    /// The client side's config for a server that must be `peer`: made per connection,
-    /// since the peer it expects is part of it (a handshake costs far more anyway).
-    fn client(&self, peer: &str) -> ClientConfig {
-        let expect = ExpectPeer::new(self.roots.clone(), peer, &provider());
-        let mut config = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("the ring provider does TLS 1.3")
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(expect))
-            .with_client_cert_resolver(Arc::new(Fixed(self.key.clone())));
-        config.alpn_protocols = vec![H2.to_vec()];
-        config.resumption = Resumption::disabled();
-        config
+/// The roots of a PEM trust bundle; at least one.
+fn roots_from_pem(bundle: &[u8]) -> Result<Arc<RootCertStore>, String> {
+    let mut roots = RootCertStore::empty();
+    for root in CertificateDer::pem_slice_iter(bundle) {
+        let root = root.map_err(|e| format!("the trust bundle is not valid PEM: {e}"))?;
+        roots
+            .add(root)
+            .map_err(|e| format!("the trust bundle holds a bad certificate: {e}"))?;
     }
+    if roots.is_empty() {
+        return Err("the trust bundle holds no certificate".into());
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The client side's config for a server that must be `peer`, presenting `key` (none
+/// before the first certificate): made per connection, since the peer it expects is
+/// part of it (a handshake costs far more anyway).
+fn client_config(
+    roots: Arc<RootCertStore>,
+    key: Option<Arc<CertifiedKey>>,
+    peer: &str,
+) -> ClientConfig {
+    let expect = ExpectPeer::new(roots, peer, &provider());
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("the ring provider does TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(expect));
+    let mut config = match key {
+        Some(key) => builder.with_client_cert_resolver(Arc::new(Fixed(key))),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![H2.to_vec()];
+    config.resumption = Resumption::disabled();
+    config
 }
 
 pub type ServerStream = server::TlsStream<TcpStream>;
@@ -124,6 +137,9 @@ pub type ClientStream = client::TlsStream<TcpStream>;
 #[derive(Default)]
 pub struct Tls {
     identity: RwLock<Option<Arc<Identity>>>,
+    /// Roots to check servers by before there is an identity: a workload's first call
+    /// is the one that asks for its certificate, so it has none to show.
+    bootstrap: RwLock<Option<Arc<RootCertStore>>>,
     handshakes: AtomicU64,
     failures: AtomicU64,
 }
@@ -133,8 +149,15 @@ impl Tls {
         *self.identity.write().unwrap() = Some(Arc::new(identity));
     }
 
+    /// Trust `bundle` for connections made before the first identity is installed.
+    pub fn trust(&self, bundle: &[u8]) -> Result<(), String> {
+        *self.bootstrap.write().unwrap() = Some(roots_from_pem(bundle)?);
+        Ok(())
+    }
+
+    /// Whether connections can be made: with an identity, or a bundle to bootstrap by.
     pub fn ready(&self) -> bool {
-        self.identity.read().unwrap().is_some()
+        self.identity.read().unwrap().is_some() || self.bootstrap.read().unwrap().is_some()
     }
 
     pub fn handshakes(&self) -> u64 {
@@ -193,7 +216,20 @@ impl Tls {
         limit: Duration,
     ) -> Result<ClientStream, String> {
         let outcome = async {
-            let connector = TlsConnector::from(Arc::new(self.current()?.client(peer)));
+            let config = match self.identity.read().unwrap().clone() {
+                Some(identity) => {
+                    client_config(identity.roots.clone(), Some(identity.key.clone()), peer)
+                }
+                None => {
+                    let roots = self.bootstrap.read().unwrap().clone();
+                    client_config(
+                        roots.ok_or("the sidecar has no mesh identity yet")?,
+                        None,
+                        peer,
+                    )
+                }
+            };
+            let connector = TlsConnector::from(Arc::new(config));
             // The name is only for SNI (none for an address): the verifier ignores it.
             let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
                 .map_err(|_| format!("{host:?} is not a host name TLS can use"))?;

@@ -185,8 +185,9 @@ def server_serial(tls: ssl.SSLSocket) -> int:
 class TlsApp:
     """A grpc.aio Echo on mutual TLS with ``creds``, noting each caller's certificate."""
 
-    def __init__(self, creds: Credentials) -> None:
+    def __init__(self, creds: Credentials, *, require_client_auth: bool = True) -> None:
         self.creds = creds
+        self.require_client_auth = require_client_auth
         self.callers: list[x509.Certificate] = []
         self._server: grpc.aio.Server | None = None
         self.address = ""
@@ -200,7 +201,7 @@ class TlsApp:
         tls = grpc.ssl_server_credentials(
             [(self.creds.key_pem, self.creds.chain_pem)],
             root_certificates=self.creds.bundle_pem,
-            require_client_auth=True,
+            require_client_auth=self.require_client_auth,
         )
         self.address = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', tls)}"
         await server.start()
@@ -212,8 +213,8 @@ class TlsApp:
             await self._server.stop(None)
 
     async def _unary(self, request: bytes, context: Any) -> bytes:
-        pem = context.auth_context()["x509_pem_cert"][0]
-        self.callers.append(x509.load_pem_x509_certificate(pem))
+        for pem in context.auth_context().get("x509_pem_cert", []):
+            self.callers.append(x509.load_pem_x509_certificate(pem))
         return b"tls:" + request
 
 
@@ -427,6 +428,43 @@ async def test_the_control_planes_own_calls_go_over_mtls_to_the_expected_peer(ca
             assert got == [b"tls:own"]
             assert [c.serial_number for c in server.callers] == [sidecar.leaf.serial_number]
             assert client.dataplane.handshakes() == 1
+
+
+async def test_before_its_identity_a_data_plane_calls_by_its_trust_bundle_alone(ca: CA):
+    """How a sidecar asks for its first certificate: over its own data plane, checking
+    the identity server against the bundle and showing no certificate of its own."""
+    identity_id = f"spiffe://{ca.trust_domain}/identity"
+    server_creds = credentials(ca, SpiffeId(ca.trust_domain, "identity"))
+    async with TlsApp(server_creds, require_client_auth=False) as server:
+        dataplane = DataPlane(Forward(outbound=True), secure=True)
+        with pytest.raises(ValueError, match="bad trust bundle"):
+            dataplane.set_trust_bundle(b"not pem")
+        dataplane.set_trust_bundle(ca.bundle_pem)
+        dataplane.expect_peer(server.address, identity_id)
+        _, mesh = dataplane.start("127.0.0.1:0", "127.0.0.1:0")
+        try:
+            loop = asyncio.get_running_loop()
+            got: list[bytes] = []
+            done: asyncio.Future[tuple[int, str]] = loop.create_future()
+            dataplane.call(
+                server.address,
+                UNARY,
+                b"first",
+                5.0,
+                got.append,
+                lambda code, message: loop.call_soon_threadsafe(done.set_result, (code, message)),
+            )
+            assert (await done)[0] == 0
+            assert got == [b"tls:first"]
+            assert server.callers == []  # no certificate shown
+            # With no identity it has nothing to prove itself with to its callers.
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await unary(
+                    f"127.0.0.1:{mesh}", **grpc_client(ca.bundle_pem, credentials(ca, "client"))
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await asyncio.to_thread(dataplane.stop, 0.0)
 
 
 # --- set_identity --------------------------------------------------------------------------

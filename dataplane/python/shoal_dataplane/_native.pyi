@@ -73,7 +73,8 @@ class DataPlane:
     ) -> None: ...
     def start(self, outbound: str, inbound: str | None = None) -> tuple[int, int | None]:
         """Bind the app-facing (and mesh-facing) listeners and serve them on a thread of
-        their own; the ports bound. A secure data plane needs ``set_identity`` first
+        their own; the ports bound. A secure data plane needs ``set_identity`` (or, to
+        certify over its own calls, ``set_trust_bundle``) first
         (RuntimeError otherwise)."""
     def set_identity(self, chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> None:
         """Install or replace the mesh identity: the leaf certificate then its issuers,
@@ -82,6 +83,11 @@ class DataPlane:
         Connections opened from now on, in both directions, use it; open ones keep the
         one they were made with. ValueError (one line) for bad PEM, a key that is not
         the leaf's, a leaf with no SPIFFE ID, or an empty bundle."""
+    def set_trust_bundle(self, bundle_pem: bytes) -> None:
+        """Trust ``bundle_pem``'s roots for mTLS connections made before
+        ``set_identity``: they check the server as usual but show no certificate, which
+        is how a sidecar asks the identity server for its first one. Inbound
+        handshakes still need an identity. ValueError (one line) for a bad bundle."""
     def expect_peer(self, address: str, peer: str | None) -> None:
         """On a secure data plane, how calls to ``address`` go: over mutual TLS to a
         server whose certificate chains to the bundle and names exactly ``peer`` (a
