@@ -35,6 +35,7 @@ def info_from_pb(msg: pb.Instance) -> InstanceInfo:
     return InstanceInfo(
         instance_id=msg.instance_id,
         address=msg.address,
+        service=msg.service,
         grpc_services=tuple(msg.grpc_services),
         weight=msg.weight or 100,
         zone=msg.zone,

@@ -47,6 +47,8 @@ class InstanceInfo:
     load_in_flight: int = 0
     load_queue_depth: int = 0
     load_cpu_percent: float = 0.0
+    # The registered service: with mTLS, what the instance must prove it is.
+    service: str = ""
 
 
 class Endpoint:

@@ -5,13 +5,18 @@ Calls are forwarded by the native data plane (``shoal_dataplane``); it asks
 the app-facing (outbound) one on ``listen``, bound to loopback by default, takes the
 app's calls and routes them into the mesh; the mesh-facing (inbound) one, for a
 sidecar with an app, takes other sidecars' calls and delivers them to the app only.
-The registered address is the inbound one. The data plane also serves the sidecar's
-own services to its app (grpc.health.v1, and reflection answered by ``reflect``) and
-carries the control plane's own calls (``rpc``: the registry's Watch, registration and
-heartbeats, the app's health checks), so the sidecar's process has one HTTP/2 stack,
-not two: grpcio is not loaded at all.
+The registered address is the inbound one.
 
-Start-up order: watch the registry first (so the first calls find endpoints),
+With a mesh identity (``mesh``) both the inbound listener and every call to another
+sidecar or the registry are mutual TLS (``mesh_tls``); the app-facing side stays
+plaintext on loopback. Without one, everything is plaintext, and it says so once.
+
+The data plane also serves the sidecar's own services to its app (grpc.health.v1, and
+reflection answered by ``reflect``) and carries the control plane's own calls (``rpc``:
+Certify, the registry's Watch, registration and heartbeats, the app's health checks), so
+the sidecar's process has one HTTP/2 stack, not two: grpcio is not loaded at all.
+
+Start-up order: certify (with mTLS), watch the registry (so the first calls find endpoints),
 then serve, then register the app (it is reachable through us only once we
 serve), then the admin endpoint. Draining reverses it: deregister first so
 callers stop picking this instance, then let running calls finish.
@@ -20,11 +25,13 @@ callers stop picking this instance, then let running calls finish.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 
 from shoal_dataplane import DataPlane
 
+from identity.spiffe import SpiffeId
 from protos import registry_pb2 as pb
 from proxy_sidecar.balancers import balancer_class
 from proxy_sidecar.config import MembershipSettings, SidecarConfig
@@ -33,9 +40,11 @@ from proxy_sidecar.discovery import Discovery
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import PolicyError
 from proxy_sidecar.membership import Membership
+from proxy_sidecar.mesh_tls import SidecarTls
 from proxy_sidecar.routing import Router
 from proxy_sidecar.rpc import Rpc
 from shoal_core.addresses import HostPort, dial_address, parse_address
+from shoal_core.certifying import MeshIdentity
 from shoal_core.errors import ServerStartError
 from shoal_core.http import HttpServer, Page, PageBuilder, json_page
 from shoal_core.lifecycle import ServiceBase
@@ -68,6 +77,7 @@ class SidecarServer(ServiceBase):
         inbound: str | None = None,
         advertise: str | None = None,
         admin: str | None = None,
+        mesh: MeshIdentity | None = None,
     ) -> None:
         self.config = config = config or SidecarConfig()
         if (service is None) != (app is None):
@@ -94,6 +104,8 @@ class SidecarServer(ServiceBase):
         self._inbound_port = 0
         self.dataplane: DataPlane | None = None
         self._rpc: Rpc | None = None
+        self._mesh = mesh
+        self.tls: SidecarTls | None = None
         super().__init__()
         self._registry_address = registry
         self._service = service
@@ -144,8 +156,11 @@ class SidecarServer(ServiceBase):
     def _connections(self) -> int:
         return 0 if self.dataplane is None else self.dataplane.connections()
 
-    def _on_endpoints(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
-        """Connect to endpoints as they appear; let go of those that left."""
+    def _on_endpoints(
+        self, added: Sequence[Endpoint], removed: Sequence[Endpoint], *, local: bool = False
+    ) -> None:
+        """Connect to endpoints as they appear (with mTLS, to whom they must prove they
+        are: the local app is plaintext on loopback); let go of those that left."""
         dataplane = self.dataplane
         if dataplane is None:
             return
@@ -154,6 +169,10 @@ class SidecarServer(ServiceBase):
             if endpoint.address not in live:
                 dataplane.forget(endpoint.address)
         for endpoint in added:
+            if local:
+                dataplane.expect_peer(endpoint.address, None)
+            elif self.tls is not None:
+                self.tls.expect_service(endpoint.address, endpoint.info.service)
             dataplane.warm(endpoint.address)
 
     def _forwarding(self) -> bool:
@@ -171,7 +190,10 @@ class SidecarServer(ServiceBase):
             max_connections=limits.max_connections,
             max_streams=limits.max_streams,
             connection_idle_timeout=limits.idle_timeout,
+            secure=self._mesh is not None,
         )
+        if self._mesh is not None:
+            dataplane.set_trust_bundle(self._mesh.bundle_pem)
         try:
             outbound, inbound = dataplane.start(self._public_listen, self._inbound_listen)
         except (OSError, ValueError) as exc:
@@ -179,13 +201,17 @@ class SidecarServer(ServiceBase):
         self._public_port, self._inbound_port = outbound, inbound or 0
         self.dataplane = dataplane
         self._rpc = rpc = Rpc(dataplane)
-        for table in self._tables:
-            table.subscribe(self._on_endpoints)
-            self._on_endpoints(table.endpoints(), ())
         try:
+            await self._secure(dataplane, rpc)
+            for table in self._tables:
+                on_change = functools.partial(self._on_endpoints, local=table is not self.table)
+                table.subscribe(on_change)
+                on_change(table.endpoints(), ())
             await self.discovery.start(rpc)
         except BaseException:
             await self.discovery.close()
+            if self.tls is not None:
+                await self.tls.close()
             await asyncio.to_thread(dataplane.stop, 0.0)
             rpc.close()
             raise
@@ -214,6 +240,24 @@ class SidecarServer(ServiceBase):
             except BaseException:
                 await self.close(0)
                 raise
+
+    async def _secure(self, dataplane: DataPlane, rpc: Rpc) -> None:
+        """Certify (with a mesh identity) and say who each fixed address must be."""
+        if self._app is not None:
+            dataplane.expect_peer(self._app, None)  # the app, on loopback
+        if self._mesh is None:
+            logger.warning(
+                "running without mTLS: calls to and from other sidecars cross the network "
+                "in the clear, and any process that reaches %s is served",
+                self._inbound_listen or self.address,
+            )
+            return
+        self.tls = tls = SidecarTls(self._mesh, dataplane, rpc)
+        expected = None
+        if self._service is not None:
+            expected = SpiffeId.service(self._mesh.trust_domain, self._service)
+        await tls.start(expected)
+        tls.expect_registry(self._registry_address)
 
     def _membership_settings(self, advertise: str) -> MembershipSettings:
         """The configured settings plus where operators find the app and this admin page.
@@ -254,6 +298,8 @@ class SidecarServer(ServiceBase):
             self._rpc.close()
         if self.membership is not None:
             await self.membership.close()
+        if self.tls is not None:
+            await self.tls.close()
         if self._admin is not None:
             await self._admin.close()
         logger.info("sidecar on %s stopped", self.address)
@@ -285,6 +331,7 @@ class SidecarServer(ServiceBase):
             "registry_synced": self.table.synced,
             "endpoints": len(self.table.endpoints()),
         }
+        body["identity"] = None if self.tls is None else str(self.tls.identity)
         if member is not None:
             body["app_reachable"] = member.app_reachable
             body["app_serving"] = member.status == pb.SERVING

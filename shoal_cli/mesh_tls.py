@@ -4,28 +4,29 @@ A process given an identity server, a trust bundle and a join token (``SHOAL_TOK
 or ``--token-file``: never a flag's value, which ``ps`` shows) certifies before it
 serves and renews in the background. The trust domain is read from the bundle's roots,
 so there is nothing else to configure.
+
+grpcio is imported only where a grpcio process certifies (``start_keeper``): the sidecar
+takes these options too, and its process does not load grpcio at all.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import grpc
 
 from identity.ca import trust_domain_of
 from identity.spiffe import SpiffeId
 from identity.workload import Credentials
 from shoal_cli.errors import UserError
 from shoal_cli.options import ADDRESS
-from shoal_core.certify_client import certify
+from shoal_core.certifying import MeshIdentity
 from shoal_core.renewal import CertificateKeeper
 
-__all__ = ["MeshIdentity", "identity_options"]
+__all__ = ["identity_options", "mesh_identity", "start_keeper"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
@@ -64,57 +65,56 @@ def identity_options() -> Callable[[F], F]:
     return wrap
 
 
-@dataclass(frozen=True)
-class MeshIdentity:
-    """Where and how this process certifies."""
+def mesh_identity(
+    identity_server: str | None, trust_bundle: Path | None, token_file: Path | None
+) -> MeshIdentity | None:
+    """The settings given, None for none; a half-given set is a user error."""
+    token = token_file.read_text().strip() if token_file else os.environ.get("SHOAL_TOKEN", "")
+    if identity_server is None and trust_bundle is None:
+        return None
+    if identity_server is None or trust_bundle is None or not token:
+        raise UserError(
+            "mTLS needs --identity-server, --trust-bundle and a token (SHOAL_TOKEN or --token-file)"
+        )
+    bundle = trust_bundle.read_bytes()
+    try:
+        trust_domain = trust_domain_of(bundle)
+    except ValueError as exc:
+        raise UserError(f"{trust_bundle}: {exc}") from None
+    return MeshIdentity(identity_server, bundle, trust_domain, token)
 
-    server: str
-    bundle_pem: bytes
-    trust_domain: str
-    token: str
 
-    @classmethod
-    def from_options(
-        cls, identity_server: str | None, trust_bundle: Path | None, token_file: Path | None
-    ) -> MeshIdentity | None:
-        """The settings given, None for none; a half-given set is a user error."""
-        token = token_file.read_text().strip() if token_file else os.environ.get("SHOAL_TOKEN", "")
-        if identity_server is None and trust_bundle is None:
-            return None
-        if identity_server is None or trust_bundle is None or not token:
-            raise UserError(
-                "mTLS needs --identity-server, --trust-bundle and a token "
-                "(SHOAL_TOKEN or --token-file)"
-            )
-        bundle = trust_bundle.read_bytes()
-        try:
-            trust_domain = trust_domain_of(bundle)
-        except ValueError as exc:
-            raise UserError(f"{trust_bundle}: {exc}") from None
-        return cls(identity_server, bundle, trust_domain, token)
+async def start_keeper(mesh: MeshIdentity, expected: SpiffeId | None = None) -> CertificateKeeper:
+    """Certified through grpcio and renewing; a refused token is a user error, in one
+    line, and so is a token for another identity than ``expected``."""
+    import grpc
 
-    def keeper(self) -> CertificateKeeper:
-        async def certify_once(held: Credentials | None) -> Credentials:
-            return await certify(
-                self.server,
-                bundle_pem=self.bundle_pem,
-                trust_domain=self.trust_domain,
-                token=self.token,
-                current=held,
-            )
+    from shoal_core.certify_client import certify
 
-        return CertificateKeeper(certify_once)
+    async def certify_once(held: Credentials | None) -> Credentials:
+        return await certify(
+            mesh.server,
+            bundle_pem=mesh.bundle_pem,
+            trust_domain=mesh.trust_domain,
+            token=mesh.token,
+            current=held,
+        )
 
-    async def start(self, expected: SpiffeId | None = None) -> CertificateKeeper:
-        """Certified and renewing; a refused token is a user error, in one line."""
-        keeper = self.keeper()
-        try:
-            held = await keeper.start()
-        except grpc.aio.AioRpcError as exc:
-            raise UserError(
-                f"cannot certify at {self.server}: {exc.code().name}: {exc.details()}"
-            ) from None
-        if expected is not None and held.identity != expected:
-            await keeper.close()
-            raise UserError(f"the token admits {held.identity}, not {expected}")
-        return keeper
+    keeper = CertificateKeeper(certify_once)
+    try:
+        held = await keeper.start()
+    except grpc.aio.AioRpcError as exc:
+        raise UserError(
+            f"cannot certify at {mesh.server}: {exc.code().name}: {exc.details()}"
+        ) from None
+    try:
+        check_admitted(held, expected)
+    except UserError:
+        await keeper.close()
+        raise
+    return keeper
+
+
+def check_admitted(held: Credentials, expected: SpiffeId | None) -> None:
+    if expected is not None and held.identity != expected:
+        raise UserError(f"the token admits {held.identity}, not {expected}")

@@ -12,8 +12,9 @@ from identity.spiffe import SpiffeId
 from registry_service import RegistryConfig, RegistryServer
 from shoal_cli.errors import UserError
 from shoal_cli.mesh.config import config_option
-from shoal_cli.mesh_tls import MeshIdentity, identity_options
+from shoal_cli.mesh_tls import identity_options, mesh_identity, start_keeper
 from shoal_cli.options import LISTEN, grace_option, log_level_option, metrics_option
+from shoal_core.certifying import MeshIdentity
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
 from shoal_core.tls import server_credentials
@@ -145,7 +146,7 @@ def registry(
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    mesh = MeshIdentity.from_options(identity_server, trust_bundle, token_file)
+    mesh = mesh_identity(identity_server, trust_bundle, token_file)
     asyncio.run(_run(listen, config, metrics_listen, mesh, grace))
 
 
@@ -160,7 +161,7 @@ async def _run(
     if mesh is None:
         server = RegistryServer(listen, config, metrics_listen=metrics_listen)
     else:
-        keeper = await mesh.start(SpiffeId(mesh.trust_domain, "registry"))
+        keeper = await start_keeper(mesh, SpiffeId(mesh.trust_domain, "registry"))
         server = RegistryServer(
             listen,
             config,

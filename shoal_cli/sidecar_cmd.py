@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import click
 import pydantic
@@ -10,6 +11,7 @@ import pydantic
 from proxy_sidecar import SidecarConfig, SidecarServer, load_config
 from proxy_sidecar.errors import SidecarError
 from shoal_cli.errors import UserError
+from shoal_cli.mesh_tls import identity_options, mesh_identity
 from shoal_cli.options import ADDRESS, LISTEN, grace_option, isolation_option, log_level_option
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
@@ -65,6 +67,7 @@ __all__ = ["sidecar"]
     default=None,
     help="YAML file with balancing, retry, outlier and membership settings.",
 )
+@identity_options()
 @isolation_option()
 @grace_option(5.0)
 @log_level_option()
@@ -79,11 +82,17 @@ def sidecar(
     lb: str | None,
     admin: str | None,
     config_path: str | None,
+    identity_server: str | None,
+    trust_bundle: Path | None,
+    token_file: Path | None,
     exit_when_isolated: float | None,
     grace: float,
     log_level: str | None,
 ) -> None:
-    """Forward the app's gRPC calls into the mesh; with --service/--app, register the app."""
+    """Forward the app's gRPC calls into the mesh; with --service/--app, register the app.
+
+    With --identity-server, calls between sidecars and to the registry are mutual TLS;
+    without, plaintext."""
     try:
         setup_logging(log_level)
     except ValueError as exc:
@@ -110,6 +119,7 @@ def sidecar(
             inbound=inbound,
             advertise=advertise,
             admin=admin,
+            mesh=mesh_identity(identity_server, trust_bundle, token_file),
         )
     except SidecarError as exc:
         raise UserError(str(exc)) from exc

@@ -1,0 +1,55 @@
+"""What a workload needs to certify, and the Certify messages, without grpcio.
+
+The sidecar certifies over its own data plane and never loads grpcio; the registry and
+the CLI certify through grpcio (``shoal_core.certify_client``). Both build the request
+and read the answer here, so there is one way to ask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from identity.spiffe import SpiffeId
+from identity.workload import Credentials, new_request
+from protos import identity_pb2 as pb
+
+__all__ = ["CERTIFY", "MeshIdentity", "credentials_from", "request_for"]
+
+CERTIFY = "/shoal.identity.v1.Identity/Certify"
+
+
+@dataclass(frozen=True)
+class MeshIdentity:
+    """Where and how a process certifies: the identity server, the mesh's roots (and
+    the trust domain read from them), and the join token for the first certificate."""
+
+    server: str
+    bundle_pem: bytes
+    trust_domain: str
+    token: str
+
+    @property
+    def server_id(self) -> SpiffeId:
+        """Who the identity server must prove it is."""
+        return SpiffeId(self.trust_domain, "identity")
+
+
+def request_for(
+    token: str, current: Credentials | None
+) -> tuple[ec.EllipticCurvePrivateKey, pb.CertifyRequest]:
+    """A fresh key and its CSR, proven by ``token`` or, renewing, by ``current``."""
+    key, csr = new_request()
+    request = pb.CertifyRequest(csr_pem=csr)
+    if current is not None:
+        proof = current.renewal(csr)
+        request.renewal.certificate_pem = proof.certificate_pem
+        request.renewal.signature = proof.signature
+    else:
+        request.token = token
+    return key, request
+
+
+def credentials_from(key: ec.EllipticCurvePrivateKey, answer: pb.CertifyResponse) -> Credentials:
+    return Credentials(key, answer.certificate_chain_pem, answer.trust_bundle_pem)
