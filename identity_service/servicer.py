@@ -50,7 +50,9 @@ class IdentityServicer(pb_grpc.IdentityServicer):
             logger.warning("certify from %s refused: %s", context.peer(), exc)
             raise
         who = spiffe_id_of(leaf.cert)
-        logger.info("certified %s until %s", who, f"{leaf.cert.not_valid_after_utc:%H:%M:%SZ}")
+        logger.info(
+            "certified %s until %s", who, f"{leaf.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}"
+        )
         return pb.CertifyResponse(
             certificate_chain_pem=leaf.cert_pem + leaf.chain_pem,
             trust_bundle_pem=self.certifier.ca.bundle_pem,

@@ -14,6 +14,7 @@ import grpc
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from shoal_cli.errors import UserError
+from shoal_cli.operator import operator_identity, registry_channel
 from shoal_cli.options import ADDRESS, F
 from shoal_cli.output import emit_json
 from shoal_cli.render import emit_table, message_json
@@ -43,7 +44,14 @@ def registry_option() -> Callable[[F], F]:
 
 
 def unreachable(what: str, address: str, exc: grpc.aio.AioRpcError) -> UserError:
-    return UserError(f"{what} {address} is unreachable ({exc.code().name}: {exc.details()})")
+    hint = ""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and operator_identity(address) is None:
+        # A plaintext call to an mTLS port ends in a closed socket: say what may be missing.
+        hint = (
+            "; if it runs mTLS, set SHOAL_IDENTITY_SERVER, SHOAL_TRUST_BUNDLE and "
+            "SHOAL_TOKEN_FILE (an operator token), or run this where its `shoal up` runs"
+        )
+    return UserError(f"{what} {address} is unreachable ({exc.code().name}: {exc.details()}){hint}")
 
 
 COLUMNS = [
@@ -79,7 +87,7 @@ def instance_row(inst: pb.Instance) -> dict[str, Any]:
 
 
 async def _ls(address: str) -> tuple[pb.ListServicesResponse, pb.DiscoverResponse]:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with registry_channel(address) as channel:
         stub: RegistryAsyncStub = pb_grpc.RegistryStub(channel)
         try:
             listing = await stub.ListServices(pb.ListServicesRequest(), timeout=5)
@@ -112,7 +120,7 @@ def ls(registry: str, as_json: bool) -> None:
 
 async def _watch(address: str, service: str, count: int, seconds: float, as_json: bool) -> None:
     stop = time.monotonic() + seconds if seconds else None
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with registry_channel(address) as channel:
         stub: RegistryAsyncStub = pb_grpc.RegistryStub(channel)
         call = stub.Watch(pb.WatchRequest(service=service))
         shown = 0

@@ -24,6 +24,7 @@ from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
 from proxy_sidecar.server import ADMIN_KEY, APP_KEY
 from shoal_cli.errors import UserError
+from shoal_cli.operator import registry_channel
 from shoal_cli.options import ADDRESS
 from shoal_cli.output import emit_json
 from shoal_cli.registry_ops import registry_option, unreachable
@@ -38,7 +39,7 @@ __all__ = ["stats"]
 
 async def find_targets(registry: str) -> tuple[dict[str, str], dict[str, str]]:
     """(worker name -> app address, sidecar name -> admin address) from the registry."""
-    async with grpc.aio.insecure_channel(registry) as channel:
+    async with registry_channel(registry) as channel:
         stub: RegistryAsyncStub = rpb_grpc.RegistryStub(channel)
         try:
             found = await stub.Discover(rpb.DiscoverRequest(include_unhealthy=True), timeout=5)

@@ -14,7 +14,9 @@ from shoal_cli.errors import UserError
 from shoal_cli.mesh.config import MeshFile, config_option
 from shoal_cli.mesh.plan import MeshPlan, PortInUse, plan_mesh
 from shoal_cli.mesh.supervisor import Restart, StartError
+from shoal_cli.mesh.trust import make_trust
 from shoal_cli.mesh.up import MeshNotReady, RunningMesh, run_mesh
+from shoal_cli.operator import forget_mesh, record_mesh
 from shoal_cli.output import say
 from shoal_cli.render import emit_table
 
@@ -29,6 +31,7 @@ def _show(mesh: RunningMesh) -> None:
     plan = mesh.plan
     rows: list[dict[str, Any]] = []
     roles = [
+        *([("identity", [plan.identity])] if plan.identity is not None else []),
         ("registry", [plan.registry]),
         ("worker", plan.workers),
         ("sidecar", plan.sidecars),
@@ -58,6 +61,13 @@ def _show(mesh: RunningMesh) -> None:
         rows,
     )
     via, reg = plan.client_address, plan.registry_address
+    if plan.trust is not None:
+        say(
+            f"\nmTLS on every mesh hop; the mesh's CA is in {plan.trust.ca_dir}. Operator "
+            "commands on this machine find their certificate by themselves."
+        )
+    else:
+        say("\nPLAINTEXT between mesh components (--insecure): not for a network you do not own.")
     say(f"""
 Call the mesh through the client sidecar at {via}, for example:
   shoal call upper --data hello --via {via}
@@ -100,6 +110,11 @@ Press Ctrl-C to stop everything (sidecars drain and deregister first).""")
     help="Where child logs go (default: a new temporary folder).",
 )
 @click.option("--demo", is_flag=True, help="Send traffic and show live rates and spread.")
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Plaintext between mesh components (default: mTLS with a CA made for the mesh).",
+)
 @click.pass_context
 def up(
     ctx: click.Context,
@@ -109,6 +124,7 @@ def up(
     restart: str,
     run_dir: str | None,
     demo: bool,
+    insecure: bool,
 ) -> None:
     """Run a registry, workers with their sidecars and a client sidecar on loopback."""
     mesh_file: MeshFile | None = None
@@ -117,6 +133,8 @@ def up(
         path_text, mesh_file = ctx.meta["shoal.mesh_file"]
         mesh_path = Path(path_text).resolve()
     sections = mesh_file.default_map() if mesh_file is not None else {}
+    log_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="shoal-up-"))
+    trust = None if insecure else make_trust(log_dir)
     try:
         plan: MeshPlan = plan_mesh(
             workers=workers,
@@ -125,20 +143,31 @@ def up(
             restart=Restart(restart),
             mesh_file=mesh_path,
             sections=sections,
+            trust=trust,
         )
     except PortInUse as exc:
         raise UserError(str(exc)) from None
-    log_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="shoal-up-"))
     _say(f"starting a mesh of {workers} workers; logs in {log_dir}")
     while_running = None
     if demo:
         from shoal_cli.mesh.demo import start_demo
 
         while_running = start_demo
+    record = None
+    if plan.trust is not None:
+        record = record_mesh(
+            plan.registry_address,
+            plan.trust.identity_address,
+            plan.trust.bundle,
+            plan.trust.token_file("operator"),
+        )
     try:
         asyncio.run(
             run_mesh(plan, log_dir, on_event=_say, on_ready=_show, while_running=while_running)
         )
     except (StartError, MeshNotReady) as exc:
         raise UserError(str(exc)) from None
+    finally:
+        if record is not None:
+            forget_mesh(record)
     _say("mesh stopped; no process left running")

@@ -8,6 +8,7 @@ and every sidecar that knew it still finds it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal_cli.mesh.supervisor import ChildSpec, Restart
+from shoal_cli.mesh.trust import MeshTrust
 
 __all__ = ["MeshPlan", "PortInUse", "child_flags", "plan_mesh"]
 
@@ -24,7 +26,7 @@ WORKER_SERVICE = "worker"
 # Offsets from the base port, so `--base-port 7700` gives the documented layout.
 # A worker's sidecar takes other sidecars' calls on SIDECARS + i (the address it
 # registers) and its worker's own outbound calls on SIDECAR_OUTBOUND + i.
-CLIENT, CLIENT_ADMIN, WORKERS, SIDECARS, SIDECAR_ADMINS = 1, 2, 100, 200, 300
+CLIENT, CLIENT_ADMIN, IDENTITY, WORKERS, SIDECARS, SIDECAR_ADMINS = 1, 2, 3, 100, 200, 300
 SIDECAR_OUTBOUND = 400
 SHOAL = (sys.executable, "-m", "shoal_cli.main")
 # Echo, demo functions and a few harmless commands, so a new mesh has work to show.
@@ -48,9 +50,13 @@ class MeshPlan:
     client_admin: str
     worker_addresses: tuple[str, ...]
     sidecar_admins: tuple[str, ...]
+    # With mTLS (the default): the identity server every other child certifies at.
+    identity: ChildSpec | None = None
+    trust: MeshTrust | None = None
 
     def start_order(self) -> list[ChildSpec]:
-        return [self.registry, *self.workers, *self.sidecars, self.client]
+        first = [] if self.identity is None else [self.identity]
+        return [*first, self.registry, *self.workers, *self.sidecars, self.client]
 
 
 def child_flags(command: str, section: Mapping[str, Any]) -> list[str]:
@@ -94,6 +100,7 @@ def _ports(base: int, workers: int) -> dict[str, list[int]]:
             "registry": [pick()],
             "client": [pick()],
             "client_admin": [pick()],
+            "identity": [pick()],
             "workers": [pick() for _ in range(workers)],
             "sidecars": [pick() for _ in range(workers)],
             "outbound": [pick() for _ in range(workers)],
@@ -103,6 +110,7 @@ def _ports(base: int, workers: int) -> dict[str, list[int]]:
         "registry": [base],
         "client": [base + CLIENT],
         "client_admin": [base + CLIENT_ADMIN],
+        "identity": [base + IDENTITY],
         "workers": [base + WORKERS + i for i in range(workers)],
         "sidecars": [base + SIDECARS + i for i in range(workers)],
         "outbound": [base + SIDECAR_OUTBOUND + i for i in range(workers)],
@@ -122,17 +130,39 @@ def plan_mesh(
     restart: Restart,
     mesh_file: Path | None,
     sections: Mapping[str, Mapping[str, Any]],
+    trust: MeshTrust | None = None,
 ) -> MeshPlan:
-    """Lay out a mesh of ``workers`` workers, each behind its own sidecar."""
+    """Lay out a mesh of ``workers`` workers, each behind its own sidecar; with ``trust``,
+    an identity server too, and every mesh hop on mTLS."""
     ports = _ports(base_port, workers)
     host = "127.0.0.1"
     registry = f"{host}:{ports['registry'][0]}"
+    identity_spec = None
+    if trust is not None:
+        trust = dataclasses.replace(trust, identity_address=f"{host}:{ports['identity'][0]}")
+        identity_spec = ChildSpec(
+            name="identity",
+            restart=restart,
+            argv=[
+                *SHOAL,
+                "identity",
+                "--ca",
+                str(trust.ca_dir),
+                "--listen",
+                trust.identity_address,
+            ],
+        )
+
+    def env(role: str) -> dict[str, str]:
+        return {} if trust is None else trust.env(role)
+
     mesh_config = ["--config", str(mesh_file)] if mesh_file is not None else []
     lb_flags = ["--lb", lb] if lb else []
     registry_spec = ChildSpec(
         name="registry",
         restart=restart,
         argv=[*SHOAL, "registry", "--listen", registry, *mesh_config],
+        env=env("registry"),
     )
     worker_specs, sidecar_specs, worker_addrs, admins = [], [], [], []
     worker_section = dict(sections.get("worker", {}))
@@ -173,6 +203,7 @@ def plan_mesh(
                     *sidecar_flags,
                     *lb_flags,
                 ],
+                env=env(WORKER_SERVICE),
             )
         )
     client = f"{host}:{ports['client'][0]}"
@@ -192,6 +223,7 @@ def plan_mesh(
             *sidecar_flags,
             *lb_flags,
         ],
+        env=env("client"),
     )
     return MeshPlan(
         registry=registry_spec,
@@ -203,4 +235,6 @@ def plan_mesh(
         client_admin=client_admin,
         worker_addresses=tuple(worker_addrs),
         sidecar_admins=tuple(admins),
+        identity=identity_spec,
+        trust=trust,
     )

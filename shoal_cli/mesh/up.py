@@ -19,6 +19,7 @@ from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
 from shoal_cli.mesh.plan import WORKER_SERVICE, MeshPlan
 from shoal_cli.mesh.supervisor import Child, Supervisor
+from shoal_cli.operator import registry_channel
 
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub
@@ -53,6 +54,8 @@ class RunningMesh:
         """Client side first, then sidecars (they drain and deregister), workers, registry."""
         plan = self.plan
         groups = [[plan.client], plan.sidecars, plan.workers, [plan.registry]]
+        if plan.identity is not None:
+            groups.append([plan.identity])
         await self.supervisor.stop(
             [
                 [self.by_name[spec.name] for spec in group if spec.name in self.by_name]
@@ -65,7 +68,10 @@ class RunningMesh:
         deadline = time.monotonic() + timeout
         want = len(self.plan.workers)
         async with (
-            grpc.aio.insecure_channel(self.plan.registry_address) as reg_channel,
+            registry_channel(
+                self.plan.registry_address,
+                None if self.plan.trust is None else self.plan.trust.operator(),
+            ) as reg_channel,
             grpc.aio.insecure_channel(self.plan.client_address) as client_channel,
         ):
             registry: RegistryAsyncStub = rpb_grpc.RegistryStub(reg_channel)

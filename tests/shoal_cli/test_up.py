@@ -25,6 +25,7 @@ class Mesh:
     rows: dict[str, dict[str, str]]
     stderr_path: Path
     stderr_file: IO[str]
+    intro: str  # the first line after the table
     pids: set[int] = field(default_factory=set)
 
     def address(self, name: str) -> str:
@@ -52,7 +53,7 @@ def start_mesh(tmp_path: Path, *args: str) -> Mesh:
     while line := proc.stdout.readline().rstrip("\n"):
         row = dict(zip(columns, line.split("\t"), strict=True))
         rows[row["NAME"]] = row
-    mesh = Mesh(proc, rows, err, err_file)
+    mesh = Mesh(proc, rows, err, err_file, proc.stdout.readline())
     mesh.pids = {int(r["PID"]) for r in rows.values()}
     return mesh
 
@@ -91,6 +92,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 
 def test_up_lists_every_part(mesh: Mesh) -> None:
     assert set(mesh.rows) == {
+        "identity",
         "registry",
         "worker-1",
         "worker-2",
@@ -99,6 +101,26 @@ def test_up_lists_every_part(mesh: Mesh) -> None:
         "client-sidecar",
     }
     assert alive(mesh.pids) == mesh.pids
+
+
+def test_the_mesh_runs_mtls_and_operators_find_their_certificate(mesh: Mesh) -> None:
+    """No setting given: `shoal ls` finds this mesh's operator token by its registry's
+    address; without that record it has no identity, and the registry refuses it."""
+    registry = mesh.address("registry")
+    assert "mTLS on every mesh hop" in mesh.intro
+    ok = shoal("ls", "--registry", registry, "--json")
+    assert ok.returncode == 0, ok.stderr
+    stranger = subprocess.run(
+        [*SHOAL, "ls", "--registry", registry],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(mesh.stderr_path.parent / "elsewhere")},
+    )
+    assert stranger.returncode == 2
+    assert stranger.stderr.startswith(f"shoal: error: registry {registry} is unreachable")
+    assert "if it runs mTLS, set SHOAL_IDENTITY_SERVER" in stranger.stderr
+    assert stranger.stderr.count("\n") == 1
 
 
 def test_ls_shows_healthy_workers(mesh: Mesh) -> None:

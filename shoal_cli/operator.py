@@ -1,0 +1,145 @@
+"""How operator commands reach a registry: over mTLS as an operator, with nothing to set.
+
+An operator command (``shoal ls``, ``watch``, ``stats``, ``policy`` ...) is given a
+registry address. It finds how to prove who it is in this order:
+
+1. ``SHOAL_IDENTITY_SERVER``, ``SHOAL_TRUST_BUNDLE`` and a token (``SHOAL_TOKEN`` or
+   ``SHOAL_TOKEN_FILE``) in the environment: any mesh, say one in containers;
+2. the record ``shoal up`` keeps for each mesh it runs on this machine, found by the
+   registry's address, so ``shoal ls --registry 127.0.0.1:9100`` works for a mesh on
+   any base port;
+3. neither: plaintext, which only a registry run ``--insecure`` accepts.
+
+The token is spent on a fresh leaf for each command (a CSR and one Certify call), so no
+certificate is kept on disk and none outlives its short life.
+
+Records live in ``$XDG_RUNTIME_DIR/shoal/meshes`` (else ``~/.local/state/shoal/meshes``),
+readable by their owner only; ``shoal up`` removes its record when it stops, and a record
+whose ``shoal up`` is gone is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from identity.ca import trust_domain_of
+from identity.spiffe import SpiffeId
+from shoal_cli.errors import UserError
+from shoal_core.addresses import parse_address
+from shoal_core.certify_client import certify
+from shoal_core.certifying import MeshIdentity
+from shoal_core.tls import channel_credentials, target_options
+
+__all__ = ["forget_mesh", "operator_identity", "record_mesh", "registry_channel"]
+
+
+def records_dir() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime else Path.home() / ".local" / "state"
+    return base / "shoal" / "meshes"
+
+
+def _record_path(registry: str) -> Path:
+    where = parse_address(registry)
+    host = "127.0.0.1" if where.host in ("localhost", "0.0.0.0") else where.host.strip("[]")
+    return records_dir() / f"{host.replace(':', '_')}_{where.port}.json"
+
+
+def record_mesh(registry: str, identity_server: str, bundle: Path, token_file: Path) -> Path:
+    """Note that ``registry``'s mesh admits operators with ``token_file`` (by ``shoal up``)."""
+    path = _record_path(registry)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    body = {
+        "registry": registry,
+        "identity_server": identity_server,
+        "trust_bundle": str(bundle),
+        "token_file": str(token_file),
+        "pid": os.getpid(),
+    }
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(body, out)
+    os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
+def forget_mesh(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _from_record(registry: str) -> MeshIdentity | None:
+    try:
+        body = json.loads(_record_path(registry).read_text())
+        if not _alive(int(body["pid"])):
+            return None
+        bundle = Path(body["trust_bundle"]).read_bytes()
+        token = Path(body["token_file"]).read_text().strip()
+        return MeshIdentity(body["identity_server"], bundle, trust_domain_of(bundle), token)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no record, or one left by a mesh that is gone
+
+
+def operator_identity(registry: str) -> MeshIdentity | None:
+    """How to certify as an operator for the mesh of ``registry``; None: plaintext."""
+    server = os.environ.get("SHOAL_IDENTITY_SERVER")
+    bundle_path = os.environ.get("SHOAL_TRUST_BUNDLE")
+    if server and bundle_path:
+        token_file = os.environ.get("SHOAL_TOKEN_FILE")
+        try:
+            token = (
+                Path(token_file).read_text() if token_file else os.environ.get("SHOAL_TOKEN", "")
+            )
+            bundle = Path(bundle_path).read_bytes()
+            return MeshIdentity(server, bundle, trust_domain_of(bundle), token.strip())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"SHOAL_TRUST_BUNDLE or SHOAL_TOKEN_FILE: {exc}") from None
+    return _from_record(registry)
+
+
+@contextlib.asynccontextmanager
+async def registry_channel(
+    registry: str, mesh: MeshIdentity | None = None
+) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to ``registry``: mTLS as an operator when this machine knows how (or
+    by ``mesh``, when the caller knows: ``shoal up`` itself)."""
+    mesh = mesh or operator_identity(registry)
+    if mesh is None:
+        async with grpc.aio.insecure_channel(registry) as channel:
+            yield channel
+        return
+    try:
+        held = await certify(
+            mesh.server,
+            bundle_pem=mesh.bundle_pem,
+            trust_domain=mesh.trust_domain,
+            token=mesh.token,
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise UserError(
+            f"cannot get an operator certificate at {mesh.server}: "
+            f"{exc.code().name}: {exc.details()}"
+        ) from None
+    if held.identity.kind != "operator":
+        raise UserError(f"the token admits {held.identity}, not an operator")
+    registry_id = SpiffeId(mesh.trust_domain, "registry")
+    async with grpc.aio.secure_channel(
+        registry, channel_credentials(held), options=target_options(registry_id)
+    ) as channel:
+        yield channel
