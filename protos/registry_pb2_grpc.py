@@ -64,6 +64,21 @@ class RegistryStub:
                 request_serializer=protos_dot_registry__pb2.ListServicesRequest.SerializeToString,
                 response_deserializer=protos_dot_registry__pb2.ListServicesResponse.FromString,
                 _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/shoal.registry.v1.Registry/SetPolicy',
+                request_serializer=protos_dot_registry__pb2.SetPolicyRequest.SerializeToString,
+                response_deserializer=protos_dot_registry__pb2.SetPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/shoal.registry.v1.Registry/GetPolicy',
+                request_serializer=protos_dot_registry__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=protos_dot_registry__pb2.Policy.FromString,
+                _registered_method=True)
+        self.WatchPolicy = channel.unary_stream(
+                '/shoal.registry.v1.Registry/WatchPolicy',
+                request_serializer=protos_dot_registry__pb2.WatchPolicyRequest.SerializeToString,
+                response_deserializer=protos_dot_registry__pb2.Policy.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -105,6 +120,25 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPolicy(self, request, context):
+        """Operators only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +171,21 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.ListServices,
                     request_deserializer=protos_dot_registry__pb2.ListServicesRequest.FromString,
                     response_serializer=protos_dot_registry__pb2.ListServicesResponse.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=protos_dot_registry__pb2.SetPolicyRequest.FromString,
+                    response_serializer=protos_dot_registry__pb2.SetPolicyResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=protos_dot_registry__pb2.GetPolicyRequest.FromString,
+                    response_serializer=protos_dot_registry__pb2.Policy.SerializeToString,
+            ),
+            'WatchPolicy': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPolicy,
+                    request_deserializer=protos_dot_registry__pb2.WatchPolicyRequest.FromString,
+                    response_serializer=protos_dot_registry__pb2.Policy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +350,87 @@ class Registry:
             '/shoal.registry.v1.Registry/ListServices',
             protos_dot_registry__pb2.ListServicesRequest.SerializeToString,
             protos_dot_registry__pb2.ListServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.registry.v1.Registry/SetPolicy',
+            protos_dot_registry__pb2.SetPolicyRequest.SerializeToString,
+            protos_dot_registry__pb2.SetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.registry.v1.Registry/GetPolicy',
+            protos_dot_registry__pb2.GetPolicyRequest.SerializeToString,
+            protos_dot_registry__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.registry.v1.Registry/WatchPolicy',
+            protos_dot_registry__pb2.WatchPolicyRequest.SerializeToString,
+            protos_dot_registry__pb2.Policy.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,10 @@ class RegistryStub:
     Discover: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DiscoverRequest, _registry_pb2.DiscoverResponse]
     Watch: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchRequest, _registry_pb2.WatchEvent]
     ListServices: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListServicesRequest, _registry_pb2.ListServicesResponse]
+    SetPolicy: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetPolicyRequest, _registry_pb2.SetPolicyResponse]
+    """Operators only."""
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetPolicyRequest, _registry_pb2.Policy]
+    WatchPolicy: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchPolicyRequest, _registry_pb2.Policy]
 
 @_typing.type_check_only
 class RegistryAsyncStub(RegistryStub):
@@ -47,6 +51,10 @@ class RegistryAsyncStub(RegistryStub):
     Discover: _aio.UnaryUnaryMultiCallable[_registry_pb2.DiscoverRequest, _registry_pb2.DiscoverResponse]  # type: ignore[assignment]
     Watch: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchRequest, _registry_pb2.WatchEvent]  # type: ignore[assignment]
     ListServices: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListServicesRequest, _registry_pb2.ListServicesResponse]  # type: ignore[assignment]
+    SetPolicy: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetPolicyRequest, _registry_pb2.SetPolicyResponse]  # type: ignore[assignment]
+    """Operators only."""
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetPolicyRequest, _registry_pb2.Policy]  # type: ignore[assignment]
+    WatchPolicy: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchPolicyRequest, _registry_pb2.Policy]  # type: ignore[assignment]
 
 class RegistryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -90,5 +98,27 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.ListServicesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ListServicesResponse, _abc.Awaitable[_registry_pb2.ListServicesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetPolicy(
+        self,
+        request: _registry_pb2.SetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.SetPolicyResponse, _abc.Awaitable[_registry_pb2.SetPolicyResponse]]:
+        """Operators only."""
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _registry_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.Policy, _abc.Awaitable[_registry_pb2.Policy]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchPolicy(
+        self,
+        request: _registry_pb2.WatchPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_registry_pb2.Policy], _abc.AsyncIterator[_registry_pb2.Policy]]: ...
 
 def add_RegistryServicer_to_server(servicer: RegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

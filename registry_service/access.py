@@ -3,9 +3,11 @@
 An instance's sidecar may register, renew and deregister only instances of the service
 its certificate names: otherwise any process that reaches the registry could register
 as ``worker`` and draw the client's calls, or take another service's instances out.
-Reading (Discover, Watch, ListServices) needs any identity of this mesh. Operators may do
-everything. A registry that runs without TLS (``--insecure``) has no identities to go
-by and lets everyone do everything, as a plaintext mesh always did.
+Reading (Discover, Watch, ListServices, GetPolicy, WatchPolicy) needs any identity of
+this mesh. Operators may do everything, and only they may set the mesh's authorization
+policy: a service that could would grant itself any call. A registry that runs without
+TLS (``--insecure``) has no identities to go by and lets everyone do everything, as a
+plaintext mesh always did.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ class Access:
 
     def read(self, who: SpiffeId | None) -> None:
         self._known(who)
+
+    def operate(self, who: SpiffeId | None, action: str) -> None:
+        """``who`` is an operator, who alone may ``action``, or this raises."""
+        known = self._known(who)
+        if known is not None and known.kind != "operator":
+            raise PermissionDenied(f"{known} may not {action}: only operators may")
 
     def write(self, who: SpiffeId | None, action: str, service: str) -> None:
         """``who`` may ``action`` an instance of ``service``, or this raises."""

@@ -11,10 +11,12 @@ import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from identity.authz import Policy
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from registry_service.access import Access
 from registry_service.config import RegistryConfig
+from registry_service.policy_store import PolicyStore
 from registry_service.servicer import RegistryServicer
 from registry_service.store import RegistryStore
 from shoal_core.grpc_server import GrpcServer
@@ -59,6 +61,15 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily(
             "shoal_registry_watchers", "Open watch streams", self._server.servicer.hub.watchers
         )
+        policies = self._server.policies
+        yield GaugeMetricFamily(
+            "shoal_registry_policy_watchers", "Open policy watch streams", policies.watchers
+        )
+        yield GaugeMetricFamily(
+            "shoal_registry_policy_rules",
+            "Rules in the authorization policy",
+            len(policies.policy.rules),
+        )
         yield GaugeMetricFamily(
             "shoal_registry_self_preservation",
             "1 while evictions are held",
@@ -77,9 +88,12 @@ class RegistryServer(GrpcServer):
         metrics_listen: str | None = None,
         credentials: grpc.ServerCredentials | None = None,
         trust_domain: str | None = None,
+        policy: Policy | None = None,
     ) -> None:
         """``credentials`` (mTLS, see ``shoal_core.tls``) and ``trust_domain`` go together:
-        with them every call is authorized by the caller's certificate (``access``)."""
+        with them every call is authorized by the caller's certificate (``access``).
+        ``policy``: the mesh's authorization policy until an operator sets another
+        (default: allow everything)."""
         if (credentials is None) != (trust_domain is None):
             raise ValueError("credentials and trust_domain go together")
         self.config = config or RegistryConfig()
@@ -90,12 +104,14 @@ class RegistryServer(GrpcServer):
             credentials=credentials,
         )
         self.store = RegistryStore(self.config)
+        self.policies = PolicyStore(policy)
         self.servicer = RegistryServicer(
             self.store,
             progress_interval=self.config.watch_progress_interval,
             queue_size=self.config.watch_queue_size,
             queue_bytes=self.config.watch_queue_bytes,
             access=Access(trust_domain),
+            policies=self.policies,
         )
         self.metrics.register(_StoreCollector(self))
         self._sweeper: asyncio.Task[None] | None = None
@@ -122,6 +138,7 @@ class RegistryServer(GrpcServer):
         if watchers:
             logger.info("ending %d watch stream(s)", watchers)
         self.servicer.hub.close_all()
+        self.policies.close_all()
 
     async def _after_stop(self) -> None:
         if self._sweeper is not None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from identity.authz import Policy
 from identity.spiffe import SpiffeId
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
@@ -23,12 +24,15 @@ from registry_service.errors import (
     RegistryError,
 )
 from registry_service.model import Instance
+from registry_service.policy_store import PolicyStore
 from registry_service.store import RegistryStore
 from registry_service.validation import MAX_TTL_MS, check_lease_id, check_service_name
 from registry_service.watch import WatchHub
 from registry_service.wire import InstanceRenderer, load_from_pb, spec_from_pb, status_from_pb
 from shoal_core.codes import ErrorCodes
+from shoal_core.config import ConfigError
 from shoal_core.peers import peer_identity
+from shoal_core.policy_wire import policy_from_pb, policy_to_pb
 from shoal_core.servicing import maps_errors
 
 __all__ = ["CODES", "RegistryServicer"]
@@ -50,7 +54,8 @@ _mapped = maps_errors(RegistryError, CODES)
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
-    """Maps Registry RPCs onto a ``RegistryStore`` and a ``WatchHub``."""
+    """Maps Registry RPCs onto a ``RegistryStore`` and a ``WatchHub``, and the policy
+    RPCs onto a ``PolicyStore``."""
 
     def __init__(
         self,
@@ -60,8 +65,12 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         queue_size: int,
         queue_bytes: int,
         access: Access | None = None,
+        policies: PolicyStore | None = None,
     ) -> None:
         self._store = store
+        self._policies = policies or PolicyStore()
+        # The wire form of the current policy, made once for all its watchers.
+        self._rendered: tuple[int, pb.Policy] | None = None
         self._access = access or Access(None)
         self._render = InstanceRenderer(store.get)
         store.subscribe(self._render.on_event)
@@ -77,6 +86,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     @property
     def hub(self) -> WatchHub[pb.WatchEvent]:
         return self._hub
+
+    @property
+    def policies(self) -> PolicyStore:
+        return self._policies
 
     @_mapped
     async def Register(
@@ -221,6 +234,51 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                 grpc_services=summary.grpc_services,
             )
         return reply
+
+    @_mapped
+    async def SetPolicy(
+        self, request: pb.SetPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SetPolicyResponse:
+        self._access.operate(self._who(context), "set the mesh's authorization policy")
+        if not request.HasField("policy"):
+            raise InvalidArgument("policy", "is required")
+        try:
+            policy = policy_from_pb(request.policy)
+        except ConfigError as exc:
+            raise InvalidArgument("policy", "; ".join(exc.problems)) from exc
+        version = self._policies.set(policy)
+        logger.info(
+            "authorization policy %d set: %d rules, default %s",
+            version,
+            len(policy.rules),
+            policy.default,
+        )
+        return pb.SetPolicyResponse(version=version)
+
+    @_mapped
+    async def GetPolicy(
+        self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Policy:
+        self._access.read(self._who(context))
+        return self._policy_pb(self._policies.version, self._policies.policy)
+
+    @_mapped
+    async def WatchPolicy(
+        self, request: pb.WatchPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.Policy]:
+        self._access.read(self._who(context))
+        watcher = self._policies.watch(request.known_version)
+        try:
+            while (update := await watcher.next()) is not None:
+                yield self._policy_pb(*update)
+        finally:
+            self._policies.release(watcher)
+
+    def _policy_pb(self, version: int, policy: Policy) -> pb.Policy:
+        rendered = self._rendered
+        if rendered is None or rendered[0] != version:
+            rendered = self._rendered = (version, policy_to_pb(policy, version))
+        return rendered[1]
 
     def _who(self, context: grpc.aio.ServicerContext[Any, Any]) -> SpiffeId | None:
         # Without TLS there is no identity to read (and no rule needs one).

@@ -34,6 +34,7 @@ _COMMANDS = {
     "health": "shoal_cli.probe_cmd:health",
     "identity": "shoal_cli.identity_cmd:identity",
     "ls": "shoal_cli.registry_ops:ls",
+    "policy": "shoal_cli.policy_cmd:policy",
     "registry": "shoal_cli.registry_cmd:registry",
     "registry-demo": "shoal_cli.registry_cmd:registry_demo",
     "sidecar": "shoal_cli.sidecar_cmd:sidecar",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from identity.authz import Policy, load_policy
 from identity.spiffe import SpiffeId
 from registry_service import RegistryConfig, RegistryServer
 from shoal_cli.errors import UserError
@@ -103,6 +104,14 @@ _DEFAULTS = RegistryConfig()
     show_default=True,
     help="Bytes the change history (for resuming watchers) may hold.",
 )
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The mesh's authorization policy until `shoal policy set` replaces it "
+    "(default: allow all; see examples/policy.yaml).",
+)
 @identity_options()
 @grace_option(5.0)
 @log_level_option()
@@ -121,6 +130,7 @@ def registry(
     max_instances_per_service: int,
     max_instances_bytes: int,
     history_bytes: int,
+    policy_file: str | None,
     identity_server: str | None,
     trust_bundle: Path | None,
     token_file: Path | None,
@@ -147,7 +157,8 @@ def registry(
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     mesh = mesh_identity(identity_server, trust_bundle, token_file)
-    asyncio.run(_run(listen, config, metrics_listen, mesh, grace))
+    policy = None if policy_file is None else load_policy(policy_file)
+    asyncio.run(_run(listen, config, metrics_listen, mesh, grace, policy=policy))
 
 
 async def _run(
@@ -156,10 +167,12 @@ async def _run(
     metrics_listen: str | None,
     mesh: MeshIdentity | None,
     grace: float,
+    *,
+    policy: Policy | None = None,
 ) -> None:
     keeper = None
     if mesh is None:
-        server = RegistryServer(listen, config, metrics_listen=metrics_listen)
+        server = RegistryServer(listen, config, metrics_listen=metrics_listen, policy=policy)
     else:
         keeper = await start_keeper(mesh, SpiffeId(mesh.trust_domain, "registry"))
         server = RegistryServer(
@@ -168,6 +181,7 @@ async def _run(
             metrics_listen=metrics_listen,
             credentials=server_credentials(keeper.current),
             trust_domain=mesh.trust_domain,
+            policy=policy,
         )
 
     def ready() -> None:
