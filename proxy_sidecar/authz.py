@@ -60,7 +60,7 @@ class PolicyWatch:
 
     def __init__(
         self,
-        rpc: Rpc,
+        rpc: Rpc | None,
         registry: str,
         *,
         trust_domain: str | None = None,
@@ -70,7 +70,8 @@ class PolicyWatch:
     ) -> None:
         """``trust_domain``: the mesh's, when known; callers of another are matched as
         callers without identity. ``initial_sync``: how long ``start`` waits for the
-        first policy."""
+        first policy. ``rpc`` may come at ``start`` instead: the sidecar's control plane
+        holds the watch before its data plane can carry calls."""
         self._rpc = rpc
         self._registry = registry
         self._trust_domain = trust_domain
@@ -96,8 +97,11 @@ class PolicyWatch:
         """The policy in force; None until the first arrives (everything is allowed)."""
         return self._state[0] if self.version else None
 
-    async def start(self) -> None:
+    async def start(self, rpc: Rpc | None = None) -> None:
         """Start watching; wait up to ``initial_sync`` seconds for the first policy."""
+        self._rpc = rpc or self._rpc
+        if self._rpc is None:
+            raise RuntimeError("PolicyWatch.start needs an Rpc")
         self._task = asyncio.create_task(self._run(), name="policy-watch")
         try:
             await asyncio.wait_for(self._received.wait(), self._initial_sync)
@@ -161,6 +165,7 @@ class PolicyWatch:
         while True:
             try:
                 request = pb.WatchPolicyRequest(known_version=self.version)
+                assert self._rpc is not None
                 async for msg in self._rpc.stream(
                     self._registry, _WATCH_POLICY, request, pb.Policy
                 ):

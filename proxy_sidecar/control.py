@@ -6,8 +6,9 @@ cluster's balancer the endpoint, outlier detection and the retry budget judge th
 outcome. ``Control`` is the data plane's ``ControlPlane`` and ``Call`` its
 ``CallControl`` (typed in ``shoal_dataplane``); it calls, from its own thread:
 
-- ``Control.begin(path, target, inbound, metadata, remaining, peer)``: route a new call;
-  an ``Admission`` (the call's ``Call``, its cluster's ``Breaker``, whether it goes
+- ``Control.begin(path, target, inbound, metadata, remaining, peer)``: authorize an
+  inbound call by the caller's SPIFFE ID (``peer``) and the mesh's policy, then route
+  the call; an ``Admission`` (the call's ``Call``, its cluster's ``Breaker``, whether it goes
   out to the mesh, the per-try timeout, and its first pick) or a ``Refusal``;
 - ``Call.pick()``: the ``Target`` of the next try, or a ``Refusal``;
 - ``Call.failed(code, replayable, elapsed)``: a try ended before the upstream
@@ -33,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from shoal_dataplane import Admission, Refusal, Target
 
+from proxy_sidecar.authz import PolicyWatch
 from proxy_sidecar.cluster import Cluster
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, RouteError, UnknownService
@@ -41,6 +43,7 @@ from proxy_sidecar.routing import Route, Router, parse_method
 from shoal_core.codes import (
     DEADLINE_EXCEEDED,
     INTERNAL,
+    PERMISSION_DENIED,
     UNAVAILABLE,
     UNIMPLEMENTED,
     ErrorCodes,
@@ -167,7 +170,12 @@ class Control:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        policy: PolicyWatch | None = None,
+        service: str | None = None,
     ) -> None:
+        """``policy`` and ``service`` (this sidecar's app's): who may call in."""
+        self._policy = policy
+        self._service = service
         self._router = router
         self._tables = tuple(tables)
         self._rng = rng or random.Random()
@@ -184,7 +192,8 @@ class Control:
         remaining: float | None,
         peer: str | None,
     ) -> Admission | Refusal:
-        """Route a new call. ``peer`` (the caller's SPIFFE ID under mTLS) is not used yet."""
+        """Route a new call; an inbound one only if the policy lets ``peer`` (the caller's
+        SPIFFE ID under mTLS; None without it) call ``path`` on our service."""
         route = self._routes.get(path)
         if route is None:
             route = parse_method(path)
@@ -197,6 +206,12 @@ class Control:
             # From another sidecar, on the mesh-facing listener: only ever to our app.
             if router.local is None:
                 return _NO_APP
+            policy = self._policy
+            if policy is not None and self._service is not None:
+                decision = policy.decide(peer, self._service, path)
+                if not decision.allowed:
+                    message = policy.denial_message(peer, self._service, path, decision)
+                    return Refusal(PERMISSION_DENIED, f"shoal: {message}")
             cluster, outbound = router.local, False
         else:
             try:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy_sidecar.authz import PolicyWatch
 from proxy_sidecar.cluster import Cluster
 from proxy_sidecar.discovery import Discovery
 
@@ -25,7 +26,9 @@ class SidecarCollector(Collector):
         clusters: Callable[[], dict[str, Cluster]],
         discovery: Discovery,
         channels: Callable[[], int],
+        policy: PolicyWatch | None = None,
     ) -> None:
+        self._policy = policy
         self._clusters = clusters
         self._discovery = discovery
         self._channels = channels
@@ -81,4 +84,23 @@ class SidecarCollector(Collector):
         )
         yield GaugeMetricFamily(
             "shoal_sidecar_channels", "Open upstream connections", self._channels()
+        )
+        if self._policy is not None:
+            yield from self._authorization(self._policy)
+
+    @staticmethod
+    def _authorization(policy: PolicyWatch) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "shoal_sidecar_inbound_denied",
+            "Inbound calls the authorization policy refused, by caller and called service "
+            '(source "" is a caller without a mesh identity)',
+            labels=["source", "destination"],
+        )
+        for (source, destination), count in sorted(policy.denied_counts().items()):
+            refused.add_metric([source, destination], count)
+        yield refused
+        yield GaugeMetricFamily(
+            "shoal_sidecar_policy_version",
+            "Version of the authorization policy in force (0: none received yet)",
+            policy.version,
         )

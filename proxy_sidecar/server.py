@@ -33,6 +33,7 @@ from shoal_dataplane import DataPlane
 
 from identity.spiffe import SpiffeId
 from protos import registry_pb2 as pb
+from proxy_sidecar.authz import PolicyWatch
 from proxy_sidecar.balancers import balancer_class
 from proxy_sidecar.config import MembershipSettings, SidecarConfig
 from proxy_sidecar.control import Control
@@ -106,6 +107,7 @@ class SidecarServer(ServiceBase):
         self._rpc: Rpc | None = None
         self._mesh = mesh
         self.tls: SidecarTls | None = None
+        self.policy: PolicyWatch | None = None
         super().__init__()
         self._registry_address = registry
         self._service = service
@@ -184,8 +186,17 @@ class SidecarServer(ServiceBase):
 
     async def start(self) -> None:
         limits = self.config.listeners
+        if self._service is not None:
+            # The control plane's reference; it follows the registry once the data plane
+            # can carry its watch (until then no inbound call can arrive: nothing is
+            # registered, and the policy's default is to allow).
+            self.policy = PolicyWatch(
+                None,
+                self._registry_address,
+                trust_domain=None if self._mesh is None else self._mesh.trust_domain,
+            )
         dataplane = DataPlane(
-            Control(self.router, self._tables),
+            Control(self.router, self._tables, policy=self.policy, service=self._service),
             idle_timeout=self.config.pool.idle_timeout,
             max_connections=limits.max_connections,
             max_streams=limits.max_streams,
@@ -208,8 +219,12 @@ class SidecarServer(ServiceBase):
                 table.subscribe(on_change)
                 on_change(table.endpoints(), ())
             await self.discovery.start(rpc)
+            if self.policy is not None:
+                await self.policy.start(rpc)
         except BaseException:
             await self.discovery.close()
+            if self.policy is not None:
+                await self.policy.close()
             if self.tls is not None:
                 await self.tls.close()
             await asyncio.to_thread(dataplane.stop, 0.0)
@@ -292,6 +307,8 @@ class SidecarServer(ServiceBase):
             # stop picking this instance before its calls are drained.
             await self.membership.drain()
         await self.discovery.close()
+        if self.policy is not None:
+            await self.policy.close()
         if dataplane is not None:
             await asyncio.to_thread(dataplane.stop, 1e9 if grace is None else grace)
         if self._rpc is not None:
@@ -348,7 +365,9 @@ class SidecarServer(ServiceBase):
 
             registry = CollectorRegistry()
             registry.register(
-                SidecarCollector(self.router.clusters, self.discovery, self._connections)
+                SidecarCollector(
+                    self.router.clusters, self.discovery, self._connections, self.policy
+                )
             )
             self._metrics = metrics_page(registry)
         return self._metrics()

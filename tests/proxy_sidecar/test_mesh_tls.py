@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from identity.authz import policy_from_data
 from identity.ca import CA, init_ca
 from identity.spiffe import SpiffeId
 from identity.tokens import create_token
@@ -24,6 +26,7 @@ from proxy_sidecar import SidecarServer
 from registry_service import RegistryServer
 from shoal_core.certifying import MeshIdentity
 from shoal_core.errors import ServerStartError
+from shoal_core.policy_wire import policy_to_pb
 from shoal_core.tls import channel_credentials, server_credentials, target_options
 from tests.mesh_identity import TD, credentials
 from tests.proxy_sidecar.conftest import FAST_REGISTRY, Echo, healthz, routable, served_by, wait_for
@@ -214,3 +217,117 @@ async def test_certificates_renewed_every_few_seconds_under_load_fail_no_call(
             assert calls > 100
             assert min(renewed) >= 4, renewed
             assert handshakes >= 20
+
+
+# --- authorization ---------------------------------------------------------------------
+
+DENY_CLIENT: dict[str, object] = {
+    "default": "allow",
+    "rules": [{"name": "no-client", "from": ["client"], "to": "echo", "action": "deny"}],
+}
+ALLOW_ALL: dict[str, object] = {"default": "allow", "rules": []}
+
+
+async def set_policy(ca: CA, registry: RegistryServer, data: dict[str, object]) -> None:
+    operator = credentials(ca, SpiffeId(TD, "operator", "ops"))
+    async with grpc.aio.secure_channel(
+        registry.address, channel_credentials(operator), options=target_options(REGISTRY)
+    ) as channel:
+        await pb_grpc.RegistryStub(channel).SetPolicy(
+            pb.SetPolicyRequest(policy=policy_to_pb(policy_from_data(data))), timeout=5
+        )
+
+
+async def test_a_denied_call_is_refused_by_the_inbound_sidecar_naming_caller_and_rule(
+    mesh: SecureMesh, ca: CA, registry: RegistryServer
+):
+    client = await mesh.start()
+    await set_policy(ca, registry, DENY_CLIENT)
+    async with grpc.aio.insecure_channel(client.address) as channel:
+        echo = Echo(channel)
+
+        async def refused() -> bool:
+            try:
+                await echo.unary(b"x", timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert exc.details() == (
+                    f"shoal: spiffe://{TD}/svc/client may not call /{SERVICE}/Unary "
+                    "on service 'echo': rule 'no-client' (deny)"
+                )
+                return True
+            return False
+
+        await wait_for(refused, timeout=5, what="the deny rule in force")
+        served_before = sum(u.total for u in mesh.upstreams)
+        for _ in range(5):
+            assert await refused()
+        assert sum(u.total for u in mesh.upstreams) == served_before  # no app saw them
+        denied = 0
+        for sidecar in mesh.sidecars:
+            assert sidecar.policy is not None
+            denied += sidecar.policy.denied_counts().get((f"spiffe://{TD}/svc/client", "echo"), 0)
+            text = await metrics_text(sidecar.admin_port)
+            assert "shoal_sidecar_inbound_denied_total{" in text
+        assert denied >= 6
+        await set_policy(ca, registry, ALLOW_ALL)
+        await wait_for(lambda: not_refused(echo), timeout=5, what="the allow in force")
+
+
+async def not_refused(echo: Echo) -> bool:
+    try:
+        await echo.unary(b"x", timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.PERMISSION_DENIED, exc
+        return False
+    return True
+
+
+async def metrics_text(port: int) -> str:
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            return str(reply.read().decode())
+
+    return await asyncio.to_thread(fetch)
+
+
+async def test_policy_changes_under_load_take_effect_within_a_second(
+    mesh: SecureMesh, ca: CA, registry: RegistryServer
+):
+    """Deny, allow, deny while four callers run: every call started more than 1 s after
+    a change has the outcome the change asked for, and nothing fails otherwise."""
+    client = await mesh.start()
+    outcomes: list[tuple[float, str]] = []
+    changes: list[tuple[float, str]] = []
+    async with grpc.aio.insecure_channel(client.address) as channel:
+        echo = Echo(channel)
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    await echo.unary(b"x", timeout=10)
+                    outcomes.append((started, "OK"))
+                except grpc.aio.AioRpcError as exc:
+                    outcomes.append((started, exc.code().name))
+
+        callers = [asyncio.create_task(load()) for _ in range(4)]
+        try:
+            flips: list[tuple[dict[str, object], str]] = [
+                (DENY_CLIENT, "PERMISSION_DENIED"),
+                (ALLOW_ALL, "OK"),
+            ]
+            for data, expect in flips * 2:
+                await asyncio.sleep(2.5)
+                changes.append((time.monotonic(), expect))
+                await set_policy(ca, registry, data)
+            await asyncio.sleep(2.5)
+        finally:
+            stop.set()
+            await asyncio.gather(*callers)
+    assert {code for _, code in outcomes} <= {"OK", "PERMISSION_DENIED"}
+    bounds = [*(at for at, _ in changes[1:]), float("inf")]
+    for (at, expect), until in zip(changes, bounds, strict=True):
+        settled = [code for started, code in outcomes if at + 1.0 < started < until]
+        assert settled and set(settled) == {expect}, (expect, len(settled))
