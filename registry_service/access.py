@@ -50,6 +50,27 @@ class Access:
         if known is not None and known.kind != "operator":
             raise PermissionDenied(f"{known} may not {action}: only operators may")
 
+    def claim(
+        self, who: SpiffeId | None, service: str, grpc_service: str, owners: set[str]
+    ) -> None:
+        """``who`` may list an instance of ``service`` as serving ``grpc_service``, which
+        instances of ``owners`` serve already, or this raises.
+
+        Sidecars route a call by its gRPC service: a caller with a valid certificate for
+        any service could otherwise draw another service's calls by claiming its gRPC
+        service, and prove its own identity to the caller's sidecar. One service serves
+        a gRPC service while it has instances; operators may overrule that.
+        """
+        known = self._known(who)
+        if known is None or known.kind == "operator":
+            return
+        taken = sorted(owners - {service})
+        if taken:
+            raise PermissionDenied(
+                f"{known} may not list {grpc_service} for service {service!r}: "
+                f"service {taken[0]!r} serves it"
+            )
+
     def write(self, who: SpiffeId | None, action: str, service: str) -> None:
         """``who`` may ``action`` an instance of ``service``, or this raises."""
         known = self._known(who)

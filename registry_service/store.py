@@ -139,6 +139,10 @@ class RegistryStore:
             found = [inst for inst in found if inst.healthy]
         return found
 
+    def grpc_owners(self, grpc_service: str) -> set[str]:
+        """The services whose instances say they serve ``grpc_service``."""
+        return {self._instances[i].spec.service for i in self._by_grpc.get(grpc_service, ())}
+
     def events_since(self, revision: int, service: str = "") -> Replay | None:
         """Events after ``revision`` up to now, read lazily in order; None when the history
         cannot bridge the gap. If it moves past a slow reader, the replay ends ``lost``."""

@@ -86,6 +86,9 @@ async def test_a_client_certificate_cannot_register_renew_or_remove_a_worker(reg
                 pb.RegisterRequest(instance=instance(1, "client", instance_id="worker-1")),
                 timeout=5,
             ),
+            "serve the worker's gRPC service": stub.Register(
+                pb.RegisterRequest(instance=instance(3, "client")), timeout=5
+            ),
             "renew the worker": stub.Heartbeat(pb.HeartbeatRequest(lease_id=lease), timeout=5),
             "deregister the worker": stub.Deregister(
                 pb.DeregisterRequest(lease_id=lease), timeout=5
