@@ -331,3 +331,102 @@ async def test_policy_changes_under_load_take_effect_within_a_second(
     for (at, expect), until in zip(changes, bounds, strict=True):
         settled = [code for started, code in outcomes if at + 1.0 < started < until]
         assert settled and set(settled) == {expect}, (expect, len(settled))
+
+
+# --- on the wire -------------------------------------------------------------------------
+
+
+class RecordingRelay:
+    """A TCP relay between two sidecars that keeps every byte it carries."""
+
+    def __init__(self) -> None:
+        self.seen = bytearray()
+        self.target = asyncio.get_running_loop().create_future()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.address = ""
+
+    async def __aenter__(self) -> RecordingRelay:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = (await self.target).rsplit(":", 1)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        except OSError:  # the worker sidecar has stopped: so does this connection
+            writer.close()
+            return
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    self.seen += data
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        pumps = [
+            asyncio.create_task(pump(reader, up_writer)),
+            asyncio.create_task(pump(up_reader, writer)),
+        ]
+        self._tasks.update(pumps)
+        await asyncio.gather(*pumps, return_exceptions=True)
+        self._tasks.difference_update(pumps)
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["mtls", "plaintext"])
+async def test_no_payload_crosses_the_mesh_hop_in_the_clear(
+    secure: bool, ca: CA, certifier: IdentityServer, tmp_path: Path
+):
+    """The app's marker goes client sidecar -> relay -> worker sidecar and back: the relay
+    sees it only when the sidecars run plaintext (which shows the relay would catch it)."""
+    marker = b"MARKER-7d1f0c-the-app-payload"
+    own = credentials(ca, REGISTRY)
+    registry = RegistryServer(
+        "127.0.0.1:0",
+        FAST_REGISTRY,
+        credentials=server_credentials(lambda: own) if secure else None,
+        trust_domain=TD if secure else None,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(registry)
+        relay = await stack.enter_async_context(RecordingRelay())
+        app = await stack.enter_async_context(Upstream("app"))
+
+        def mesh(service: str) -> MeshIdentity | None:
+            return mesh_for(ca, certifier, service) if secure else None
+
+        worker = SidecarServer(
+            "127.0.0.1:0",
+            registry.address,
+            service="echo",
+            app=app.address,
+            inbound="127.0.0.1:0",
+            advertise=relay.address,
+            mesh=mesh("echo"),
+        )
+        client = SidecarServer("127.0.0.1:0", registry.address, mesh=mesh("client"))
+        await stack.enter_async_context(worker)
+        assert worker.inbound_address is not None
+        relay.target.set_result(worker.inbound_address)
+        await stack.enter_async_context(client)
+        await wait_for(lambda: routable(client) == 1, what="the worker routable")
+        async with grpc.aio.insecure_channel(client.address) as channel:
+            reply = await Echo(channel).unary(marker, timeout=10)
+        assert marker in reply
+        assert app.total == 1
+        assert len(relay.seen) > 200  # the call went through the relay
+        assert (marker in relay.seen) is not secure
