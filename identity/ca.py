@@ -58,6 +58,8 @@ class CA:
     issuer: x509.Certificate
     issuer_key: ec.EllipticCurvePrivateKey
     bundle_pem: bytes
+    # Issuers replaced by a rotation (``identity.rotation``) whose leaves may still renew.
+    previous: tuple[x509.Certificate, ...] = ()
 
     def issue(
         self, public_key: CertificatePublicKeyTypes, who: SpiffeId, ttl: dt.timedelta = LEAF_TTL
@@ -130,14 +132,25 @@ def _ca_cert(
     issuer: x509.Name | None, path_length: int, now: dt.datetime, ttl: dt.timedelta,
     trust_domain: str,
 ) -> x509.Certificate:  # fmt: skip
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    key_id = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    # Each CA named apart (by its key): while a rotation trusts two roots of one trust
+    # domain, OpenSSL-based verifiers (grpcio's) pick a root by name and would try the
+    # wrong one.
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, f"{name} {key_id.digest.hex()[:8]}")]
+    )
     # The trust domain as a URI SAN, as SPIFFE bundles name it: how load_ca learns it.
     domain = x509.SubjectAlternativeName(
         [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
     )
+    builder = x509.CertificateBuilder()
+    if issuer is not None:
+        # And the key that signed it, so a chain is built by key, not by name alone.
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), False
+        )
     return (
-        x509.CertificateBuilder()
-        .add_extension(domain, critical=False)
+        builder.add_extension(domain, critical=False)
         .subject_name(subject)
         .issuer_name(issuer or subject)
         .public_key(key.public_key())
@@ -146,7 +159,7 @@ def _ca_cert(
         .not_valid_after(now + ttl)
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(_usage(cert_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(key_id, False)
         .sign(signer, hashes.SHA256())
     )
 
@@ -219,7 +232,15 @@ def load_ca(directory: Path) -> CA:
         trust_domain = trust_domain_of(root.public_bytes(serialization.Encoding.PEM))
     except ValueError:
         raise CAError(f"{directory}/root.crt names no trust domain: not a Shoal root") from None
-    return CA(trust_domain, root, issuer, key, bundle)
+    previous = directory / "previous" / "issuer.crt"
+    earlier: tuple[x509.Certificate, ...]
+    try:
+        earlier = (x509.load_pem_x509_certificate(previous.read_bytes()),)
+    except FileNotFoundError:
+        earlier = ()
+    except ValueError as exc:
+        raise CAError(f"{previous} is not valid PEM: {exc}") from None
+    return CA(trust_domain, root, issuer, key, bundle, earlier)
 
 
 def trust_domain_of(bundle_pem: bytes) -> str:

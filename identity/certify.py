@@ -11,18 +11,23 @@ the identity the proof gives.
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from identity.ca import CA, LEAF_TTL, CAError, Leaf
+from identity.ca import CA, LEAF_TTL, CAError, Leaf, load_ca
 from identity.spiffe import SpiffeError, SpiffeId
 from identity.tokens import TokenError, verify_token
 
 __all__ = ["BadRequest", "CertifyError", "Certifier", "NotProven", "Renewal", "spiffe_id_of"]
+
+logger = logging.getLogger(__name__)
 
 
 class CertifyError(Exception):
@@ -56,13 +61,50 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
 
 
 class Certifier:
-    """Issues leaves of ``ttl`` from ``ca`` to workloads that prove who they are."""
+    """Issues leaves of ``ttl`` from ``ca`` to workloads that prove who they are.
 
-    def __init__(self, ca: CA, ttl: dt.timedelta = LEAF_TTL) -> None:
+    Given the CA's ``directory``, it reloads the CA when its issuer or bundle changes
+    there (a rotation's step, see ``identity.rotation``): two ``stat`` calls per check.
+    """
+
+    def __init__(
+        self, ca: CA, ttl: dt.timedelta = LEAF_TTL, *, directory: Path | None = None
+    ) -> None:
         self.ca = ca
         self.ttl = ttl
+        self._directory = directory
+        self._stamp = self._files_stamp()
+
+    def _files_stamp(self) -> tuple[tuple[int, int, int], ...] | None:
+        if self._directory is None:
+            return None
+        try:
+            found = (os.stat(self._directory / n) for n in ("issuer.crt", "bundle.crt"))
+            return tuple((f.st_ino, f.st_mtime_ns, f.st_size) for f in found)
+        except FileNotFoundError:
+            return None  # mid-rotation: files are being moved; look again next time
+
+    def refresh(self) -> CA:
+        """The CA, reloaded first if its files changed."""
+        stamp = self._files_stamp()
+        if stamp is not None and stamp != self._stamp:
+            assert self._directory is not None
+            try:
+                self.ca = load_ca(self._directory)
+            except CAError as exc:
+                logger.warning("keeping the CA loaded before: %s", exc)
+                return self.ca
+            self._stamp = stamp
+            logger.info(
+                "reloaded the CA from %s: issuer %s, %d roots trusted",
+                self._directory,
+                self.ca.issuer.subject.rfc4514_string(),
+                self.ca.bundle_pem.count(b"BEGIN CERTIFICATE"),
+            )
+        return self.ca
 
     def certify(self, csr_pem: bytes, *, token: str = "", renewal: Renewal | None = None) -> Leaf:
+        self.refresh()
         if bool(token) == (renewal is not None):
             raise NotProven("send either a join token or a renewal")
         who = self._by_renewal(csr_pem, renewal) if renewal else self._by_token(token)
@@ -85,10 +127,15 @@ class Certifier:
             cert = x509.load_pem_x509_certificate(renewal.certificate_pem)
         except ValueError:
             raise refuse("not a PEM certificate") from None
-        try:
-            cert.verify_directly_issued_by(self.ca.issuer)
-        except (ValueError, TypeError, InvalidSignature):
-            raise refuse("the certificate was not issued by this mesh's CA") from None
+        # The issuer's leaves, or those of one a rotation retired: they renew into new ones.
+        for issuer in (self.ca.issuer, *self.ca.previous):
+            try:
+                cert.verify_directly_issued_by(issuer)
+                break
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+        else:
+            raise refuse("the certificate was not issued by this mesh's CA")
         now = dt.datetime.now(dt.UTC)
         if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
             raise refuse(f"the certificate expired at {cert.not_valid_after_utc:%H:%M:%SZ}")

@@ -102,13 +102,20 @@ def verify_token(ca: CA, token: str, *, now: dt.datetime | None = None) -> Claim
         raw = json.loads(_unb64(parts[1]))
     except (binascii.Error, ValueError):
         raise TokenError("not a Shoal join token") from None
-    try:
-        # The issuer's public key, typed: load_ca checked it is issuer.crt's.
-        ca.issuer_key.public_key().verify(
-            signature, f"{parts[0]}.{parts[1]}".encode(), ec.ECDSA(hashes.SHA256())
-        )
-    except InvalidSignature:
-        raise TokenError("the token was not issued by this mesh's CA") from None
+    # The issuer's key, or one a rotation retired (its tokens stay good until they expire
+    # or the rotation finishes, so a workload restarted meanwhile can still join).
+    keys = [ca.issuer_key.public_key(), *(old.public_key() for old in ca.previous)]
+    signed = f"{parts[0]}.{parts[1]}".encode()
+    for key in keys:
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            continue
+        try:
+            key.verify(signature, signed, ec.ECDSA(hashes.SHA256()))
+            break
+        except InvalidSignature:
+            continue
+    else:
+        raise TokenError("the token was not issued by this mesh's CA")
     if not isinstance(raw, dict):
         raise TokenError("not a Shoal join token")
     try:

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 
@@ -48,8 +49,11 @@ class IdentityServer(GrpcServer):
         *,
         leaf_ttl: dt.timedelta = LEAF_TTL,
         metrics_listen: str | None = None,
+        ca_dir: Path | None = None,
     ) -> None:
-        self.certifier = Certifier(ca, leaf_ttl)
+        """With ``ca_dir`` (where ``ca`` was loaded from), each step of a root rotation
+        made there is taken up as it happens."""
+        self.certifier = Certifier(ca, leaf_ttl, directory=ca_dir)
         self._own = self._issue_own()
         super().__init__(
             listen,
@@ -58,17 +62,18 @@ class IdentityServer(GrpcServer):
             credentials=server_credentials(self.credentials, require_client_cert=False),
         )
 
-    def _issue_own(self) -> tuple[Credentials, float]:
+    def _issue_own(self) -> tuple[Credentials, float, CA]:
         ca = self.certifier.ca
         key, _ = new_request()
         who = SpiffeId(ca.trust_domain, "identity")
         leaf = ca.issue(key.public_key(), who, self.certifier.ttl)
         own = Credentials(key, leaf.cert_pem + leaf.chain_pem, ca.bundle_pem)
-        return own, time.monotonic() + renew_after(leaf.cert)
+        return own, time.monotonic() + renew_after(leaf.cert), ca
 
     def credentials(self) -> Credentials:
         """The server's own leaf, renewed when it is due (asked at each handshake)."""
-        if time.monotonic() >= self._own[1]:
+        ca = self.certifier.refresh()
+        if time.monotonic() >= self._own[1] or ca is not self._own[2]:
             self._own = self._issue_own()
             logger.info("renewed the identity server's own certificate")
         return self._own[0]

@@ -92,13 +92,21 @@ async def start_keeper(mesh: MeshIdentity, expected: SpiffeId | None = None) -> 
     from shoal_core.certify_client import certify
 
     async def certify_once(held: Credentials | None) -> Credentials:
-        return await certify(
-            mesh.server,
-            bundle_pem=mesh.bundle_pem,
-            trust_domain=mesh.trust_domain,
-            token=mesh.token,
-            current=held,
-        )
+        # The newest bundle we hold: after a root rotation the identity server's own
+        # leaf chains to a root the bundle given at start-up may not have.
+        try:
+            return await certify(
+                mesh.server,
+                bundle_pem=mesh.bundle_pem if held is None else held.bundle_pem,
+                trust_domain=mesh.trust_domain,
+                token=mesh.token,
+                current=held,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if held is None:
+                raise
+            # In one line, for the keeper's log (grpcio's own text spans several).
+            raise RuntimeError(f"{exc.code().name}: {exc.details()}") from None
 
     keeper = CertificateKeeper(certify_once)
     try:
