@@ -21,6 +21,7 @@ from identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeError, SpiffeId
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from shoal_cli.errors import UserError
+from shoal_cli.operator import registry_channel
 from shoal_cli.options import json_option
 from shoal_cli.output import emit_json, say
 from shoal_cli.registry_ops import registry_option, unreachable
@@ -29,16 +30,11 @@ from shoal_core.policy_wire import policy_from_pb, policy_to_pb
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub
 
-__all__ = ["open_registry_channel", "policy"]
+__all__ = ["policy"]
 
 _METHOD_PATH = re.compile(r"/[^/\s]+/[^/\s]+")
 # Codes that say the registry could not be reached at all; any other is its answer.
 _UNREACHED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-def open_registry_channel(address: str) -> grpc.aio.Channel:
-    """The channel to the registry (in one place, so that it can become mTLS)."""
-    return grpc.aio.insecure_channel(address)
 
 
 def _refused(address: str, exc: grpc.aio.AioRpcError) -> UserError:
@@ -50,7 +46,7 @@ def _refused(address: str, exc: grpc.aio.AioRpcError) -> UserError:
 
 
 async def _set(address: str, policy: Policy) -> int:
-    async with open_registry_channel(address) as channel:
+    async with registry_channel(address) as channel:
         stub: RegistryAsyncStub = pb_grpc.RegistryStub(channel)
         try:
             reply = await stub.SetPolicy(
@@ -62,7 +58,7 @@ async def _set(address: str, policy: Policy) -> int:
 
 
 async def _get(address: str) -> tuple[int, Policy]:
-    async with open_registry_channel(address) as channel:
+    async with registry_channel(address) as channel:
         stub: RegistryAsyncStub = pb_grpc.RegistryStub(channel)
         try:
             msg = await stub.GetPolicy(pb.GetPolicyRequest(), timeout=5)

@@ -19,6 +19,7 @@ from identity.authz import policy_from_data
 from identity.ca import CA, init_ca
 from identity.spiffe import SpiffeId
 from identity.tokens import create_token
+from identity.workload import Credentials
 from identity_service.server import IdentityServer
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
@@ -142,13 +143,25 @@ async def test_a_refused_token_stops_the_start_in_one_line(mesh: SecureMesh):
         await sidecar.start()
 
 
+def rogue_credentials(kind: str, ca: CA, tmp_path: Path) -> Credentials:
+    if kind == "client's leaf":
+        return credentials(ca, "client")
+    if kind == "another CA's echo leaf":
+        return credentials(init_ca(tmp_path / "other", TD), "echo")
+    expired = credentials(ca, "echo", dt.timedelta(milliseconds=1))
+    time.sleep(1.1)  # X.509 times are whole seconds, and the last one is still valid
+    return expired
+
+
+@pytest.mark.parametrize("kind", ["client's leaf", "another CA's echo leaf", "expired echo leaf"])
 async def test_an_address_that_cannot_prove_the_services_identity_gets_no_call(
-    mesh: SecureMesh, ca: CA, registry: RegistryServer
+    kind: str, mesh: SecureMesh, ca: CA, registry: RegistryServer, tmp_path: Path
 ):
-    """A registered address held by a process with another service's certificate (a
-    rogue with a valid ``client`` leaf) is refused at the handshake: not one call."""
+    """A registered address held by a process that cannot prove it is an ``echo``
+    instance (a valid leaf of another service, one from another CA, an expired one) is
+    refused at the handshake: not one call."""
     client = await mesh.start()
-    async with TlsApp(credentials(ca, "client")) as rogue:
+    async with TlsApp(rogue_credentials(kind, ca, tmp_path)) as rogue:
         operator = credentials(ca, SpiffeId(TD, "operator", "ops"))
         async with grpc.aio.secure_channel(
             registry.address, channel_credentials(operator), options=target_options(REGISTRY)

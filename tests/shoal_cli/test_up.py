@@ -194,6 +194,31 @@ def test_work_failures_and_refusals(mesh: Mesh) -> None:
     assert gone.returncode == 2 and "unreachable" in gone.stderr
 
 
+def test_an_operator_sets_policies_and_the_mesh_follows(mesh: Mesh, tmp_path: Path) -> None:
+    """The example policy lets the client run work; one that denies it takes effect
+    with no restart, and the caller gets one line naming itself and the rule."""
+    registry, via = mesh.address("registry"), mesh.address("client-sidecar")
+    example = Path(__file__).parents[2] / "examples" / "policy.yaml"
+    deny = tmp_path / "deny.yaml"
+    deny.write_text("default: deny\nrules: []\n")
+    allow_all = tmp_path / "allow.yaml"
+    allow_all.write_text("default: allow\nrules: []\n")
+    try:
+        assert shoal("policy", "set", str(example), "--registry", registry).returncode == 0
+        time.sleep(1.0)
+        called = shoal("call", "upper", "--data", "ok", "--via", via)
+        assert (called.returncode, called.stdout) == (0, "OK"), called.stderr
+        assert shoal("policy", "set", str(deny), "--registry", registry).returncode == 0
+        time.sleep(1.0)
+        refused = shoal("call", "upper", "--data", "no", "--via", via)
+        assert refused.returncode != 0 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "spiffe://shoal.local/svc/client may not call" in refused.stderr
+        assert "the mesh default (deny)" in refused.stderr
+    finally:
+        assert shoal("policy", "set", str(allow_all), "--registry", registry).returncode == 0
+        time.sleep(1.0)
+
+
 def test_stats_reports_workers_and_sidecars(mesh: Mesh) -> None:
     shoal("call", "upper", "--data", "count me", "--via", mesh.address("client-sidecar"))
     result = shoal("stats", "--registry", mesh.address("registry"), "--json")
