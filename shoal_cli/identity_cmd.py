@@ -73,14 +73,23 @@ def token() -> None:
 @click.option("--ca", "ca_dir", type=_CA_DIR, required=True, help="The CA directory.")
 @click.option("--service", help="The one service the token admits.")
 @click.option("--registry", is_flag=True, help="Admit the registry instead of a service.")
+@click.option("--operator", metavar="NAME", help="Admit an operator (shoal ls, policy ...).")
 @click.option("--ttl", type=DURATION, default="1h", show_default=True)
-def token_create(ca_dir: Path, service: str | None, registry: bool, ttl: dt.timedelta) -> None:
+def token_create(
+    ca_dir: Path, service: str | None, registry: bool, operator: str | None, ttl: dt.timedelta
+) -> None:
     """Print a token admitting SERVICE; give it as SHOAL_TOKEN or a file, not a flag."""
-    if (service is None) == (not registry):
-        raise UserError("give either --service NAME or --registry")
+    if [service is not None, registry, operator is not None].count(True) != 1:
+        raise UserError("give exactly one of --service NAME, --registry or --operator NAME")
     try:
         ca = load_ca(ca_dir)
-        who = SpiffeId(ca.trust_domain, "registry") if registry else service or ""
+        who: SpiffeId | str
+        if registry:
+            who = SpiffeId(ca.trust_domain, "registry")
+        elif operator is not None:
+            who = SpiffeId(ca.trust_domain, "operator", operator)
+        else:
+            who = service or ""
         text, claims = create_token(ca, who, ttl)
     except (CAError, TokenError, SpiffeError) as exc:
         raise UserError(str(exc)) from None

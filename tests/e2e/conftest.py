@@ -7,17 +7,24 @@ set-up: there they fail.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from identity.ca import trust_domain_of
+from identity.workload import Credentials
+from shoal_core.certify_client import certify
+from tests.e2e.load import healthy_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_FILE = ["-f", str(ROOT / "docker-compose.yml")]
@@ -54,8 +61,50 @@ class ComposeMesh:
     env: dict[str, str]
     compose: list[str]
     registry: str
-    client: str
+    identity: str
     client_admin: str
+    # What an operator command on the host needs (set once the mesh is up): the
+    # SHOAL_* variables, and a certificate for the tests' own registry calls.
+    operator_env: dict[str, str] = field(default_factory=dict)
+    operator: Credentials | None = None
+
+    @property
+    def client(self) -> str:
+        """The client app's container, which shares its sidecar's loopback: where load runs."""
+        return self.container("client")
+
+    def healthy_workers(self) -> set[str]:
+        """The worker instances the registry routes to (asked over mTLS, as an operator)."""
+        assert self.operator is not None, "the mesh's trust was not copied out"
+        return healthy_workers(self.registry, self.operator)
+
+    def trust_out(self, into: Path) -> None:
+        """Copy the bundle and the operator's token out of the one-shot mesh-ca container
+        (the only one that mounts the operator's volume), and certify with them."""
+        mesh_ca = self.container("mesh-ca")
+        files = {
+            "bundle.crt": "/var/lib/shoal/trust/bundle.crt",
+            "operator.token": "/var/lib/shoal/tokens/operator/token",
+        }
+        for name, inside in files.items():
+            subprocess.run(
+                ["docker", "cp", f"{mesh_ca}:{inside}", str(into / name)],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+        self.operator_env = {
+            "SHOAL_IDENTITY_SERVER": self.identity,
+            "SHOAL_TRUST_BUNDLE": str(into / "bundle.crt"),
+            "SHOAL_TOKEN_FILE": str(into / "operator.token"),
+        }
+        bundle = (into / "bundle.crt").read_bytes()
+        self.operator = asyncio.run(
+            certify(
+                self.identity,
+                bundle_pem=bundle,
+                trust_domain=trust_domain_of(bundle),
+                token=(into / "operator.token").read_text().strip(),
+            )
+        )
 
     def run(
         self, *args: str, check: bool = True, files: list[str] = BASE_FILE
@@ -158,7 +207,7 @@ def image() -> str:
 def compose_mesh(image: str) -> Iterator[ComposeMesh]:
     ports = {
         name: _free_port()
-        for name in ("SHOAL_REGISTRY_PORT", "SHOAL_CLIENT_PORT", "SHOAL_CLIENT_ADMIN_PORT")
+        for name in ("SHOAL_REGISTRY_PORT", "SHOAL_IDENTITY_PORT", "SHOAL_CLIENT_ADMIN_PORT")
     }
     env = {**os.environ, "SHOAL_IMAGE": image, **{k: str(v) for k, v in ports.items()}}
     mesh = ComposeMesh(
@@ -166,11 +215,13 @@ def compose_mesh(image: str) -> Iterator[ComposeMesh]:
         env=env,
         compose=compose_command(),
         registry=f"127.0.0.1:{ports['SHOAL_REGISTRY_PORT']}",
-        client=f"127.0.0.1:{ports['SHOAL_CLIENT_PORT']}",
+        identity=f"127.0.0.1:{ports['SHOAL_IDENTITY_PORT']}",
         client_admin=f"127.0.0.1:{ports['SHOAL_CLIENT_ADMIN_PORT']}",
     )
-    try:
-        mesh.run("up", "-d")
-        yield mesh
-    finally:
-        mesh.run("down", "-v", "--remove-orphans", "-t", "10", check=False, files=ALL_FILES)
+    with tempfile.TemporaryDirectory(prefix="shoal-e2e-trust.") as trust:
+        try:
+            mesh.run("up", "-d")
+            mesh.trust_out(Path(trust))
+            yield mesh
+        finally:
+            mesh.run("down", "-v", "--remove-orphans", "-t", "10", check=False, files=ALL_FILES)

@@ -1,4 +1,4 @@
-"""Bounded Echo load against a published port, with per-instance counts from the admin page."""
+"""Bounded Echo load from inside the client pod, with per-instance counts from the admin page."""
 
 from __future__ import annotations
 
@@ -11,54 +11,99 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from identity.spiffe import SpiffeId
+from identity.workload import Credentials
 from protos import registry_pb2 as rpb
 from protos import registry_pb2_grpc as rpb_grpc
-from protos import worker_pb2 as wpb
-from protos import worker_pb2_grpc as wpb_grpc
+from shoal_core.tls import channel_credentials, target_options
 
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryStub
-    from protos.worker_pb2_grpc import WorkerAsyncStub
 
 SERVICE = "shoal.worker.v1.Worker"
 
+# Runs in the client app's container, which shares its sidecar's network namespace: the
+# sidecar's app-facing listener is on that loopback only, so the load cannot come from
+# the host. One line per call on stdout; stdin closing is the signal to stop.
+_CALLERS = """
+import asyncio, sys, threading, time
+import grpc
+from protos import worker_pb2 as wpb, worker_pb2_grpc as wpb_grpc
+
+async def main(address, callers, limit):
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    def until_eof():
+        sys.stdin.read()
+        loop.call_soon_threadsafe(stop.set)
+    threading.Thread(target=until_eof, daemon=True).start()
+    deadline = time.monotonic() + limit
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = wpb_grpc.WorkerStub(channel)
+        async def caller():
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    await stub.Echo(wpb.EchoRequest(payload=b"e2e"), timeout=10)
+                    print("ok", flush=True)
+                except grpc.aio.AioRpcError as exc:
+                    said = f"{exc.code().name}: {exc.details()}".replace(chr(10), " ")
+                    print("failed", said, flush=True)
+                await asyncio.sleep(0.01)
+        await asyncio.gather(*(caller() for _ in range(callers)))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
+"""
+
 
 class Load:
-    """Echo calls from a few concurrent callers until stopped (or a hard time limit)."""
+    """Echo calls from a few concurrent callers in ``container`` (the client app's) to
+    its sidecar on 127.0.0.1:7701, until stopped (or a hard time limit)."""
 
-    def __init__(self, address: str, *, callers: int = 4, limit: float = 120.0) -> None:
-        self._address = address
+    def __init__(self, container: str, *, callers: int = 4, limit: float = 120.0) -> None:
+        self._container = container
         self._callers = callers
         self._limit = limit
-        self._stop = asyncio.Event()
         self.ok = 0
         self.failed: list[str] = []
+        self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Load:
-        self._task = asyncio.create_task(self._run())
+        self._proc = await asyncio.create_subprocess_exec(
+            *("docker", "exec", "-i", self._container, "python", "-u", "-c", _CALLERS),
+            *("127.0.0.1:7701", str(self._callers), str(self._limit)),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self._task = asyncio.create_task(self._read(self._proc))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
+        proc, task = self._proc, self._task
+        if proc is None or task is None:
+            return
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.close()  # the callers finish the calls they are in, then exit
+        try:
+            await asyncio.wait_for(task, 60)
+            code = await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise AssertionError("the load in the client pod did not stop") from None
+        if code != 0:
+            said = (await proc.stderr.read()).decode(errors="replace")[-2000:]
+            self.failed.append(f"the load process exited {code}: {said}")
 
-    async def _run(self) -> None:
-        deadline = time.monotonic() + self._limit
-        async with grpc.aio.insecure_channel(self._address) as channel:
-            stub: WorkerAsyncStub = wpb_grpc.WorkerStub(channel)
-
-            async def caller() -> None:
-                while not self._stop.is_set() and time.monotonic() < deadline:
-                    try:
-                        await stub.Echo(wpb.EchoRequest(payload=b"e2e"), timeout=10)
-                        self.ok += 1
-                    except grpc.aio.AioRpcError as exc:
-                        self.failed.append(f"{exc.code().name}: {exc.details()}")
-                    await asyncio.sleep(0.01)
-
-            await asyncio.gather(*(caller() for _ in range(self._callers)))
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line == "ok":
+                self.ok += 1
+            else:
+                self.failed.append(line.removeprefix("failed "))
 
 
 def served(admin: str) -> dict[str, int]:
@@ -69,8 +114,12 @@ def served(admin: str) -> dict[str, int]:
     return {e["instance_id"]: int(e.get("requests") or 0) for e in endpoints}
 
 
-def healthy_workers(registry: str) -> set[str]:
-    with grpc.insecure_channel(registry) as channel:
+def healthy_workers(registry: str, operator: Credentials) -> set[str]:
+    """The worker instances ``registry`` routes to, asked over mTLS as ``operator``."""
+    expected = SpiffeId(operator.identity.trust_domain, "registry")
+    with grpc.secure_channel(
+        registry, channel_credentials(operator), options=target_options(expected)
+    ) as channel:
         stub: RegistryStub = rpb_grpc.RegistryStub(channel)
         found = stub.Discover(rpb.DiscoverRequest(service="worker"), timeout=5)
     return {i.instance_id for i in found.instances}

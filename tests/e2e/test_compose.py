@@ -1,5 +1,6 @@
 """The compose mesh under faults: crash, kill, pause, partition, registry restart,
-scale-out, teardown; and what its health checks cost.
+scale-out, teardown; what its health checks cost; and that it runs mTLS, with each
+container holding only the secrets of its role.
 
 The tests share one mesh and run in file order; each leaves it whole again.
 """
@@ -7,18 +8,21 @@ The tests share one mesh and run in file order; each leaves it whole again.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.cgroups import main_pid, short_lived_cpu, snapshot
 from tests.e2e.conftest import ALL_FILES, ComposeMesh
-from tests.e2e.load import Load, healthy_workers, served, wait_until
+from tests.e2e.load import Load, served, wait_until
 
 # Building the image (about 2 minutes on a fresh machine) counts towards the first test.
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
@@ -28,9 +32,40 @@ TTL, SWEEP = 3.0, 0.5  # docker/compose/sidecar.yaml and docker-compose.yml
 FULL_STRENGTH_WITHIN = 15.0
 
 
+# Run in the image as root (to read every file): the paths of files holding a PEM private
+# key (outside Debian's own /usr/lib and /usr/share) or a Shoal join token (anywhere).
+_SCAN = r"""
+import os, re
+KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----\s*[A-Za-z0-9+/=]{40}")
+TOKEN = re.compile(rb"shoal1\.[A-Za-z0-9_-]{40,}\.[A-Za-z0-9_-]{40,}")
+for top, dirs, files in os.walk("/"):
+    if top == "/":
+        dirs[:] = [d for d in dirs if d not in ("proc", "sys", "dev")]
+    for name in files:
+        path = os.path.join(top, name)
+        if os.path.islink(path) or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        ours = not path.startswith(("/usr/lib/", "/usr/share/"))
+        if TOKEN.search(data) or (ours and KEY.search(data)):
+            print(path)
+"""
+
+
+def test_the_image_holds_no_key_and_no_token(image: str) -> None:
+    # Every secret of the compose mesh is made at `up`, in volumes: none is built in.
+    scan = subprocess.run(
+        ["docker", "run", "--rm", "--user", "0", "--entrypoint", "python", image, "-c", _SCAN],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert scan.returncode == 0, scan.stderr[-2000:]
+    assert scan.stdout == "", scan.stdout
+
+
 async def mesh_ready(mesh: ComposeMesh, workers: set[str] = WORKERS) -> None:
     await wait_until(
-        lambda: healthy_workers(mesh.registry) == workers,
+        lambda: mesh.healthy_workers() == workers,
         120,
         f"registry to list {sorted(workers)}",
     )
@@ -63,6 +98,105 @@ async def test_calls_through_the_client_sidecar_reach_all_three(compose_mesh: Co
         "127.0.0.1:7701",
     )
     assert inside.stdout == "FROM THE CLIENT APP"
+
+
+def _files(mesh: ComposeMesh, service: str) -> set[str]:
+    """The files under /var/lib/shoal (where the trust volumes mount) that ``service`` sees."""
+    found = subprocess.run(
+        ["docker", "exec", mesh.container(service), "find", "/var/lib/shoal", "-type", "f"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    return {path.removeprefix("/var/lib/shoal/") for path in found}
+
+
+def _healthz(mesh: ComposeMesh, service: str, port: int) -> dict[str, object]:
+    """The /healthz page of ``service``, read inside its container."""
+    read = (
+        "import sys, urllib.request, urllib.error\n"
+        f"try: page = urllib.request.urlopen('http://127.0.0.1:{port}/healthz', timeout=5)\n"
+        "except urllib.error.HTTPError as exc: page = exc\n"
+        "sys.stdout.write(page.read().decode())"
+    )
+    got = subprocess.run(
+        ["docker", "exec", mesh.container(service), "python", "-c", read],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return dict(json.loads(got.stdout))
+
+
+def _operator_cli(
+    mesh: ComposeMesh, tmp: Path, *args: str, trusted: bool
+) -> subprocess.CompletedProcess[str]:
+    """``shoal ARGS`` on the host, with the operator's SHOAL_* variables or with none."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+    env["XDG_RUNTIME_DIR"] = str(tmp)  # no record of some `shoal up` to fall back on
+    if trusted:
+        env.update(mesh.operator_env)
+    return subprocess.run(
+        [sys.executable, "-m", "shoal_cli.main", *args], capture_output=True, text=True,
+        env=env, timeout=120,
+    )  # fmt: skip
+
+
+async def test_every_mesh_hop_is_mtls_and_each_container_holds_only_its_secrets(
+    compose_mesh: ComposeMesh, tmp_path: Path
+) -> None:
+    await mesh_ready(compose_mesh)
+    # An operator on the host: admitted with the token copied out of mesh-ca; refused
+    # in plaintext (the registry's port takes TLS with a mesh certificate only).
+    listed = _operator_cli(
+        compose_mesh, tmp_path, "ls", "--registry", compose_mesh.registry, "--json", trusted=True
+    )
+    assert listed.returncode == 0, listed.stderr
+    instances = {i["instance_id"] for i in json.loads(listed.stdout)["instances"]}
+    assert instances >= WORKERS, listed.stdout
+    plain = _operator_cli(
+        compose_mesh, tmp_path, "ls", "--registry", compose_mesh.registry, trusted=False
+    )
+    assert plain.returncode == 2 and "UNAVAILABLE" in plain.stderr, plain.stderr
+    # Each sidecar holds the identity of its own role.
+    assert (
+        _healthz(compose_mesh, "client-sidecar", 7702)["identity"]
+        == "spiffe://shoal.local/svc/client"
+    )
+    for n in (1, 2, 3):
+        page = _healthz(compose_mesh, f"worker{n}-sidecar", 7902)
+        assert page["identity"] == "spiffe://shoal.local/svc/worker", page
+    # A worker sidecar's mesh port takes no plaintext call, even from inside the mesh.
+    direct = compose_mesh.run(
+        "exec", "-T", "client", "shoal", "call", "upper", "--data", "x", "--via", "worker1:7900",
+        check=False,
+    )  # fmt: skip
+    assert direct.returncode != 0 and direct.stdout == "", direct.stdout
+
+    # The client sidecar's app-facing port is on its pod's loopback: no open proxy for
+    # the other containers of the network.
+    def reaches(port: int) -> bool:
+        probe = f"exec 3<>/dev/tcp/client-sidecar/{port}"
+        worker1 = compose_mesh.container("worker1")
+        tried = subprocess.run(
+            ["docker", "exec", worker1, "bash", "-c", probe], capture_output=True
+        )
+        return tried.returncode == 0
+
+    assert reaches(7702), "the probe cannot reach even the admin port"
+    assert not reaches(7701), "another container reached the client sidecar's app port"
+    # Least privilege: the CA's keys in mesh-ca and identity only (the root's in mesh-ca
+    # only), and each role's token only in that role's containers.
+    bundle = "trust/bundle.crt"
+    worker_side = {bundle, "tokens/worker/token"}
+    assert _files(compose_mesh, "identity") == {
+        "ca/bundle.crt",
+        "ca/issuer.crt",
+        "ca/issuer.key",
+        "ca/root.crt",
+    }
+    assert _files(compose_mesh, "registry") == {bundle, "tokens/registry/token"}
+    assert _files(compose_mesh, "client-sidecar") == {bundle, "tokens/client/token"}
+    for n in (1, 2, 3):
+        assert _files(compose_mesh, f"worker{n}-sidecar") == worker_side
+        assert _files(compose_mesh, f"worker{n}") == set()
+    assert _files(compose_mesh, "client") == set()
 
 
 def test_health_checks_of_an_idle_mesh_cost_a_small_share_of_a_core(
@@ -137,7 +271,7 @@ async def _back_to_full_strength(
     started = time.monotonic()
     await wait_until(lambda: _restarts(container) > restarts, 30, f"{container} to restart")
     await wait_until(lambda: _serving(container, port), 30, f"{container} to serve")
-    await wait_until(lambda: healthy_workers(mesh.registry) == WORKERS, 60, "three healthy")
+    await wait_until(lambda: mesh.healthy_workers() == WORKERS, 60, "three healthy")
     mark = served(mesh.client_admin).get(target, 0)
     await wait_until(lambda: served(mesh.client_admin).get(target, 0) > mark, 60, "its traffic")
     return time.monotonic() - started
@@ -220,7 +354,7 @@ async def test_killing_a_worker_under_load_fails_no_call(compose_mesh: ComposeMe
         subprocess.run(["docker", "kill", *victims], check=True, capture_output=True)
         killed = time.monotonic()
         await wait_until(
-            lambda: "worker@worker2:7900" not in healthy_workers(compose_mesh.registry),
+            lambda: "worker@worker2:7900" not in compose_mesh.healthy_workers(),
             30,
             "the registry to drop worker2",
         )
@@ -243,7 +377,7 @@ async def test_a_docker_killed_worker_rejoins_its_pod_and_mesh_after_up(
         await wait_until(lambda: load.ok >= 50, 30, "steady load")
         subprocess.run(["docker", "kill", compose_mesh.container("worker2")], check=True)
         await wait_until(
-            lambda: "worker@worker2:7900" not in healthy_workers(compose_mesh.registry),
+            lambda: "worker@worker2:7900" not in compose_mesh.healthy_workers(),
             30,
             "worker2 to be out",
         )
@@ -266,7 +400,7 @@ async def test_a_partitioned_worker_loses_traffic_and_regains_it(compose_mesh: C
         subprocess.run(["docker", "network", "disconnect", network, worker3], check=True)
         # Once it is ejected or lapsed, worker3 gets nothing more.
         await wait_until(
-            lambda: target not in healthy_workers(compose_mesh.registry),
+            lambda: target not in compose_mesh.healthy_workers(),
             30,
             "worker3's lease to lapse",
         )
@@ -279,7 +413,7 @@ async def test_a_partitioned_worker_loses_traffic_and_regains_it(compose_mesh: C
             ["docker", "network", "connect", "--alias", "worker3", network, worker3], check=True
         )
         await wait_until(
-            lambda: target in healthy_workers(compose_mesh.registry),
+            lambda: target in compose_mesh.healthy_workers(),
             60,
             "worker3 to register again",
         )
@@ -310,7 +444,7 @@ async def test_calls_flow_while_the_registry_restarts(compose_mesh: ComposeMesh)
         assert load.ok > mark, "no call completed while the registry restarted"
         # Every instance registers again (heartbeat -> NOT_FOUND -> register).
         await wait_until(
-            lambda: healthy_workers(compose_mesh.registry) == WORKERS,
+            lambda: compose_mesh.healthy_workers() == WORKERS,
             60,
             "every worker to be registered again",
         )

@@ -47,6 +47,16 @@ def test_ca_init_then_token_create_gives_a_token_for_that_service(tmp_path):
         assert key_body not in out
 
 
+def test_token_create_operator_admits_that_operator(tmp_path):
+    ca_dir = tmp_path / "ca"
+    assert _shoal("ca", "init", str(ca_dir)).returncode == 0
+    got = _shoal("token", "create", "--ca", str(ca_dir), "--operator", "ops", "--ttl", "2h")
+    assert got.returncode == 0, got.stderr
+    assert "spiffe://shoal.local/operator/ops" in got.stderr
+    claims = verify_token(load_ca(ca_dir), got.stdout.strip())
+    assert claims.identity == SpiffeId("shoal.local", "operator", "ops")
+
+
 def test_identity_user_errors_are_one_line_and_exit_2(tmp_path):
     ca_dir = tmp_path / "ca"
     assert _shoal("ca", "init", str(ca_dir)).returncode == 0
@@ -56,6 +66,11 @@ def test_identity_user_errors_are_one_line_and_exit_2(tmp_path):
         (("token", "create", "--ca", str(tmp_path / "none"), "--service", "w"), "holds no CA"),
         (("token", "create", "--ca", str(ca_dir), "--service", "a/b"), "service name"),
         (("token", "create", "--ca", str(ca_dir), "--service", "w", "--ttl", "soon"), "duration"),
+        (("token", "create", "--ca", str(ca_dir)), "exactly one of"),
+        (("token", "create", "--ca", str(ca_dir), "--service", "w", "--registry"), "exactly one"),
+        (("token", "create", "--ca", str(ca_dir), "--registry", "--operator", "o"), "exactly one"),
+        (("token", "create", "--ca", str(ca_dir), "--service", "w", "--operator", "o"), "exactly"),
+        (("token", "create", "--ca", str(ca_dir), "--operator", "a/b"), "operator"),
     ]
     for args, said in cases:
         got = _shoal(*args)
