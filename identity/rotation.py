@@ -61,10 +61,11 @@ def switch(directory: Path) -> None:
     previous = directory / "previous"
     previous.mkdir(mode=0o700)
     for name in _KEYS:
-        os.replace(directory / name, previous / name)
+        if (directory / name).exists():  # the root's key may be kept elsewhere (offline)
+            os.replace(directory / name, previous / name)
     # Retired keys sign nothing more: they go. The old issuer's certificate stays, to
     # check renewals of the leaves it signed.
-    (previous / "root.key").unlink()
+    (previous / "root.key").unlink(missing_ok=True)
     (previous / "issuer.key").unlink()
     for name in _KEYS:
         os.replace(nxt / name, directory / name)

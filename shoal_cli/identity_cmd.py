@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from identity import rotation
 from identity.ca import CAError, init_ca, load_ca
 from identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeError, SpiffeId
 from identity.tokens import TokenError, create_token
@@ -62,6 +63,30 @@ def ca_init(directory: Path, trust_domain: str, ttl: dt.timedelta) -> None:
         f"CA for trust domain {made.trust_domain} in {directory}: trust bundle "
         f"{directory / 'bundle.crt'}, root valid until {made.root.not_valid_after_utc:%Y-%m-%d}"
     )
+
+
+@ca.command("rotate")
+@click.argument("directory", type=_CA_DIR)
+@click.option("--begin", "step", flag_value="begin", help="Trust a next root beside this one.")
+@click.option("--switch", "step", flag_value="switch", help="Sign with the next root's issuer.")
+@click.option("--finish", "step", flag_value="finish", help="Trust the new root alone.")
+def ca_rotate(directory: Path, step: str | None) -> None:
+    """Rotate the root with no failed call: --begin, then --switch, then --finish, each at
+    least one leaf lifetime after the one before (every workload renews within one)."""
+    if step is None:
+        raise UserError("say which step: --begin, --switch or --finish")
+    try:
+        {"begin": rotation.begin, "switch": rotation.switch, "finish": rotation.finish}[step](
+            directory
+        )
+    except CAError as exc:
+        raise UserError(str(exc)) from None
+    said = {
+        "begin": "a next root is trusted beside the current one; --switch after a leaf lifetime",
+        "switch": "leaves are now signed by the new root's issuer; --finish after a leaf lifetime",
+        "finish": "only the new root is trusted; mint new join tokens",
+    }
+    click.echo(f"{directory}: {said[step]}")
 
 
 @click.group(cls=Group)
@@ -124,13 +149,19 @@ def identity(
     grace: float,
     log_level: str | None,
 ) -> None:
-    """Serve Certify: workloads trade a CSR and a join token for a certificate."""
+    """Serve Certify: workloads trade a CSR and a join token for a certificate.
+
+    Each step of `shoal ca rotate` on --ca is taken up as it is made, with no restart."""
     from identity_service.server import IdentityServer
 
     setup_logging(log_level)
     try:
         server = IdentityServer(
-            listen, load_ca(ca_dir), leaf_ttl=leaf_ttl, metrics_listen=metrics_listen
+            listen,
+            load_ca(ca_dir),
+            leaf_ttl=leaf_ttl,
+            metrics_listen=metrics_listen,
+            ca_dir=ca_dir,
         )
     except CAError as exc:
         raise UserError(str(exc)) from None

@@ -71,6 +71,8 @@ def test_identity_user_errors_are_one_line_and_exit_2(tmp_path):
         (("token", "create", "--ca", str(ca_dir), "--registry", "--operator", "o"), "exactly one"),
         (("token", "create", "--ca", str(ca_dir), "--service", "w", "--operator", "o"), "exactly"),
         (("token", "create", "--ca", str(ca_dir), "--operator", "a/b"), "operator"),
+        (("ca", "rotate", str(ca_dir)), "say which step"),
+        (("ca", "rotate", str(ca_dir), "--finish"), "not rotating"),
     ]
     for args, said in cases:
         got = _shoal(*args)
@@ -105,6 +107,38 @@ async def test_shoal_identity_certifies_a_token_holder_and_stops_on_sigterm(tmp_
         logged = proc.stderr.read()
         # The log says who was certified, never the token or a key.
         assert token not in logged and "PRIVATE KEY" not in logged
+    finally:
+        reap(proc)
+
+
+async def test_a_running_identity_server_takes_each_rotation_step_up_with_no_restart(tmp_path):
+    ca_dir = tmp_path / "ca"
+    assert _shoal("ca", "init", str(ca_dir)).returncode == 0
+    token = _shoal("token", "create", "--ca", str(ca_dir), "--service", "worker").stdout.strip()
+    proc = subprocess.Popen(
+        [*SHOAL, "identity", "--ca", str(ca_dir), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().split()[4]
+        held = await certify(
+            address, bundle_pem=(ca_dir / "bundle.crt").read_bytes(), trust_domain="shoal.local",
+            token=token,
+        )  # fmt: skip
+        first_issuer = held.leaf.issuer
+        for step, roots in (("--begin", 2), ("--switch", 2), ("--finish", 1)):
+            done = _shoal("ca", "rotate", str(ca_dir), step)
+            assert done.returncode == 0 and done.stdout.count("\n") == 1, done.stderr
+            held = await certify(
+                address, bundle_pem=held.bundle_pem, trust_domain="shoal.local", current=held
+            )
+            assert held.bundle_pem.count(b"BEGIN CERTIFICATE") == roots, step
+            assert (held.leaf.issuer == first_issuer) is (step == "--begin"), step
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
     finally:
         reap(proc)
 
