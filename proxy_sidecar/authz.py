@@ -26,7 +26,7 @@ import threading
 from identity.authz import Decision, Policy, source_label
 from identity.spiffe import SpiffeError, SpiffeId
 from protos import registry_pb2 as pb
-from proxy_sidecar.rpc import Rpc, RpcError
+from proxy_sidecar.rpc import Follower, Rpc
 from shoal_core.backoff import Attempts, Backoff
 from shoal_core.config import ConfigError
 from shoal_core.policy_wire import policy_from_pb
@@ -75,9 +75,8 @@ class PolicyWatch:
         self._rpc = rpc
         self._registry = registry
         self._trust_domain = trust_domain
-        self._attempts = Attempts(
-            backoff or Backoff(initial=0.1, maximum=5.0), rng or random.Random()
-        )
+        attempts = Attempts(backoff or Backoff(initial=0.1, maximum=5.0), rng or random.Random())
+        self._follower = Follower(registry, _WATCH_POLICY, pb.Policy, attempts, "policy watch")
         self._initial_sync = initial_sync
         self._state: tuple[Policy, dict[tuple[str | None, str, str], Decision]] = (
             _NO_POLICY,
@@ -88,9 +87,7 @@ class PolicyWatch:
         self._lock = threading.Lock()
         self._denied: dict[tuple[str, str], int] = {}
         self.version = 0
-        self.connected = False
         self.updates = 0
-        self.reconnects = 0
 
     @property
     def policy(self) -> Policy | None:
@@ -161,33 +158,21 @@ class PolicyWatch:
             self._denied[key] = self._denied.get(key, 0) + 1
 
     async def _run(self) -> None:
-        attempts = self._attempts
-        while True:
-            try:
-                request = pb.WatchPolicyRequest(known_version=self.version)
-                assert self._rpc is not None
-                async for msg in self._rpc.stream(
-                    self._registry, _WATCH_POLICY, request, pb.Policy
-                ):
-                    if not self.connected:
-                        self.connected = True
-                        if attempts.failures:
-                            logger.info("watching the policy at %s again", self._registry)
-                        attempts.succeeded()
-                    self._apply(msg)
-                reason = "the registry ended the watch"
-            except RpcError as exc:
-                reason = str(exc)
-            if self.connected or attempts.failures == 0:
-                logger.warning(
-                    "policy watch of %s broke (%s); keeping policy version %d",
-                    self._registry,
-                    reason,
-                    self.version,
-                )
-            self.connected = False
-            self.reconnects += 1
-            await asyncio.sleep(attempts.failed())
+        assert self._rpc is not None
+        await self._follower.run(
+            self._rpc,
+            lambda: pb.WatchPolicyRequest(known_version=self.version),
+            self._apply,
+            lambda: f"keeping policy version {self.version}",
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._follower.connected
+
+    @property
+    def reconnects(self) -> int:
+        return self._follower.reconnects
 
     def _apply(self, msg: pb.Policy) -> None:
         try:

@@ -17,7 +17,7 @@ import time
 from protos import registry_pb2 as pb
 from proxy_sidecar.config import DiscoverySettings
 from proxy_sidecar.endpoints import EndpointTable, InstanceInfo
-from proxy_sidecar.rpc import Rpc, RpcError
+from proxy_sidecar.rpc import Follower, Rpc
 from shoal_core.backoff import Attempts, Backoff
 
 __all__ = ["Discovery", "info_from_pb"]
@@ -61,17 +61,16 @@ class Discovery:
         self._registry = registry
         self._table = table
         self._settings = settings
-        self._attempts = Attempts(
+        attempts = Attempts(
             Backoff(initial=settings.backoff_initial, maximum=settings.backoff_max),
             rng or random.Random(),
         )
+        self._follower = Follower(registry, _WATCH, pb.WatchEvent, attempts, "registry's watch")
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
         self.revision = 0
         self.epoch = ""
-        self.connected = False
-        self.reconnects = 0
         self.events = 0
         self.last_event_at = 0.0
 
@@ -90,30 +89,20 @@ class Discovery:
 
     async def _run(self) -> None:
         assert self._rpc is not None
-        attempts = self._attempts
-        while True:
-            try:
-                watch = pb.WatchRequest(since_revision=self.revision)
-                async for event in self._rpc.stream(self._registry, _WATCH, watch, pb.WatchEvent):
-                    if not self.connected:
-                        self.connected = True
-                        if attempts.failures:
-                            logger.info("watching the registry at %s again", self._registry)
-                        attempts.succeeded()
-                    self._apply(event)
-                reason = "the registry ended the watch"
-            except RpcError as exc:
-                reason = str(exc)
-            if self.connected or attempts.failures == 0:
-                logger.warning(
-                    "watch of %s broke (%s); keeping the last %d endpoints",
-                    self._registry,
-                    reason,
-                    len(self._table.endpoints()),
-                )
-            self.connected = False
-            self.reconnects += 1
-            await asyncio.sleep(attempts.failed())
+        await self._follower.run(
+            self._rpc,
+            lambda: pb.WatchRequest(since_revision=self.revision),
+            self._apply,
+            lambda: f"keeping the last {len(self._table.endpoints())} endpoints",
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._follower.connected
+
+    @property
+    def reconnects(self) -> int:
+        return self._follower.reconnects
 
     def _apply(self, event: pb.WatchEvent) -> None:
         self.events += 1

@@ -5,21 +5,26 @@ response message, then the status, from its own thread; here they are handed to 
 event loop and turned into awaitables: ``unary`` for one reply, ``stream`` for a
 server-streaming call such as the registry's Watch. Messages are protobuf messages
 on this side; codes are gRPC's numbers (no grpcio in the sidecar's process).
+``Follower`` keeps such a stream open for good: the registry's Watch and WatchPolicy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
-from typing import TypeVar
+import logging
+from collections.abc import AsyncGenerator, Callable
+from typing import Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 from shoal_dataplane import DataPlane
 
+from shoal_core.backoff import Attempts
 from shoal_core.codes import INTERNAL, UNAVAILABLE, code_name
 
-__all__ = ["Rpc", "RpcError"]
+__all__ = ["Follower", "Rpc", "RpcError"]
+
+logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
@@ -122,3 +127,49 @@ class Rpc:
             self._open.discard(queue)
             if not ended:
                 call.cancel()
+
+
+class Follower(Generic[M]):
+    """Follows the server stream ``path`` at ``address`` for good: each message goes to
+    ``on_message``; after a break it says once what is kept (``kept()``) and opens the
+    stream again after the one backoff, with a request made afresh (``request()``), so
+    that it can resume where it stopped. Says ``what`` it follows in its logs."""
+
+    def __init__(
+        self, address: str, path: str, reply: type[M], attempts: Attempts, what: str
+    ) -> None:
+        self._address = address
+        self._path = path
+        self._reply = reply
+        self._attempts = attempts
+        self._what = what
+        self.connected = False
+        self.reconnects = 0
+
+    async def run(
+        self,
+        rpc: Rpc,
+        request: Callable[[], Message],
+        on_message: Callable[[M], None],
+        kept: Callable[[], str],
+    ) -> None:
+        attempts, address = self._attempts, self._address
+        while True:
+            try:
+                async for message in rpc.stream(address, self._path, request(), self._reply):
+                    if not self.connected:
+                        self.connected = True
+                        if attempts.failures:
+                            logger.info("following the %s at %s again", self._what, address)
+                        attempts.succeeded()
+                    on_message(message)
+                reason = "the server ended the stream"
+            except RpcError as exc:
+                reason = str(exc)
+            if self.connected or attempts.failures == 0:  # once per outage
+                logger.warning(
+                    "the %s at %s broke off (%s); %s", self._what, address, reason, kept()
+                )
+            self.connected = False
+            self.reconnects += 1
+            await asyncio.sleep(attempts.failed())

@@ -119,7 +119,7 @@ async def test_the_policy_is_followed_and_a_change_applies_within_a_second(
 async def test_the_last_policy_is_kept_through_an_outage_and_followed_after_it(
     rpc: Rpc, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="proxy_sidecar.authz")
+    caplog.set_level(logging.INFO, logger="proxy_sidecar")
     registry = RegistryServer("127.0.0.1:0", FAST_REGISTRY, policy=CLIENT_ONLY)
     await registry.start()
     address = registry.address
@@ -140,9 +140,13 @@ async def test_the_last_policy_is_kept_through_an_outage_and_followed_after_it(
             await wait_for(lambda: watch.policy == NO_EXEC, what="the restarted registry's")
             assert watch.version != held and watch.connected
             assert not watch.decide(CLIENT, "worker", EXEC).allowed
-            broke = [r for r in caplog.records if "policy watch of" in r.getMessage()]
+            broke = [
+                r
+                for r in caplog.records
+                if "the policy watch at" in r.getMessage() and "broke off" in r.getMessage()
+            ]
             assert len(broke) == 1, "each outage is said once, not once per retry"
-            assert any("watching the policy" in r.getMessage() for r in caplog.records)
+            assert any("following the policy watch at" in r.getMessage() for r in caplog.records)
     finally:
         await registry.close(grace=0)
 
