@@ -8,9 +8,14 @@ worker as the mesh runs, against two nginx and two HAProxy in a row, and two of 
 sidecar's data plane behind a control plane that decides nothing (``floor``): what the
 data plane costs whatever Python decides.
 
-Parts (``--only unary,stream,twohop,large``): unary Echo under load and one call at a
-time (h2load), memory (idle and loaded RSS), CallStream bidi (a grpc.aio load generator
-in its own process, ``streamload``), two hops, and 1 MiB / 4 MiB Echo. Each part runs
+Parts (``--only unary,stream,twohop,large,tls``): unary Echo under load and one call at
+a time (h2load), memory (idle and loaded RSS), CallStream bidi (a grpc.aio load generator
+in its own process, ``streamload``), two hops, 1 MiB / 4 MiB Echo, and TLS: two sidecars
+in a row plaintext and on mTLS (certified as ``shoal up`` does it) against two nginx in a
+row plaintext and with TLS between them (``grpc_pass grpcs://`` with a client
+certificate, ``listen ... ssl http2`` with ``ssl_verify_client on``), CPU per call of
+both proxies under load, then fresh mTLS connections a second to each mesh hop's TLS
+listener and the server's CPU per handshake (``tlsstacks``, ``tls``, ``handshakes``). Each part runs
 rounds that take the targets in turn and reports medians; ratios to direct are the
 medians of each round's ratio. CPU is the proxy's user + system time (psutil) over a
 fixed number of calls or messages, divided by them; context switches come from

@@ -20,12 +20,14 @@ from .procs import PACKAGES, missing_tools, shoal, tool
 from .report import Verdict
 from .stacks import idle_rss, one_hop, two_hop
 from .stream import stream
+from .tls import TlsPlan, tls_part
+from .tlsstacks import tls
 from .unary import UnaryPlan, memory, two_hops, unary
 from .wire import echo_message, grpc_frame
 
 __all__ = ["main"]
 
-PARTS = ("unary", "stream", "twohop", "large")
+PARTS = ("unary", "stream", "twohop", "large", "tls")
 LARGE_SIZES = (1 * MIB, 4 * MIB)
 
 
@@ -44,6 +46,7 @@ class Plan:
     twohop_calls: int
     large_rounds: int
     large_calls: dict[int, int]
+    tls: TlsPlan
 
 
 def _plan(args: argparse.Namespace, parts: set[str]) -> Plan:
@@ -69,6 +72,17 @@ def _plan(args: argparse.Namespace, parts: set[str]) -> Plan:
         twohop_calls=args.latency_calls or (300 if quick else 2000),
         large_rounds=few,
         large_calls={1 * MIB: 10, 4 * MIB: 4} if quick else {1 * MIB: 150, 4 * MIB: 40},
+        tls=TlsPlan(
+            # More, shorter rounds than unary's: the goals are ratios of stacks run
+            # seconds apart, and a busy machine drifts between them.
+            rounds=args.rounds or (1 if quick else 7),
+            calls=args.calls or (1500 if quick else 6000),
+            conns=args.connections,
+            streams=args.streams,
+            handshake_rounds=few,
+            handshakes=args.handshakes or (300 if quick else 1500),
+            threads=args.handshake_threads,
+        ),
     )
 
 
@@ -146,6 +160,17 @@ async def run(plan: Plan) -> int:
                     failed += await two_hops(
                         h2load, targets, sidecars, small, plan.twohop_rounds, plan.twohop_calls
                     )
+            if "tls" in plan.parts:
+                async with contextlib.AsyncExitStack() as stack:
+                    _step(
+                        "starting an identity server, two sidecars in a row plaintext and on "
+                        "mTLS, two nginx in a row plaintext and with TLS"
+                    )
+                    stacks = await tls(stack, tmp, worker)
+                    _step("TLS")
+                    found, bad = await tls_part(h2load, stacks, small, plan.tls)
+                    verdicts += found
+                    failed += bad
     if idle:
         verdicts.append(memory(idle, loaded, mesh_idle))
     if failed:
@@ -176,10 +201,13 @@ def main() -> int:
     parser.add_argument(
         "--only", default=",".join(PARTS), help=f"comma-separated parts (default: all of {PARTS})"
     )
-    parser.add_argument("--rounds", type=int, default=0, help="rounds for every part "
-                        "(default: 5 for unary and two hops, 3 for stream and large)")  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="rounds for every part (default: 5 for unary "
+        "and two hops, 3 for stream, large and TLS handshakes, 7 for TLS calls)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="one short round of every part")
-    parser.add_argument("--calls", type=int, default=0, help="unary calls a run (default 8000)")
+    parser.add_argument("--calls", type=int, default=0,
+                        help="unary calls a run (default 8000; tls: 6000)")  # fmt: skip
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--streams", type=int, default=16, help="concurrent streams each")
     parser.add_argument(
@@ -188,14 +216,22 @@ def main() -> int:
     parser.add_argument(
         "--stream-messages", type=int, default=0, help="CallStream messages a run (default 12000)"
     )
+    parser.add_argument(
+        "--handshakes", type=int, default=0, help="new mTLS connections a run (default 1500)"
+    )
+    parser.add_argument("--handshake-threads", type=int, default=4,
+                        help="client threads opening them")  # fmt: skip
     parser.add_argument("--time-limit", type=float, default=900.0, help="seconds for it all")
     args = parser.parse_args()
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
     if not parts or parts - set(PARTS):
         parser.error(f"--only takes a comma-separated list of {', '.join(PARTS)}")
-    if min(args.rounds, args.calls, args.latency_calls, args.stream_messages) < 0:
+    if min(args.rounds, args.calls, args.latency_calls, args.stream_messages, args.handshakes) < 0:
         parser.error("counts must not be negative")
-    needed = ["nginx", "haproxy"] + (["h2load"] if parts - {"stream"} else [])
+    if args.handshake_threads < 1:
+        parser.error("--handshake-threads must be at least 1")
+    needed = (["haproxy"] if parts - {"tls"} else []) + ["nginx"]
+    needed += ["h2load"] if parts - {"stream"} else []
     missing = missing_tools(needed)
     if missing:
         packages = " ".join(PACKAGES[name] for name in missing)

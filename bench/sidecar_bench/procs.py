@@ -57,8 +57,9 @@ http {{
     scgi_temp_path {tmp}/scgi;
     upstream echo {{ server {upstream}; keepalive 64; keepalive_requests 100000000; }}
     server {{
-        listen 127.0.0.1:{port} http2;
-        location / {{ grpc_pass grpc://echo; }}
+        listen 127.0.0.1:{port} {listen};
+        {server}
+        location / {{ grpc_pass {scheme}://echo; {location} }}
     }}
 }}
 """
@@ -92,6 +93,7 @@ class Child:
     proc: asyncio.subprocess.Process
     address: str
     log: Path
+    ready_line: str = ""
 
     @property
     def pid(self) -> int:
@@ -123,12 +125,17 @@ def _free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def process(*args: str, log: Path, ready: str | None = None) -> AsyncIterator[Child]:
-    """Run a child process, stderr to ``log``; yield it with the address from its ready
-    line; always reap it."""
+async def process(
+    *args: str, log: Path, ready: str | None = None, env: dict[str, str] | None = None
+) -> AsyncIterator[Child]:
+    """Run a child process, stderr to ``log``, with ``env`` added to the environment; yield
+    it with the address from its ready line; always reap it."""
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.PIPE, stderr=err
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=err,
+            env=None if env is None else {**os.environ, **env},
         )
     child = Child(proc, "", log)
     try:
@@ -139,6 +146,7 @@ async def process(*args: str, log: Path, ready: str | None = None) -> AsyncItera
             if match is None:
                 raise RuntimeError(f"{' '.join(args[:4])} did not start{child.why()}")
             child.address = match.group(1)
+            child.ready_line = line
         yield child
     finally:
         if proc.returncode is None:
@@ -151,10 +159,11 @@ async def process(*args: str, log: Path, ready: str | None = None) -> AsyncItera
 
 
 @contextlib.asynccontextmanager
-async def shoal(log: Path, *args: str) -> AsyncIterator[Child]:
-    """A ``shoal`` command that prints ``serving on HOST:PORT`` when ready."""
+async def shoal(log: Path, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[Child]:
+    """A ``shoal`` command that prints ``serving on HOST:PORT`` when ready; ``env`` adds
+    to its environment (the mTLS settings, which are never flags' values)."""
     cmd = [sys.executable, "-m", "shoal_cli.main", *args, "--log-level", "WARNING"]
-    async with process(*cmd, log=log, ready=r"serving on (\S+)") as child:
+    async with process(*cmd, log=log, ready=r"serving on (\S+)", env=env) as child:
         yield child
 
 
@@ -167,12 +176,23 @@ async def floor(log: Path, upstream: str) -> AsyncIterator[Child]:
 
 
 @contextlib.asynccontextmanager
-async def nginx(tmp: Path, upstream: str) -> AsyncIterator[Child]:
-    """nginx with grpc_pass to ``upstream`` (one worker; the pid is the master's)."""
+async def nginx(
+    tmp: Path, upstream: str, *, server: str = "", location: str = "", tls_upstream: bool = False
+) -> AsyncIterator[Child]:
+    """nginx with grpc_pass to ``upstream`` (one worker; the pid is the master's).
+
+    With ``server`` directives, the listener takes TLS (``ssl http2``) and they say how;
+    with ``tls_upstream``, ``grpc_pass grpcs://`` and ``location`` says how.
+    """
     tmp.mkdir()
     port = _free_port()
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, upstream=upstream, port=port))
+    conf.write_text(
+        NGINX_CONF.format(
+            tmp=tmp, upstream=upstream, port=port, listen="ssl http2" if server else "http2",
+            server=server, scheme="grpcs" if tls_upstream else "grpc", location=location,
+        )
+    )  # fmt: skip
     exe = tool("nginx") or "nginx"
     async with process(exe, "-p", str(tmp), "-c", str(conf), log=tmp.with_suffix(".log")) as child:
         child.address = f"127.0.0.1:{port}"

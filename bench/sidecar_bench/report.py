@@ -6,11 +6,11 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .measure import Run
+from .measure import Run, Usage
 
 __all__ = [
     "Verdict", "added", "by_round", "failures", "fmt", "median", "per_round", "ratios",
-    "relative_line", "round_ratios", "table", "to_cheaper",
+    "relative_line", "round_ratios", "table", "thread_shares", "to_cheaper",
 ]  # fmt: skip
 
 
@@ -104,3 +104,14 @@ def table(headers: list[str], rows: list[list[str]]) -> None:
 def failures(runs: dict[str, list[Run]]) -> list[str]:
     """``target (note)`` for every failed run: gRPC errors or missing bytes."""
     return [f"{name} ({r.note})" for name, rs in runs.items() for r in rs if not r.ok]
+
+
+def thread_shares(runs: list[Run]) -> str:
+    """Each thread's share of the process's CPU over ``runs``, by thread name."""
+    total = Usage(0.0, 0)
+    for run in runs:
+        if run.spent is not None:
+            total = total + run.spent
+    spent = sum(total.by_thread.values()) or 1.0
+    top = sorted(total.by_thread.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{name} {100 * sec / spent:.0f}%" for name, sec in top if sec > 0.01 * spent)

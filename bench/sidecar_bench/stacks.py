@@ -18,7 +18,7 @@ from .measure import Meter
 from .procs import Child, floor, haproxy, nginx, registered, shoal, wait_serving
 from .wire import SERVICE, echo_message
 
-__all__ = ["FLOOR", "Target", "idle_rss", "one_hop", "two_hop"]
+__all__ = ["FLOOR", "Target", "idle_rss", "one_hop", "ready", "two_hop"]
 
 PROBE = echo_message(64)
 FLOOR = "data plane x2"
@@ -33,13 +33,13 @@ class Target:
     meter: Meter | None
 
 
-async def _ready(targets: dict[str, tuple[Child, ...]]) -> dict[str, Target]:
+async def ready(targets: dict[str, tuple[Child, ...]]) -> dict[str, Target]:
     """Each target, once an Echo comes back whole through it; measured from then on.
 
     The meters are made after the first calls: nginx's worker exists by then, and is
     measured with its master. A target's first process is where its load goes.
     """
-    ready: dict[str, Target] = {}
+    found: dict[str, Target] = {}
     for name, children in targets.items():
         address = children[0].address
         try:
@@ -48,8 +48,8 @@ async def _ready(targets: dict[str, tuple[Child, ...]]) -> dict[str, Target]:
             why = "".join(f"; {c.log.stem}{c.why()}" for c in children)
             raise RuntimeError(f"{name} at {address} does not answer Echo{why}") from None
         meter = None if name == "direct" else Meter([c.pid for c in children])
-        ready[name] = Target(name, address, meter)
-    return ready
+        found[name] = Target(name, address, meter)
+    return found
 
 
 async def one_hop(stack: contextlib.AsyncExitStack, tmp: Path, worker: Child) -> dict[str, Target]:
@@ -65,7 +65,7 @@ async def one_hop(stack: contextlib.AsyncExitStack, tmp: Path, worker: Child) ->
     )  # fmt: skip
     ngx = await stack.enter_async_context(nginx(tmp / "nginx", upstream))
     hap = await stack.enter_async_context(haproxy(tmp / "haproxy", upstream))
-    return await _ready(
+    return await ready(
         {"direct": (worker,), "sidecar": (sidecar,), "nginx": (ngx,), "haproxy": (hap,)}
     )
 
@@ -93,7 +93,7 @@ async def two_hop(
     ngx_a = await stack.enter_async_context(nginx(tmp / "nginx-a", ngx_b.address))
     hap_b = await stack.enter_async_context(haproxy(tmp / "haproxy-b", upstream))
     hap_a = await stack.enter_async_context(haproxy(tmp / "haproxy-a", hap_b.address))
-    ready = await _ready({
+    targets = await ready({
         "direct": (worker,),
         "sidecar x2": (client_side, worker_side),
         FLOOR: (floor_a, floor_b),
@@ -104,7 +104,7 @@ async def two_hop(
         "client sidecar": Meter([client_side.pid]),
         "worker sidecar": Meter([worker_side.pid]),
     }
-    return ready, sidecars
+    return targets, sidecars
 
 
 async def idle_rss(meters: dict[str, Meter]) -> dict[str, int]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .h2load import h2load, rounds
-from .measure import MIB, Meter, Run, Usage
+from .measure import MIB, Meter
 from .report import (
     Verdict,
     added,
@@ -20,6 +20,7 @@ from .report import (
     relative_line,
     round_ratios,
     table,
+    thread_shares,
     to_cheaper,
 )
 from .stacks import FLOOR, Target
@@ -41,17 +42,6 @@ class UnaryPlan:
     streams: int
     latency_rounds: int
     latency_calls: int
-
-
-def _threads(runs: list[Run]) -> str:
-    """Each thread's share of the process's CPU over ``runs``, by thread name."""
-    total = Usage(0.0, 0)
-    for run in runs:
-        if run.spent is not None:
-            total = total + run.spent
-    spent = sum(total.by_thread.values()) or 1.0
-    top = sorted(total.by_thread.items(), key=lambda kv: -kv[1])
-    return ", ".join(f"{name} {100 * sec / spent:.0f}%" for name, sec in top if sec > 0.01 * spent)
 
 
 async def unary(
@@ -98,7 +88,7 @@ async def unary(
     proxies = {n: v for n, v in round_ratios(load).items() if n != "direct"}
     print(by_round("ratio to direct", proxies, ".2f"))
     print(by_round("CPU us/call", per_round(load, lambda r: r.cpu_us)))
-    print(f"  sidecar CPU by thread under load: {_threads(load['sidecar'])}")
+    print(f"  sidecar CPU by thread under load: {thread_shares(load['sidecar'])}")
     cpu = {n: median(load[n], lambda r: r.cpu_us) or 0.0 for n in PROXIES}
     # Like the throughput ratio: each round's sidecar over the cheaper one of that round.
     relative = to_cheaper(load, lambda r: r.cpu_us)
