@@ -192,7 +192,7 @@ async def test_an_address_that_cannot_prove_the_services_identity_gets_no_call(
 async def test_certificates_renewed_every_few_seconds_under_load_fail_no_call(
     ca: CA, registry: RegistryServer
 ):
-    """Leaves of 4 s, renewed at about 70 % of their life, for 20 s of steady calls; the
+    """Leaves of 4 s, renewed at about 70 % of their life, for a minute of steady calls; the
     client's connections are dropped every second, so new handshakes use new leaves."""
     async with identity_server(ca, dt.timedelta(seconds=4)) as certifier:
         built = SecureMesh(ca, certifier, registry)
@@ -202,7 +202,7 @@ async def test_certificates_renewed_every_few_seconds_under_load_fail_no_call(
             calls = 0
             async with grpc.aio.insecure_channel(client.address) as channel:
                 echo = Echo(channel)
-                end = time.monotonic() + 20
+                end = time.monotonic() + 60
 
                 async def load() -> None:
                     nonlocal calls
@@ -228,8 +228,8 @@ async def test_certificates_renewed_every_few_seconds_under_load_fail_no_call(
             renewed = [s.tls.keeper.renewals for s in (client, *built.sidecars) if s.tls]
             assert failures == []
             assert calls > 100
-            assert min(renewed) >= 4, renewed
-            assert handshakes >= 20
+            assert min(renewed) >= 15, renewed
+            assert handshakes >= 100
 
 
 # --- authorization ---------------------------------------------------------------------
