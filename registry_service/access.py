@@ -71,6 +71,24 @@ class Access:
                 f"service {taken[0]!r} serves it"
             )
 
+    def place(self, who: SpiffeId | None, service: str, address: str, owners: set[str]) -> None:
+        """``who`` may register an instance of ``service`` at ``address``, where instances
+        of ``owners`` are registered already, or this raises.
+
+        Sidecars expect the service's identity at each address it is registered at:
+        another service's instance at the same address would change what they expect
+        there and cut the real one off. Operators may overrule that.
+        """
+        known = self._known(who)
+        if known is None or known.kind == "operator":
+            return
+        taken = sorted(owners - {service})
+        if taken:
+            raise PermissionDenied(
+                f"{known} may not register service {service!r} at {address}: "
+                f"service {taken[0]!r} is there"
+            )
+
     def write(self, who: SpiffeId | None, action: str, service: str) -> None:
         """``who`` may ``action`` an instance of ``service``, or this raises."""
         known = self._known(who)

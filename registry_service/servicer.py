@@ -104,11 +104,12 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         if held is not None and held.spec.service != spec.service:
             # Re-registering another service's instance id would take it out of the mesh.
             self._access.write(who, "replace", held.spec.service)
+        replaced = None if held is None else held.spec.service  # (by an operator)
         for grpc_service in spec.grpc_services:
-            owners = self._store.grpc_owners(grpc_service)
-            if held is not None and held.spec.service != spec.service:
-                owners.discard(held.spec.service)  # the instance replaced (by an operator)
+            owners = self._store.grpc_owners(grpc_service) - {replaced}
             self._access.claim(who, spec.service, grpc_service, owners)
+        owners = self._store.address_owners(spec.address) - {replaced}
+        self._access.place(who, spec.service, spec.address, owners)
         status = status_from_pb("instance.status", request.instance.status)
         if request.ttl_ms > MAX_TTL_MS:
             raise InvalidArgument("ttl_ms", f"{request.ttl_ms} is out of range 0..{MAX_TTL_MS}")

@@ -80,6 +80,7 @@ class RegistryStore:
         self._lapsed_at: dict[str, float] = {}
         self._by_service: dict[str, set[str]] = collections.defaultdict(set)
         self._by_grpc: dict[str, set[str]] = collections.defaultdict(set)
+        self._by_address: dict[str, set[str]] = collections.defaultdict(set)
         self._revision = time.time_ns() // 1000
         self.history = History(max_events=config.history_size, max_bytes=config.history_bytes)
         # The retained_bytes() of every registered spec, bounded by max_instances_bytes.
@@ -143,6 +144,10 @@ class RegistryStore:
         """The services whose instances say they serve ``grpc_service``."""
         return {self._instances[i].spec.service for i in self._by_grpc.get(grpc_service, ())}
 
+    def address_owners(self, address: str) -> set[str]:
+        """The services with an instance registered at ``address``."""
+        return {self._instances[i].spec.service for i in self._by_address.get(address, ())}
+
     def events_since(self, revision: int, service: str = "") -> Replay | None:
         """Events after ``revision`` up to now, read lazily in order; None when the history
         cannot bridge the gap. If it moves past a slow reader, the replay ends ``lost``."""
@@ -186,6 +191,7 @@ class RegistryStore:
         self._by_service[spec.service].add(spec.instance_id)
         for name in spec.grpc_services:
             self._by_grpc[name].add(spec.instance_id)
+        self._by_address[spec.address].add(spec.instance_id)
         self.stats.registrations += 1
         return self._publish(EventKind.UPSERT, Instance(spec, lease.lease_id, ttl, status))
 
@@ -289,6 +295,10 @@ class RegistryStore:
             ids.discard(spec.instance_id)
             if not ids:
                 del self._by_grpc[name]
+        at = self._by_address[spec.address]
+        at.discard(spec.instance_id)
+        if not at:
+            del self._by_address[spec.address]
         if publish:
             self._publish(EventKind.REMOVE, inst)
 

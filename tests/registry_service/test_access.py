@@ -89,6 +89,14 @@ async def test_a_client_certificate_cannot_register_renew_or_remove_a_worker(reg
             "serve the worker's gRPC service": stub.Register(
                 pb.RegisterRequest(instance=instance(3, "client")), timeout=5
             ),
+            "register at the worker's address": stub.Register(
+                pb.RegisterRequest(
+                    instance=instance(
+                        4, "client", address="127.0.0.1:10001", grpc_services=["x.Client"]
+                    )
+                ),
+                timeout=5,
+            ),
             "renew the worker": stub.Heartbeat(pb.HeartbeatRequest(lease_id=lease), timeout=5),
             "deregister the worker": stub.Deregister(
                 pb.DeregisterRequest(lease_id=lease), timeout=5
