@@ -8,17 +8,28 @@ reference however slow its reader). Versions are the wall-clock microsecond of t
 change, or one more than the last if the clock has not moved on, so a restarted
 registry does not reuse a version: a sidecar resuming with the version it holds is
 sent nothing only if it really holds the current policy.
+
+Given a file to keep it in (``shoal registry --state-dir``), the store reads the policy
+from it at start and rewrites it (whole, then renamed) at each change: a restarted
+registry must not fall back to allowing everything, which every sidecar would follow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from identity.authz import Policy
+import yaml
+
+from identity.authz import Policy, load_policy
 
 __all__ = ["PolicyStore", "PolicyWatcher"]
+
+logger = logging.getLogger(__name__)
 
 
 def _wall_microseconds() -> int:
@@ -56,9 +67,19 @@ class PolicyStore:
     """The current policy and its version; ``watch`` gives each change to a watcher."""
 
     def __init__(
-        self, policy: Policy | None = None, *, clock: Callable[[], int] = _wall_microseconds
+        self,
+        policy: Policy | None = None,
+        *,
+        clock: Callable[[], int] = _wall_microseconds,
+        keep: Path | None = None,
     ) -> None:
+        """``policy`` until one is set; with ``keep``, the one kept there wins (the
+        newest an operator set), and each change is written there."""
         self._clock = clock
+        self._keep = keep
+        if keep is not None and keep.exists():
+            policy = load_policy(keep)  # ConfigError, one line, if it was tampered with
+            logger.info("authorization policy from %s: %d rules", keep, len(policy.rules))
         self._policy = policy or Policy()
         self._version = clock()
         self._watchers: set[PolicyWatcher] = set()
@@ -77,12 +98,26 @@ class PolicyStore:
         return len(self._watchers)
 
     def set(self, policy: Policy) -> int:
-        """Replace the policy; its new version."""
+        """Replace the policy (kept first, if kept: a change that cannot be kept is not
+        made, and ``OSError`` says why); its new version."""
+        if self._keep is not None:
+            self._write(policy)
         self._version = max(self._version + 1, self._clock())
         self._policy = policy
         for watcher in self._watchers:
             watcher.offer(self._version, policy)
         return self._version
+
+    def _write(self, policy: Policy) -> None:
+        assert self._keep is not None
+        staged = self._keep.with_name(self._keep.name + ".new")
+        text = yaml.safe_dump(policy.to_data(), sort_keys=False)
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(staged, self._keep)
 
     def watch(self, known_version: int = 0) -> PolicyWatcher:
         """A watcher that is first offered the current policy, unless it holds

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -89,11 +90,13 @@ class RegistryServer(GrpcServer):
         credentials: grpc.ServerCredentials | None = None,
         trust_domain: str | None = None,
         policy: Policy | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         """``credentials`` (mTLS, see ``shoal_core.tls``) and ``trust_domain`` go together:
         with them every call is authorized by the caller's certificate (``access``).
         ``policy``: the mesh's authorization policy until an operator sets another
-        (default: allow everything)."""
+        (default: allow everything). ``state_dir``: where what must outlive a restart is
+        kept (the policy an operator set, as ``policy.yaml``)."""
         if (credentials is None) != (trust_domain is None):
             raise ValueError("credentials and trust_domain go together")
         self.config = config or RegistryConfig()
@@ -104,7 +107,11 @@ class RegistryServer(GrpcServer):
             credentials=credentials,
         )
         self.store = RegistryStore(self.config)
-        self.policies = PolicyStore(policy)
+        keep = None
+        if state_dir is not None:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            keep = state_dir / "policy.yaml"
+        self.policies = PolicyStore(policy, keep=keep)
         self.servicer = RegistryServicer(
             self.store,
             progress_interval=self.config.watch_progress_interval,

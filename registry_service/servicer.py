@@ -252,7 +252,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             policy = policy_from_pb(request.policy)
         except ConfigError as exc:
             raise InvalidArgument("policy", "; ".join(exc.problems)) from exc
-        version = self._policies.set(policy)
+        try:
+            version = self._policies.set(policy)
+        except OSError as exc:
+            raise RegistryError(f"the policy could not be kept ({exc}); it is unchanged") from None
         logger.info(
             "authorization policy %d set: %d rules, default %s",
             version,

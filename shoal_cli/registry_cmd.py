@@ -112,6 +112,13 @@ _DEFAULTS = RegistryConfig()
     help="The mesh's authorization policy until `shoal policy set` replaces it "
     "(default: allow all; see examples/policy.yaml).",
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where to keep what must outlive a restart (the policy an operator set); "
+    "without it a restarted registry starts from --policy.",
+)
 @identity_options()
 @grace_option(5.0)
 @log_level_option()
@@ -131,6 +138,7 @@ def registry(
     max_instances_bytes: int,
     history_bytes: int,
     policy_file: str | None,
+    state_dir: Path | None,
     identity_server: str | None,
     trust_bundle: Path | None,
     token_file: Path | None,
@@ -158,7 +166,9 @@ def registry(
         raise UserError(str(exc)) from exc
     mesh = mesh_identity(identity_server, trust_bundle, token_file)
     policy = None if policy_file is None else load_policy(policy_file)
-    asyncio.run(_run(listen, config, metrics_listen, mesh, grace, policy=policy))
+    asyncio.run(
+        _run(listen, config, metrics_listen, mesh, grace, policy=policy, state_dir=state_dir)
+    )
 
 
 async def _run(
@@ -169,10 +179,13 @@ async def _run(
     grace: float,
     *,
     policy: Policy | None = None,
+    state_dir: Path | None = None,
 ) -> None:
     keeper = None
     if mesh is None:
-        server = RegistryServer(listen, config, metrics_listen=metrics_listen, policy=policy)
+        server = RegistryServer(
+            listen, config, metrics_listen=metrics_listen, policy=policy, state_dir=state_dir
+        )
     else:
         keeper = await start_keeper(mesh, SpiffeId(mesh.trust_domain, "registry"))
         server = RegistryServer(
@@ -182,6 +195,7 @@ async def _run(
             credentials=server_credentials(keeper.current),
             trust_domain=mesh.trust_domain,
             policy=policy,
+            state_dir=state_dir,
         )
 
     def ready() -> None:

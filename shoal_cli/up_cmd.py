@@ -144,6 +144,7 @@ def up(
             mesh_file=mesh_path,
             sections=sections,
             trust=trust,
+            state_dir=log_dir / "registry-state",
         )
     except PortInUse as exc:
         raise UserError(str(exc)) from None

@@ -131,9 +131,11 @@ def plan_mesh(
     mesh_file: Path | None,
     sections: Mapping[str, Mapping[str, Any]],
     trust: MeshTrust | None = None,
+    state_dir: Path | None = None,
 ) -> MeshPlan:
     """Lay out a mesh of ``workers`` workers, each behind its own sidecar; with ``trust``,
-    an identity server too, and every mesh hop on mTLS."""
+    an identity server too, and every mesh hop on mTLS; the registry keeps what must
+    outlive its restarts (the policy an operator set) in ``state_dir``."""
     ports = _ports(base_port, workers)
     host = "127.0.0.1"
     registry = f"{host}:{ports['registry'][0]}"
@@ -161,7 +163,14 @@ def plan_mesh(
     registry_spec = ChildSpec(
         name="registry",
         restart=restart,
-        argv=[*SHOAL, "registry", "--listen", registry, *mesh_config],
+        argv=[
+            *SHOAL,
+            "registry",
+            "--listen",
+            registry,
+            *mesh_config,
+            *(["--state-dir", str(state_dir)] if state_dir is not None else []),
+        ],
         env=env("registry"),
     )
     worker_specs, sidecar_specs, worker_addrs, admins = [], [], [], []

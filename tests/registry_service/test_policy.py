@@ -21,6 +21,7 @@ from protos import registry_pb2_grpc as pb_grpc
 from registry_service import RegistryServer
 from registry_service.access import Access, PermissionDenied, Unauthenticated
 from registry_service.policy_store import PolicyStore
+from shoal_core.config import ConfigError
 from shoal_core.policy_wire import policy_from_pb, policy_to_pb
 from shoal_core.tls import channel_credentials, server_credentials, target_options
 from tests.mesh_identity import TD, credentials
@@ -133,6 +134,24 @@ async def test_the_registry_starts_with_the_policy_it_is_given() -> None:
         async with grpc.aio.insecure_channel(registry.address) as channel:
             got = await pb_grpc.RegistryStub(channel).GetPolicy(pb.GetPolicyRequest(), timeout=5)
     assert policy_from_pb(got) == CLIENT_ONLY
+
+
+async def test_a_registry_with_a_state_dir_keeps_the_policy_set_across_a_restart(
+    tmp_path,
+) -> None:
+    """Without it a restarted registry would hand every sidecar "allow everything"."""
+    state = tmp_path / "state"
+    async with RegistryServer("127.0.0.1:0", FAST, state_dir=state) as registry:
+        async with grpc.aio.insecure_channel(registry.address) as channel:
+            await _set(pb_grpc.RegistryStub(channel), CLIENT_ONLY)
+    assert oct((state / "policy.yaml").stat().st_mode & 0o777) == "0o600"
+    async with RegistryServer("127.0.0.1:0", FAST, policy=DENY_ALL, state_dir=state) as again:
+        async with grpc.aio.insecure_channel(again.address) as channel:
+            got = await pb_grpc.RegistryStub(channel).GetPolicy(pb.GetPolicyRequest(), timeout=5)
+    assert policy_from_pb(got) == CLIENT_ONLY  # the kept one, not the start-up default
+    (state / "policy.yaml").write_text("default: perhaps\n")
+    with pytest.raises(ConfigError, match="policy.yaml"):
+        RegistryServer("127.0.0.1:0", FAST, state_dir=state)
 
 
 def test_a_slow_watcher_holds_only_the_newest_policy() -> None:

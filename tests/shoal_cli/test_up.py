@@ -214,6 +214,16 @@ def test_an_operator_sets_policies_and_the_mesh_follows(mesh: Mesh, tmp_path: Pa
         assert refused.returncode != 0 and refused.stderr.count("\n") == 1, refused.stderr
         assert "spiffe://shoal.local/svc/client may not call" in refused.stderr
         assert "the mesh default (deny)" in refused.stderr
+        # A registry that crashes comes back with the policy set, not "allow everything".
+        os.kill(int(mesh.rows["registry"]["PID"]), signal.SIGKILL)
+        wait_for_text(mesh.stderr_path, "registry restarted")
+        deadline = time.monotonic() + 30
+        while shoal("ls", "--registry", registry).stdout.count("healthy") < 2:
+            assert time.monotonic() < deadline, "workers back in the restarted registry"
+            time.sleep(0.5)
+        time.sleep(1.0)
+        again = shoal("call", "upper", "--data", "no", "--via", via)
+        assert "the mesh default (deny)" in again.stderr, again.stderr
     finally:
         assert shoal("policy", "set", str(allow_all), "--registry", registry).returncode == 0
         time.sleep(1.0)
