@@ -38,6 +38,7 @@ from proxy_sidecar.authz import PolicyWatch
 from proxy_sidecar.cluster import Cluster
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, RouteError, UnknownService
+from proxy_sidecar.golden import GoldenStats, Series
 from proxy_sidecar.reflect import answer as reflection_answer
 from proxy_sidecar.routing import Route, Router, parse_method
 from shoal_core.codes import (
@@ -67,6 +68,13 @@ def route_refusal(exc: RouteError) -> Refusal:
     return Refusal(_ROUTE_CODES(exc), str(exc))
 
 
+def _refused(series: Series, refusal: Refusal) -> Refusal:
+    """A call refused before it went anywhere still counts, with its status."""
+    series.started()
+    series.finished(refusal.code, 0.0)
+    return refusal
+
+
 class Call:
     """One forwarded call's tries: endpoint choice, retry decisions, and its outcome."""
 
@@ -80,6 +88,8 @@ class Call:
         "_tried",
         "_at",
         "_now",
+        "_series",
+        "_started",
     )
 
     def __init__(
@@ -91,7 +101,9 @@ class Call:
         *,
         rng: random.Random,
         clock: Callable[[], float],
+        series: Series | None = None,
     ) -> None:
+        """``series``: where the call's golden metrics go (see ``golden``)."""
         self.cluster = cluster
         self._method = method
         self._key = key
@@ -107,6 +119,10 @@ class Call:
         cluster.requests += 1
         cluster.budget.record_request(now)
         self._now: float | None = now
+        self._started = now
+        self._series = series
+        if series is not None:
+            series.started()
 
     def pick(self) -> Target | Refusal:
         """The next try's endpoint (another than those tried when possible)."""
@@ -158,6 +174,8 @@ class Call:
             if latency is not None:
                 self.cluster.record(endpoint, True, latency)
         self.cluster.count(code)
+        if self._series is not None:
+            self._series.finished(code, self._clock() - self._started)
 
 
 class Control:
@@ -174,6 +192,8 @@ class Control:
         service: str | None = None,
     ) -> None:
         """``policy`` and ``service`` (this sidecar's app's): who may call in."""
+        self.golden = GoldenStats()
+        self._series: dict[tuple[str, bool], Series] = {}
         self._policy = policy
         self._service = service
         self._router = router
@@ -201,6 +221,11 @@ class Control:
                 return _MALFORMED
             if len(self._routes) < _MAX_CACHED_ROUTES:
                 self._routes[path] = route
+        series = self._series.get((path, inbound))
+        if series is None:
+            series = self.golden.series(inbound, route.service, route.method)
+            if len(self._series) < _MAX_CACHED_ROUTES:
+                self._series[(path, inbound)] = series
         router = self._router
         if inbound:
             # From another sidecar, on the mesh-facing listener: only ever to our app.
@@ -211,13 +236,13 @@ class Control:
                 decision = policy.decide(peer, self._service, path)
                 if not decision.allowed:
                     message = policy.denial_message(peer, self._service, path, decision)
-                    return Refusal(PERMISSION_DENIED, f"shoal: {message}")
+                    return _refused(series, Refusal(PERMISSION_DENIED, f"shoal: {message}"))
             cluster, outbound = router.local, False
         else:
             try:
                 cluster = router.cluster(target or route.service)
             except RouteError as exc:
-                return route_refusal(exc)
+                return _refused(series, route_refusal(exc))
             outbound = True
         key: str | None = None
         if cluster.hash_key is not None:
@@ -225,7 +250,9 @@ class Control:
                 if name == cluster.hash_key:
                     key = value
                     break
-        call = Call(cluster, route.method, key, remaining, rng=self._rng, clock=self._clock)
+        call = Call(
+            cluster, route.method, key, remaining, rng=self._rng, clock=self._clock, series=series
+        )
         first = call.pick()
         try:
             return Admission(call, cluster.breaker, outbound, cluster.per_try_timeout, first)

@@ -2,18 +2,27 @@
 
 The forwarding path only bumps plain integers; this collector turns them into
 metric families when ``/metrics`` is scraped, so a call pays nothing for metrics.
+The golden ones (requests, their duration, in flight; ``golden``) are per direction,
+gRPC service and method; the rest are per cluster (the gRPC service called out to).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from proxy_sidecar.authz import PolicyWatch
 from proxy_sidecar.cluster import Cluster
 from proxy_sidecar.discovery import Discovery
+from proxy_sidecar.golden import GoldenStats
+from shoal_core.codes import code_name
 
 __all__ = ["SidecarCollector"]
 
@@ -27,18 +36,30 @@ class SidecarCollector(Collector):
         discovery: Discovery,
         channels: Callable[[], int],
         policy: PolicyWatch | None = None,
+        golden: GoldenStats | None = None,
+        handshakes: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
+        """``handshakes``: TLS handshakes completed and failed, both directions."""
+        self._golden = golden
+        self._handshakes = handshakes
         self._policy = policy
         self._clusters = clusters
         self._discovery = discovery
         self._channels = channels
 
     def collect(self) -> Iterator[Metric]:
-        calls = CounterMetricFamily(
-            "shoal_sidecar_calls",
-            "Calls forwarded, by gRPC service and status",
-            labels=["service", "code"],
-        )
+        if self._golden is not None:
+            yield from _golden(self._golden)
+        if self._handshakes is not None:
+            done, failed = self._handshakes()
+            handshakes = CounterMetricFamily(
+                "shoal_sidecar_tls_handshakes",
+                "mTLS handshakes of the mesh hop, both directions, by result",
+                labels=["result"],
+            )
+            handshakes.add_metric(["ok"], done)
+            handshakes.add_metric(["failed"], failed)
+            yield handshakes
         retries = CounterMetricFamily("shoal_sidecar_retries", "Retries sent", labels=["service"])
         denied = CounterMetricFamily(
             "shoal_sidecar_retries_denied",
@@ -62,8 +83,6 @@ class SidecarCollector(Collector):
             labels=["service", "endpoint"],
         )
         for name, cluster in self._clusters().items():
-            for code, count in cluster.code_counts().items():
-                calls.add_metric([name, code], count)
             retries.add_metric([name], cluster.retries)
             denied.add_metric([name], cluster.budget.denied)
             rejected.add_metric([name], cluster.breaker.rejected)
@@ -71,7 +90,7 @@ class SidecarCollector(Collector):
             panic.add_metric([name], int(cluster.panic))
             for endpoint in cluster.members():
                 in_flight.add_metric([name, endpoint.instance_id], endpoint.in_flight)
-        yield from (calls, retries, denied, rejected, ejected, panic, in_flight)
+        yield from (retries, denied, rejected, ejected, panic, in_flight)
         yield GaugeMetricFamily(
             "shoal_sidecar_registry_connected",
             "1 while the registry watch is up",
@@ -104,3 +123,34 @@ class SidecarCollector(Collector):
             "Version of the authorization policy in force (0: none received yet)",
             policy.version,
         )
+
+
+def _golden(golden: GoldenStats) -> Iterator[Metric]:
+    labels = ["direction", "service", "method"]
+    requests = CounterMetricFamily(
+        "shoal_sidecar_requests",
+        "Calls that ended, by direction (inbound: to our app; outbound: into the mesh), "
+        "gRPC service, method and status",
+        labels=[*labels, "code"],
+    )
+    duration = HistogramMetricFamily(
+        "shoal_sidecar_request_duration_seconds",
+        "Time from a call's admission to its end, by direction, gRPC service and method",
+        labels=labels,
+    )
+    in_flight: dict[tuple[str, str], int] = {}
+    for key, series in golden.items():
+        for code, count in sorted(series.codes.items()):
+            requests.add_metric([*key, code_name(code)], count)
+        duration.add_metric(list(key), series.cumulative(), series.sum)
+        pair = (key[0], key[1])
+        in_flight[pair] = in_flight.get(pair, 0) + series.in_flight
+    yield from (requests, duration)
+    flying = GaugeMetricFamily(
+        "shoal_sidecar_requests_in_flight",
+        "Calls under way, by direction and gRPC service",
+        labels=["direction", "service"],
+    )
+    for pair, count in sorted(in_flight.items()):
+        flying.add_metric(list(pair), count)
+    yield flying

@@ -108,6 +108,7 @@ class SidecarServer(ServiceBase):
         self._mesh = mesh
         self.tls: SidecarTls | None = None
         self.policy: PolicyWatch | None = None
+        self.control: Control | None = None
         super().__init__()
         self._registry_address = registry
         self._service = service
@@ -155,6 +156,12 @@ class SidecarServer(ServiceBase):
             return None
         return dial_address(self._inbound_listen, self._inbound_port)
 
+    def _handshakes(self) -> tuple[int, int]:
+        dataplane = self.dataplane
+        if dataplane is None:
+            return (0, 0)
+        return dataplane.handshakes(), dataplane.handshake_failures()
+
     def _connections(self) -> int:
         return 0 if self.dataplane is None else self.dataplane.connections()
 
@@ -195,8 +202,9 @@ class SidecarServer(ServiceBase):
                 self._registry_address,
                 trust_domain=None if self._mesh is None else self._mesh.trust_domain,
             )
+        self.control = Control(self.router, self._tables, policy=self.policy, service=self._service)
         dataplane = DataPlane(
-            Control(self.router, self._tables, policy=self.policy, service=self._service),
+            self.control,
             idle_timeout=self.config.pool.idle_timeout,
             max_connections=limits.max_connections,
             max_streams=limits.max_streams,
@@ -366,7 +374,12 @@ class SidecarServer(ServiceBase):
             registry = CollectorRegistry()
             registry.register(
                 SidecarCollector(
-                    self.router.clusters, self.discovery, self._connections, self.policy
+                    self.router.clusters,
+                    self.discovery,
+                    self._connections,
+                    self.policy,
+                    golden=None if self.control is None else self.control.golden,
+                    handshakes=self._handshakes,
                 )
             )
             self._metrics = metrics_page(registry)

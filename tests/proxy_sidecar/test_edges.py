@@ -90,7 +90,10 @@ async def test_admin_endpoints(make_mesh):
     assert {"state", "in_flight", "ewma_ms", "ejected"} <= set(data["endpoints"][0])
     assert data["codes"]["OK"] == 5
     status, body = await _get(port, "/metrics")
-    assert b'shoal_sidecar_calls_total{code="OK",service="test.Echo"} 5.0' in body
+    assert (
+        b'shoal_sidecar_requests_total{code="OK",direction="outbound",method="Unary",'
+        b'service="test.Echo"} 5.0'
+    ) in body
 
 
 def test_bad_settings_are_refused(registry):

@@ -282,6 +282,8 @@ async def test_a_denied_call_is_refused_by_the_inbound_sidecar_naming_caller_and
             denied += sidecar.policy.denied_counts().get((f"spiffe://{TD}/svc/client", "echo"), 0)
             text = await metrics_text(sidecar.admin_port)
             assert "shoal_sidecar_inbound_denied_total{" in text
+            # ... and among its requests, with their status.
+            assert 'code="PERMISSION_DENIED",direction="inbound"' in text
         assert denied >= 6
         await set_policy(ca, registry, ALLOW_ALL)
         await wait_for(lambda: not_refused(echo), timeout=5, what="the allow in force")
