@@ -15,17 +15,14 @@ path is no gRPC path is never admitted, so it is not counted here.
 
 from __future__ import annotations
 
-import bisect
 import threading
 from collections.abc import Iterator
 
+from shoal_core.metrics import LATENCY_BUCKETS, Histogram
+
 __all__ = ["BUCKETS", "GoldenStats", "Series"]
 
-# Seconds: 100 us to 10 s, about three buckets a decade.
-BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+BUCKETS = LATENCY_BUCKETS  # 100 us to 10 s, about three buckets a decade
 MAX_SERVICES = 64
 MAX_METHODS = 64
 OTHER = "other"
@@ -34,14 +31,11 @@ OTHER = "other"
 class Series:
     """One (direction, service, method): calls by status code, their durations."""
 
-    __slots__ = ("buckets", "codes", "count", "in_flight", "sum")
+    __slots__ = ("codes", "duration", "in_flight")
 
     def __init__(self) -> None:
         self.codes: dict[int, int] = {}
-        # One more than BUCKETS: the last counts what is over 10 s (+Inf).
-        self.buckets = [0] * (len(BUCKETS) + 1)
-        self.count = 0
-        self.sum = 0.0
+        self.duration = Histogram(BUCKETS)  # counted from the data plane's thread only
         self.in_flight = 0
 
     def started(self) -> None:
@@ -50,17 +44,7 @@ class Series:
     def finished(self, code: int, seconds: float) -> None:
         self.in_flight -= 1
         self.codes[code] = self.codes.get(code, 0) + 1
-        self.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.count += 1
-        self.sum += seconds
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        """Prometheus' cumulative buckets, ``le`` as text, ending with ``+Inf``."""
-        out, total = [], 0
-        for bound, hits in zip((*map(str, BUCKETS), "+Inf"), self.buckets, strict=True):
-            total += hits
-            out.append((bound, total))
-        return out
+        self.duration.observe(seconds)
 
 
 class GoldenStats:

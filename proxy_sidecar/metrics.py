@@ -10,12 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy_sidecar.authz import PolicyWatch
@@ -23,6 +18,7 @@ from proxy_sidecar.cluster import Cluster
 from proxy_sidecar.discovery import Discovery
 from proxy_sidecar.golden import GoldenStats
 from shoal_core.codes import code_name
+from shoal_core.metrics import histogram_family
 
 __all__ = ["SidecarCollector"]
 
@@ -133,16 +129,16 @@ def _golden(golden: GoldenStats) -> Iterator[Metric]:
         "gRPC service, method and status",
         labels=[*labels, "code"],
     )
-    duration = HistogramMetricFamily(
+    duration = histogram_family(
         "shoal_sidecar_request_duration_seconds",
         "Time from a call's admission to its end, by direction, gRPC service and method",
-        labels=labels,
+        labels,
     )
     in_flight: dict[tuple[str, str], int] = {}
     for key, series in golden.items():
         for code, count in sorted(series.codes.items()):
             requests.add_metric([*key, code_name(code)], count)
-        duration.add_metric(list(key), series.cumulative(), series.sum)
+        series.duration.add_to(duration, key)
         pair = (key[0], key[1])
         in_flight[pair] = in_flight.get(pair, 0) + series.in_flight
     yield from (requests, duration)

@@ -1,8 +1,11 @@
 """Request counters and latency histograms, cheap enough for every call.
 
-The histogram has fixed log-spaced buckets, each 2^(1/4) (about 19 %) wider
-than the last, from 10 µs to about two minutes: recording is O(1) and any
-percentile is read within a bucket's width, without keeping samples.
+Each call is counted twice, both O(1) with no samples kept: in a Prometheus histogram
+of its method and outcome (``shoal_core.metrics.Histogram``, buckets from 100 us to
+10 s, which sum across workers), and in ``LatencyHistogram``, whose fine log-spaced
+buckets, each 2^(1/4) (about 19 %) wider than the last from 10 µs to about two
+minutes, give the Stats RPC its percentiles within a bucket's width (the Prometheus
+buckets, up to 2.5 times wide, would blur them).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+
+from shoal_core.metrics import Histogram
 
 __all__ = ["LatencyHistogram", "MethodStats", "WorkerStats"]
 
@@ -28,11 +33,6 @@ class LatencyHistogram:
         self.counts = [0] * BUCKETS
         self.total = 0
         self.sum = 0.0
-
-    @staticmethod
-    def upper_bounds() -> list[float]:
-        """The upper bound of each bucket in seconds (the last one is open-ended)."""
-        return [_BASE * _STEP**i for i in range(BUCKETS - 1)] + [math.inf]
 
     def record(self, seconds: float) -> None:
         if seconds <= _BASE:
@@ -58,15 +58,23 @@ class LatencyHistogram:
 
 @dataclass(slots=True)
 class MethodStats:
-    """Requests of one method."""
+    """Requests of one method: their durations by outcome, and for percentiles."""
 
-    ok: int = 0
-    failed: int = 0
+    ok_seconds: Histogram = field(default_factory=Histogram)
+    failed_seconds: Histogram = field(default_factory=Histogram)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     @property
+    def ok(self) -> int:
+        return self.ok_seconds.count
+
+    @property
+    def failed(self) -> int:
+        return self.failed_seconds.count
+
+    @property
     def total(self) -> int:
-        return self.ok + self.failed
+        return self.latency.total
 
 
 class WorkerStats:
@@ -86,8 +94,5 @@ class WorkerStats:
         stats = self.methods.get(method)
         if stats is None:
             stats = self.methods[method] = MethodStats()
-        if ok:
-            stats.ok += 1
-        else:
-            stats.failed += 1
+        (stats.ok_seconds if ok else stats.failed_seconds).observe(seconds)
         stats.latency.record(seconds)

@@ -94,7 +94,7 @@ def test_a_duration_lands_in_the_first_bucket_it_fits():
     for seconds in (0.00005, 0.0001, 0.003, 20.0):
         series.started()
         series.finished(0, seconds)
-    cumulative = dict(series.cumulative())
+    cumulative = dict(series.duration.cumulative())
     assert cumulative["0.0001"] == 2  # le is inclusive
     assert cumulative["0.005"] == 3
     assert cumulative["10.0"] == 3 and cumulative["+Inf"] == 4
