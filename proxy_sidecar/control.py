@@ -165,8 +165,10 @@ class Call:
         cluster.retries += 1
         return pause
 
-    def finish(self, code: int, latency: float | None) -> None:
-        """The call ended with ``code``; ``latency`` when the last try's upstream answered."""
+    def finish(self, code: int, latency: float | None, elapsed: float | None = None) -> None:
+        """The call ended with ``code``; ``latency`` when the last try's upstream answered;
+        ``elapsed``, the call's whole time as the data plane measured it (it tells us a
+        little later, in a batch: our own clock would count that delay too)."""
         endpoint = self._at
         if endpoint is not None:
             self._at = None
@@ -175,7 +177,9 @@ class Call:
                 self.cluster.record(endpoint, True, latency)
         self.cluster.count(code)
         if self._series is not None:
-            self._series.finished(code, self._clock() - self._started)
+            if elapsed is None:
+                elapsed = self._clock() - self._started
+            self._series.finished(code, elapsed)
 
 
 class Control:

@@ -29,7 +29,7 @@ class _Call:
     def failed(self, code: int, replayable: bool, elapsed: float) -> float | None:
         return None
 
-    def finish(self, code: int, latency: float | None) -> None:
+    def finish(self, code: int, latency: float | None, elapsed: float) -> None:
         return None
 
 

@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -207,8 +207,10 @@ fn to_pick(py: Python<'_>, what: &str, got: Bound<'_, PyAny>) -> Result<Pick, Re
     Err(internal())
 }
 
-/// A call that ended: its `Call` object, its status, the last try's time to answer.
-type Ending = (Py<PyAny>, u32, Option<f64>);
+/// A call that ended: its `Call` object, its status, the last try's time to answer,
+/// and the whole call's time from admission to its end (measured here: the control
+/// plane hears of the end a little later, in a batch).
+type Ending = (Py<PyAny>, u32, Option<f64>, f64);
 
 /// How calls ended, waiting to be told to the control plane.
 #[derive(Default)]
@@ -218,9 +220,9 @@ pub struct Endings {
 }
 
 impl Endings {
-    fn push(&self, call: Py<PyAny>, code: u32, latency: Option<f64>) {
+    fn push(&self, call: Py<PyAny>, code: u32, latency: Option<f64>, elapsed: f64) {
         let mut queue = self.queue.lock().unwrap();
-        queue.push((call, code, latency));
+        queue.push((call, code, latency, elapsed));
         if queue.len() == 1 {
             self.queued.notify_one();
         }
@@ -229,8 +231,9 @@ impl Endings {
     /// Tell every queued ending to its call's `finish`, in order.
     pub fn deliver(&self, py: Python<'_>) {
         let ended = std::mem::take(&mut *self.queue.lock().unwrap());
-        for (call, code, latency) in ended {
-            if let Err(err) = call.call_method1(py, intern!(py, "finish"), (code, latency)) {
+        for (call, code, latency, elapsed) in ended {
+            let args = (code, latency, elapsed);
+            if let Err(err) = call.call_method1(py, intern!(py, "finish"), args) {
                 report(py, "finish", err);
             }
             // Released here, with the GIL held (see `Call`).
@@ -329,6 +332,7 @@ impl Control {
             let call = Call {
                 obj: Some(admission.call.clone_ref(py)),
                 endings: self.endings.clone(),
+                started: Instant::now(),
             };
             Ok(Admitted {
                 first: to_pick(py, "begin", admission.first.bind(py).clone()),
@@ -382,6 +386,7 @@ impl Control {
 pub struct Call {
     obj: Option<Py<PyAny>>,
     endings: Arc<Endings>,
+    started: Instant,
 }
 
 impl Call {
@@ -425,8 +430,9 @@ impl Call {
     /// Queued for the control plane (see the module's notes).
     pub fn finish(&mut self, code: u32, latency: Option<Duration>) {
         if let Some(obj) = self.obj.take() {
+            let elapsed = self.started.elapsed().as_secs_f64();
             self.endings
-                .push(obj, code, latency.map(|l| l.as_secs_f64()));
+                .push(obj, code, latency.map(|l| l.as_secs_f64()), elapsed);
         }
     }
 }

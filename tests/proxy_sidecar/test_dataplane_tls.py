@@ -47,7 +47,7 @@ class _OneTry:
     def failed(self, code: int, replayable: bool, elapsed: float) -> float | None:
         return None
 
-    def finish(self, code: int, latency: float | None) -> None:
+    def finish(self, code: int, latency: float | None, elapsed: float) -> None:
         return None
 
 

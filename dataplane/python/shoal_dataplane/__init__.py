@@ -53,8 +53,9 @@ class CallControl(Protocol):
     def failed(self, code: int, replayable: bool, elapsed: float) -> float | None:
         """A try ended with ``code`` before an answer: the pause before a retry, or None."""
 
-    def finish(self, code: int, latency: float | None) -> None:
-        """The call ended with ``code``; ``latency`` when the last try's upstream answered."""
+    def finish(self, code: int, latency: float | None, elapsed: float) -> None:
+        """The call ended with ``code``; ``latency`` when the last try's upstream answered;
+        ``elapsed``, the whole call's seconds from admission to its end."""
 
 
 class ControlPlane(Protocol):
