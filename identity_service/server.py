@@ -15,10 +15,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from identity.ca import CA, LEAF_TTL
 from identity.certify import Certifier
@@ -54,6 +56,7 @@ class IdentityServer(GrpcServer):
         """With ``ca_dir`` (where ``ca`` was loaded from), each step of a root rotation
         made there is taken up as it happens."""
         self.certifier = Certifier(ca, leaf_ttl, directory=ca_dir)
+        self.servicer = IdentityServicer(self.certifier)
         self._own = self._issue_own()
         super().__init__(
             listen,
@@ -61,6 +64,7 @@ class IdentityServer(GrpcServer):
             metrics_listen=metrics_listen,
             credentials=server_credentials(self.credentials, require_client_cert=False),
         )
+        self.metrics.register(_IdentityCollector(self))
 
     def _issue_own(self) -> tuple[Credentials, float, CA]:
         ca = self.certifier.ca
@@ -79,5 +83,41 @@ class IdentityServer(GrpcServer):
         return self._own[0]
 
     def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
-        pb_grpc.add_IdentityServicer_to_server(IdentityServicer(self.certifier), server)
+        pb_grpc.add_IdentityServicer_to_server(self.servicer, server)
         return [SERVICE_NAME]
+
+
+class _IdentityCollector(Collector):
+    """What the identity server did, read at scrape time."""
+
+    def __init__(self, server: IdentityServer) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        servicer, certifier = self._server.servicer, self._server.certifier
+        issued = CounterMetricFamily(
+            "shoal_identity_certificates_issued",
+            "Leaves issued, by the identity's kind (svc, registry, operator) and the proof "
+            "(token: a first certificate; renewal)",
+            labels=["kind", "proof"],
+        )
+        for (kind, proof), count in sorted(servicer.issued.items()):
+            issued.add_metric([kind, proof], count)
+        refused = CounterMetricFamily(
+            "shoal_identity_certify_refused",
+            "Certify calls refused, by proof and the status sent",
+            labels=["proof", "code"],
+        )
+        for (proof, code), count in sorted(servicer.refused.items()):
+            refused.add_metric([proof, code], count)
+        yield from (issued, refused)
+        yield GaugeMetricFamily(
+            "shoal_identity_trust_bundle_roots",
+            "Roots in the trust bundle served (2 during a rotation)",
+            certifier.ca.bundle_pem.count(b"BEGIN CERTIFICATE"),
+        )
+        yield GaugeMetricFamily(
+            "shoal_identity_leaf_ttl_seconds",
+            "Life of the leaves issued",
+            certifier.ttl.total_seconds(),
+        )

@@ -33,6 +33,9 @@ CODES = ErrorCodes[grpc.StatusCode](
 class IdentityServicer(pb_grpc.IdentityServicer):
     def __init__(self, certifier: Certifier) -> None:
         self.certifier = certifier
+        # For /metrics: leaves issued by (identity kind, proof), refusals by (proof, code).
+        self.issued: dict[tuple[str, str], int] = {}
+        self.refused: dict[tuple[str, str], int] = {}
 
     @maps_errors(CertifyError, CODES)
     async def Certify(  # noqa: N802 - the proto's name
@@ -43,13 +46,17 @@ class IdentityServicer(pb_grpc.IdentityServicer):
             if request.HasField("renewal")
             else None
         )
+        proof = "renewal" if renewal is not None else "token"
         try:
             leaf = self.certifier.certify(request.csr_pem, token=request.token, renewal=renewal)
         except CertifyError as exc:
             # Who was refused and why, never the token: the log is not a secret store.
             logger.warning("certify from %s refused: %s", context.peer(), exc)
+            key = (proof, CODES(exc).name)
+            self.refused[key] = self.refused.get(key, 0) + 1
             raise
         who = spiffe_id_of(leaf.cert)
+        self.issued[(who.kind, proof)] = self.issued.get((who.kind, proof), 0) + 1
         logger.info(
             "certified %s until %s", who, f"{leaf.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}"
         )

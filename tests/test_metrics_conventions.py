@@ -23,6 +23,8 @@ import pytest
 
 from identity.ca import init_ca
 from identity.spiffe import SpiffeId
+from identity.tokens import create_token
+from identity.workload import new_request
 from identity_service.server import IdentityServer
 from protos import identity_pb2, identity_pb2_grpc
 from protos import registry_pb2 as reg_pb
@@ -134,12 +136,18 @@ async def test_the_identity_servers_metrics_pass_promtool(tmp_path: Path) -> Non
         async with grpc.aio.secure_channel(
             server.address, bootstrap_credentials(ca.bundle_pem), options=options
         ) as channel:
+            stub = identity_pb2_grpc.IdentityStub(channel)
             with pytest.raises(grpc.aio.AioRpcError):
-                await identity_pb2_grpc.IdentityStub(channel).Certify(
-                    identity_pb2.CertifyRequest(csr_pem=b"not a csr"), timeout=5
-                )
+                await stub.Certify(identity_pb2.CertifyRequest(csr_pem=b"not a csr"), timeout=5)
+            token, _ = create_token(ca, "worker", dt.timedelta(minutes=5))
+            _, csr = new_request()
+            await stub.Certify(identity_pb2.CertifyRequest(csr_pem=csr, token=token), timeout=5)
         page = await scrape(server.metrics_port)
     assert_clean(page)
+    text = page.decode()
+    assert 'shoal_identity_certificates_issued_total{kind="svc",proof="token"} 1.0' in text
+    assert 'shoal_identity_certify_refused_total{code="UNAUTHENTICATED",proof="token"} 1.0' in text
+    assert "shoal_identity_trust_bundle_roots 1.0" in text
 
 
 @contextlib.asynccontextmanager
