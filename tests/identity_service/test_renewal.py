@@ -18,6 +18,7 @@ from shoal_core.renewal import CertificateKeeper, Certify
 
 TD = "shoal.local"
 SHORT = dt.timedelta(seconds=3)
+LIFE = dt.timedelta(seconds=14)  # for the outage test: see there
 
 
 def _certify_at(address: str, ca: CA, token: str) -> Certify:
@@ -58,7 +59,10 @@ async def test_while_the_identity_server_is_down_the_old_certificate_stays_and_r
     ca = init_ca(tmp_path / "ca", TD)
     token, _ = create_token(ca, "worker", dt.timedelta(minutes=5))
     caplog.set_level(logging.WARNING, logger="shoal_core.renewal")
-    server = IdentityServer("127.0.0.1:0", ca, leaf_ttl=dt.timedelta(seconds=6))
+    # Renewal comes due at 70 % +- 10 % of 14 s (8.4 to 11.2 s), while the server is
+    # down; it is back at 11.5 s, over a second before the leaf expires (its expiry is
+    # whole seconds, so up to one early): time for several retries.
+    server = IdentityServer("127.0.0.1:0", ca, leaf_ttl=LIFE)
     await server.start()
     port = server.port
     keeper = CertificateKeeper(
@@ -67,12 +71,12 @@ async def test_while_the_identity_server_is_down_the_old_certificate_stays_and_r
     first = await keeper.start()
     await server.close(0)
     try:
-        await asyncio.sleep(5)
-        # Renewal was due at about 4 s and failed: the first certificate is still held.
+        await asyncio.sleep(11.5)
+        # Renewal was due and failed: the first certificate is still held.
         assert keeper.failures >= 1 and keeper.current() is first
         assert "renewing spiffe://shoal.local/svc/worker failed" in caplog.text
         assert token not in caplog.text
-        async with IdentityServer(f"127.0.0.1:{port}", ca, leaf_ttl=dt.timedelta(seconds=6)):
+        async with IdentityServer(f"127.0.0.1:{port}", ca, leaf_ttl=LIFE):
             for _ in range(50):
                 if keeper.current() is not first:
                     break
