@@ -4,9 +4,10 @@ The keeper asks for its first leaf (with the join token) when it starts, then re
 about 70 % of the life left (``identity.workload.renew_after``). A renewal that fails
 is logged and retried with the one backoff; the leaf held keeps serving until it
 expires, so an identity server that is down for less than the remaining 30 % costs
-nothing. Whoever uses the credentials reads ``current()`` when it opens a connection
-(or is told through ``on_change``), so new connections get the new leaf and open ones
-keep theirs.
+nothing; once it has expired the keeper asks with the join token again (if that is
+still good, the workload recovers by itself when the identity server is back). Whoever
+uses the credentials reads ``current()`` when it opens a connection (or is told through
+``on_change``), so new connections get the new leaf and open ones keep theirs.
 
 How a request travels is the caller's: ``certify(held)`` gets new credentials, by token
 when ``held`` is None and by renewal otherwise (grpcio for the CLI and the registry, the
@@ -72,8 +73,11 @@ class CertificateKeeper:
         while True:
             await asyncio.sleep(pause)
             held = self.current()
+            # A leaf that expired (the identity server was away longer than its life)
+            # proves nothing any more: ask again with the join token, as at the start.
+            expired = held.leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC)
             try:
-                fresh = await self._certify(held)
+                fresh = await self._certify(None if expired else held)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure: keep the leaf held, try again

@@ -105,3 +105,33 @@ async def test_close_stops_renewing(tmp_path):
         await asyncio.sleep(1.5)
         assert calls == before
         assert not [t for t in asyncio.all_tasks() if t.get_name() == "certificate-renewal"]
+
+
+async def test_after_an_outage_longer_than_the_leafs_life_the_token_certifies_again(
+    tmp_path, caplog
+):
+    ca = init_ca(tmp_path / "ca", TD)
+    token, _ = create_token(ca, "worker", dt.timedelta(minutes=5))
+    caplog.set_level(logging.WARNING, logger="shoal_core.renewal")
+    server = IdentityServer("127.0.0.1:0", ca, leaf_ttl=SHORT)
+    await server.start()
+    port = server.port
+    keeper = CertificateKeeper(
+        _certify_at(f"127.0.0.1:{port}", ca, token), retry=Backoff(initial=0.2, maximum=0.5)
+    )
+    first = await keeper.start()
+    await server.close(0)
+    try:
+        await asyncio.sleep(SHORT.total_seconds() + 1)
+        assert first.leaf.not_valid_after_utc < dt.datetime.now(dt.UTC)
+        assert "the current certificate has EXPIRED" in caplog.text
+        async with IdentityServer(f"127.0.0.1:{port}", ca, leaf_ttl=dt.timedelta(minutes=5)):
+            for _ in range(50):
+                if keeper.current() is not first:
+                    break
+                await asyncio.sleep(0.1)
+        held = keeper.current()
+        assert held is not first and held.leaf.not_valid_after_utc > dt.datetime.now(dt.UTC)
+        assert str(held.identity) == "spiffe://shoal.local/svc/worker"
+    finally:
+        await keeper.close()
