@@ -322,6 +322,21 @@ def test_bad_flags_exit_2_with_one_line(args: list[str], message: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("shoal: error:") and message in lines[0]
 
 
+def test_insecure_runs_plaintext_with_no_identity_server_and_says_so(tmp_path: Path) -> None:
+    mesh = start_mesh(tmp_path, "--workers", "1", "--insecure")
+    try:
+        assert "identity" not in mesh.rows and "registry" in mesh.rows
+        assert mesh.intro.startswith("PLAINTEXT between mesh components (--insecure)")
+        assert not (tmp_path / "run" / "ca").exists()
+        listed = shoal("ls", "--registry", mesh.address("registry"), "--json")
+        assert listed.returncode == 0, listed.stderr
+        called = shoal("call", "upper", "--data", "hi", "--via", mesh.address("client-sidecar"))
+        assert (called.returncode, called.stdout) == (0, "HI"), called.stderr
+    finally:
+        stop_mesh(mesh)
+    assert not alive(mesh.pids)
+
+
 def test_up_refuses_a_taken_port(tmp_path: Path) -> None:
     import socket
 
