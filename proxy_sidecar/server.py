@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from shoal_dataplane import DataPlane
 
 from identity.spiffe import SpiffeId
-from protos import registry_pb2 as pb
+from proxy_sidecar.admin import AdminPages
 from proxy_sidecar.authz import PolicyWatch
 from proxy_sidecar.balancers import balancer_class
 from proxy_sidecar.config import MembershipSettings, SidecarConfig
@@ -47,7 +47,7 @@ from proxy_sidecar.rpc import Rpc
 from shoal_core.addresses import HostPort, dial_address, parse_address
 from shoal_core.certifying import MeshIdentity
 from shoal_core.errors import ServerStartError
-from shoal_core.http import HttpServer, Page, PageBuilder, json_page
+from shoal_core.http import HttpServer
 from shoal_core.lifecycle import ServiceBase
 
 __all__ = ["SidecarServer"]
@@ -119,14 +119,15 @@ class SidecarServer(ServiceBase):
         self._tables = (self.table, self.router.local_table)
         self.discovery = Discovery(registry, self.table, config.discovery)
         self.membership: Membership | None = None
-        self._metrics: PageBuilder | None = None
+        self._draining = False
+        pages = AdminPages(self)
         self._admin = (
             HttpServer(
                 admin,
                 {
-                    "/healthz": self._healthz,
-                    "/endpoints": self._endpoints,
-                    "/metrics": self._metrics_page,
+                    "/healthz": pages.healthz,
+                    "/endpoints": pages.endpoints,
+                    "/metrics": pages.metrics,
                 },
                 name="admin",
             )
@@ -134,7 +135,14 @@ class SidecarServer(ServiceBase):
             else None
         )
         self._admin_listen = admin
-        self._draining = False
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def registry_address(self) -> str:
+        return self._registry_address
 
     @property
     def admin_port(self) -> int:
@@ -156,13 +164,13 @@ class SidecarServer(ServiceBase):
             return None
         return dial_address(self._inbound_listen, self._inbound_port)
 
-    def _handshakes(self) -> tuple[int, int]:
+    def handshakes(self) -> tuple[int, int]:
         dataplane = self.dataplane
         if dataplane is None:
             return (0, 0)
         return dataplane.handshakes(), dataplane.handshake_failures()
 
-    def _connections(self) -> int:
+    def connections(self) -> int:
         return 0 if self.dataplane is None else self.dataplane.connections()
 
     def _on_endpoints(
@@ -184,7 +192,7 @@ class SidecarServer(ServiceBase):
                 self.tls.expect_service(endpoint.address, endpoint.info.service)
             dataplane.warm(endpoint.address)
 
-    def _forwarding(self) -> bool:
+    def forwarding(self) -> bool:
         return self.dataplane is not None and self.dataplane.alive()
 
     def _local_in_flight(self) -> int:
@@ -256,7 +264,7 @@ class SidecarServer(ServiceBase):
                 advertise=advertise,
                 settings=self._membership_settings(advertise),
                 load=self._local_in_flight,
-                forwarding=self._forwarding,
+                forwarding=self.forwarding,
             )
             try:
                 await self.membership.start()
@@ -329,86 +337,3 @@ class SidecarServer(ServiceBase):
             await self._admin.close()
         logger.info("sidecar on %s stopped", self.address)
         self._closed_now()
-
-    def _healthz(self) -> Page:
-        """The pod's health: this sidecar's, and its app's as its last check found it.
-
-        A sidecar whose data plane is gone forwards nothing, whatever else is well; one
-        cut off from its app, or whose app is not SERVING, brings nothing into the mesh.
-        All three are unhealthy, so one probe of this page stands for the whole pod.
-        """
-        forwarding = self._forwarding()
-        member = self.membership
-        if self._draining:
-            status = "draining"
-        elif not forwarding:
-            status = "down"
-        elif member is not None and not member.app_reachable:
-            status = "app unreachable"
-        elif member is not None and member.status != pb.SERVING:
-            status = "app not serving"
-        else:
-            status = "serving"
-        body: dict[str, object] = {
-            "status": status,
-            "dataplane": "running" if forwarding else "stopped",
-            "registry_connected": self.discovery.connected,
-            "registry_synced": self.table.synced,
-            "endpoints": len(self.table.endpoints()),
-        }
-        body["identity"] = None if self.tls is None else str(self.tls.identity)
-        if member is not None:
-            body["app_reachable"] = member.app_reachable
-            body["app_serving"] = member.status == pb.SERVING
-            body["app_registered"] = bool(member.lease_id)
-            body["instance_id"] = member.instance_id
-        return json_page(body, 200 if status == "serving" else 503)
-
-    def _metrics_page(self) -> Page:
-        # prometheus_client (with http.server, urllib and email under it) is loaded at
-        # the first scrape: a sidecar nobody scrapes does not carry it.
-        if self._metrics is None:
-            from proxy_sidecar.metrics import SidecarCollector
-            from shoal_core.metrics import CollectorRegistry, metrics_page
-
-            registry = CollectorRegistry()
-            registry.register(
-                SidecarCollector(
-                    self.router.clusters,
-                    self.discovery,
-                    self._connections,
-                    self.policy,
-                    golden=None if self.control is None else self.control.golden,
-                    handshakes=self._handshakes,
-                )
-            )
-            self._metrics = metrics_page(registry)
-        return self._metrics()
-
-    def _endpoints(self) -> Page:
-        services = {name: c.snapshot() for name, c in sorted(self.router.clusters().items())}
-        if self.router.local is not None:
-            services["(local app)"] = self.router.local.snapshot()
-        unrouted = sorted(
-            {s for e in self.table.endpoints() for s in e.info.grpc_services} - set(services)
-        )
-        for name in unrouted:
-            services[name] = {
-                "endpoints": [
-                    {"instance_id": e.instance_id, "address": e.address, "state": e.state}
-                    for e in self.table.endpoints()
-                    if name in e.info.grpc_services
-                ],
-                "note": "no call routed yet",
-            }
-        return json_page(
-            {
-                "registry": {
-                    "address": self._registry_address,
-                    "connected": self.discovery.connected,
-                    "revision": self.discovery.revision,
-                    "held_empty": sorted(self.table.held()),
-                },
-                "services": services,
-            }
-        )
