@@ -55,6 +55,7 @@ def record_mesh(registry: str, identity_server: str, bundle: Path, token_file: P
     """Note that ``registry``'s mesh admits operators with ``token_file`` (by ``shoal up``)."""
     path = _record_path(registry)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _prune(path.parent)
     body = {
         "registry": registry,
         "identity_server": identity_server,
@@ -67,6 +68,16 @@ def record_mesh(registry: str, identity_server: str, bundle: Path, token_file: P
         json.dump(body, out)
     os.replace(path.with_suffix(".tmp"), path)
     return path
+
+
+def _prune(directory: Path) -> None:
+    """Remove the records of meshes whose ``shoal up`` is gone (killed: it could not)."""
+    for old in directory.glob("*.json"):
+        try:
+            if not _alive(int(json.loads(old.read_text())["pid"])):
+                old.unlink()
+        except (OSError, ValueError, KeyError, TypeError):
+            old.unlink(missing_ok=True)  # unreadable: no use to anyone
 
 
 def forget_mesh(path: Path) -> None:
