@@ -21,7 +21,14 @@ from identity.spiffe import SpiffeId
 from identity.workload import Credentials
 from protos import identity_pb2 as pb
 from proxy_sidecar.rpc import Rpc, RpcError
-from shoal_core.certifying import CERTIFY, MeshIdentity, credentials_from, request_for
+from shoal_core.certifying import (
+    CERTIFY,
+    CertifyFailed,
+    MeshIdentity,
+    check_admitted,
+    credentials_from,
+    request_for,
+)
 from shoal_core.errors import ServerStartError
 from shoal_core.renewal import CertificateKeeper
 
@@ -53,20 +60,20 @@ class SidecarTls:
         self._dataplane.expect_peer(mesh.server, str(mesh.server_id))
         try:
             held = await self.keeper.start()
-        except RpcError as exc:
-            raise ServerStartError(
-                f"cannot certify at {mesh.server}: {exc.name}: {exc.details}"
-            ) from None
-        if expected is not None and held.identity != expected:
+            check_admitted(held, expected)
+        except CertifyFailed as exc:
             await self.keeper.close()
-            raise ServerStartError(f"the token admits {held.identity}, not {expected}")
+            raise ServerStartError(str(exc)) from None
         logger.info("mTLS as %s", held.identity)
 
     async def _certify(self, held: Credentials | None) -> Credentials:
         key, request = request_for(self.mesh.token, held)
-        answer = await self._rpc.unary(
-            self.mesh.server, CERTIFY, request, pb.CertifyResponse, timeout=CERTIFY_TIMEOUT
-        )
+        try:
+            answer = await self._rpc.unary(
+                self.mesh.server, CERTIFY, request, pb.CertifyResponse, timeout=CERTIFY_TIMEOUT
+            )
+        except RpcError as exc:
+            raise self.mesh.refused(exc.name, exc.details) from None
         return credentials_from(key, answer)
 
     def _install(self, fresh: Credentials) -> None:

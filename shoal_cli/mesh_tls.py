@@ -20,10 +20,9 @@ import click
 
 from identity.ca import trust_domain_of
 from identity.spiffe import SpiffeId
-from identity.workload import Credentials
 from shoal_cli.errors import UserError
 from shoal_cli.options import ADDRESS
-from shoal_core.certifying import MeshIdentity
+from shoal_core.certifying import CertifyFailed, MeshIdentity, check_admitted
 from shoal_core.renewal import CertificateKeeper
 
 __all__ = ["identity_options", "mesh_identity", "start_keeper"]
@@ -85,44 +84,15 @@ def mesh_identity(
 
 
 async def start_keeper(mesh: MeshIdentity, expected: SpiffeId | None = None) -> CertificateKeeper:
-    """Certified through grpcio and renewing; a refused token is a user error, in one
-    line, and so is a token for another identity than ``expected``."""
-    import grpc
+    """Certified through grpcio and renewing; a refused token (``CertifyFailed``) is a
+    user error, in one line, and so is a token for another identity than ``expected``."""
+    from shoal_core.certify_client import certify_as
 
-    from shoal_core.certify_client import certify
-
-    async def certify_once(held: Credentials | None) -> Credentials:
-        # The newest bundle we hold: after a root rotation the identity server's own
-        # leaf chains to a root the bundle given at start-up may not have.
-        try:
-            return await certify(
-                mesh.server,
-                bundle_pem=mesh.bundle_pem if held is None else held.bundle_pem,
-                trust_domain=mesh.trust_domain,
-                token=mesh.token,
-                current=held,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if held is None:
-                raise
-            # In one line, for the keeper's log (grpcio's own text spans several).
-            raise RuntimeError(f"{exc.code().name}: {exc.details()}") from None
-
-    keeper = CertificateKeeper(certify_once)
-    try:
-        held = await keeper.start()
-    except grpc.aio.AioRpcError as exc:
-        raise UserError(
-            f"cannot certify at {mesh.server}: {exc.code().name}: {exc.details()}"
-        ) from None
+    keeper = CertificateKeeper(lambda held: certify_as(mesh, held))
+    held = await keeper.start()
     try:
         check_admitted(held, expected)
-    except UserError:
+    except CertifyFailed:
         await keeper.close()
         raise
     return keeper
-
-
-def check_admitted(held: Credentials, expected: SpiffeId | None) -> None:
-    if expected is not None and held.identity != expected:
-        raise UserError(f"the token admits {held.identity}, not {expected}")

@@ -32,7 +32,7 @@ from identity.ca import trust_domain_of
 from identity.spiffe import SpiffeId
 from shoal_cli.errors import UserError
 from shoal_core.addresses import parse_address
-from shoal_core.certify_client import certify
+from shoal_core.certify_client import certify_as
 from shoal_core.certifying import MeshIdentity
 from shoal_core.tls import channel_credentials, target_options
 
@@ -135,18 +135,7 @@ async def registry_channel(
         async with grpc.aio.insecure_channel(registry) as channel:
             yield channel
         return
-    try:
-        held = await certify(
-            mesh.server,
-            bundle_pem=mesh.bundle_pem,
-            trust_domain=mesh.trust_domain,
-            token=mesh.token,
-        )
-    except grpc.aio.AioRpcError as exc:
-        raise UserError(
-            f"cannot get an operator certificate at {mesh.server}: "
-            f"{exc.code().name}: {exc.details()}"
-        ) from None
+    held = await certify_as(mesh)
     if held.identity.kind != "operator":
         raise UserError(f"the token admits {held.identity}, not an operator")
     registry_id = SpiffeId(mesh.trust_domain, "registry")

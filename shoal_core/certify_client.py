@@ -7,10 +7,10 @@ import grpc
 from identity.spiffe import SpiffeId
 from identity.workload import Credentials
 from protos import identity_pb2_grpc as pb_grpc
-from shoal_core.certifying import credentials_from, request_for
+from shoal_core.certifying import MeshIdentity, credentials_from, request_for
 from shoal_core.tls import bootstrap_credentials, target_options
 
-__all__ = ["certify"]
+__all__ = ["certify", "certify_as"]
 
 
 async def certify(
@@ -31,3 +31,19 @@ async def certify(
     ) as channel:
         answer = await pb_grpc.IdentityStub(channel).Certify(request, timeout=timeout)
     return credentials_from(key, answer)
+
+
+async def certify_as(mesh: MeshIdentity, held: Credentials | None = None) -> Credentials:
+    """Certify as ``mesh`` says: by its token, or, renewing, by ``held``, trusting the
+    newest bundle held (after a root rotation the identity server's own leaf chains to a
+    root the bundle given at start-up may not have). ``CertifyFailed``, in one line."""
+    try:
+        return await certify(
+            mesh.server,
+            bundle_pem=mesh.bundle_pem if held is None else held.bundle_pem,
+            trust_domain=mesh.trust_domain,
+            token=mesh.token,
+            current=held,
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise mesh.refused(exc.code().name, exc.details() or "") from None

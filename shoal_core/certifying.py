@@ -14,8 +14,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from identity.spiffe import SpiffeId
 from identity.workload import Credentials, new_request
 from protos import identity_pb2 as pb
+from shoal_core.errors import CertifyFailed
 
-__all__ = ["CERTIFY", "MeshIdentity", "credentials_from", "request_for"]
+__all__ = [
+    "CERTIFY",
+    "CertifyFailed",
+    "MeshIdentity",
+    "check_admitted",
+    "credentials_from",
+    "request_for",
+]
 
 CERTIFY = "/shoal.identity.v1.Identity/Certify"
 
@@ -34,6 +42,16 @@ class MeshIdentity:
     def server_id(self) -> SpiffeId:
         """Who the identity server must prove it is."""
         return SpiffeId(self.trust_domain, "identity")
+
+    def refused(self, code: str, details: str) -> CertifyFailed:
+        """The one line for a Certify call that ended with ``code`` (its name)."""
+        return CertifyFailed(f"cannot certify at {self.server}: {code}: {details}")
+
+
+def check_admitted(held: Credentials, expected: SpiffeId | None) -> None:
+    """``held`` is the identity the process must have (``expected``), or this raises."""
+    if expected is not None and held.identity != expected:
+        raise CertifyFailed(f"the token admits {held.identity}, not {expected}")
 
 
 def request_for(

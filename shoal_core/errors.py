@@ -4,6 +4,7 @@ imports nothing heavy: the CLI catches them before it knows which command runs.
 ShoalUserError
 +-- ConfigError        a config file is missing, is not YAML, or does not validate
 +-- ServerStartError   a server could not bind its listen address
++-- CertifyFailed      a workload got no certificate (refused, unreachable, wrong token)
 Isolated               a server stopped itself: no network but loopback (exit 1)
 
 ``shoal_core.config`` and ``shoal_core.grpc_server`` raise them and re-export them.
@@ -11,7 +12,7 @@ Isolated               a server stopped itself: no network but loopback (exit 1)
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "Isolated", "ServerStartError", "ShoalUserError"]
+__all__ = ["CertifyFailed", "ConfigError", "Isolated", "ServerStartError", "ShoalUserError"]
 
 
 class ShoalUserError(Exception):
@@ -29,6 +30,11 @@ class ConfigError(ShoalUserError, ValueError):
 
 class ServerStartError(ShoalUserError, RuntimeError):
     """The server could not bind its listen address."""
+
+
+class CertifyFailed(ShoalUserError):
+    """No certificate: the identity server refused, or could not be reached, or the token
+    admits another identity than the process is; ``str()`` is the one line to show."""
 
 
 class Isolated(Exception):
