@@ -61,15 +61,9 @@ class Access:
         service, and prove its own identity to the caller's sidecar. One service serves
         a gRPC service while it has instances; operators may overrule that.
         """
-        known = self._known(who)
-        if known is None or known.kind == "operator":
-            return
-        taken = sorted(owners - {service})
-        if taken:
-            raise PermissionDenied(
-                f"{known} may not list {grpc_service} for service {service!r}: "
-                f"service {taken[0]!r} serves it"
-            )
+        self._sole(
+            who, service, owners, f"list {grpc_service} for service {service!r}", "serves it"
+        )
 
     def place(self, who: SpiffeId | None, service: str, address: str, owners: set[str]) -> None:
         """``who`` may register an instance of ``service`` at ``address``, where instances
@@ -79,15 +73,18 @@ class Access:
         another service's instance at the same address would change what they expect
         there and cut the real one off. Operators may overrule that.
         """
+        self._sole(who, service, owners, f"register service {service!r} at {address}", "is there")
+
+    def _sole(
+        self, who: SpiffeId | None, service: str, owners: set[str], doing: str, holding: str
+    ) -> None:
+        """``service`` must be the only one among ``owners`` of what it asks for."""
         known = self._known(who)
         if known is None or known.kind == "operator":
             return
         taken = sorted(owners - {service})
         if taken:
-            raise PermissionDenied(
-                f"{known} may not register service {service!r} at {address}: "
-                f"service {taken[0]!r} is there"
-            )
+            raise PermissionDenied(f"{known} may not {doing}: service {taken[0]!r} {holding}")
 
     def write(self, who: SpiffeId | None, action: str, service: str) -> None:
         """``who`` may ``action`` an instance of ``service``, or this raises."""
