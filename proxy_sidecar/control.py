@@ -13,8 +13,8 @@ outcome. ``Control`` is the data plane's ``ControlPlane`` and ``Call`` its
 - ``Call.pick()``: the ``Target`` of the next try, or a ``Refusal``;
 - ``Call.failed(code, replayable, elapsed)``: a try ended before the upstream
   answered; the pause before a retry, or ``None``;
-- ``Call.finish(code, latency)``: the call ended; ``latency`` (the last try's time to
-  the response headers) when the upstream answered;
+- ``Call.finish(code, latency, elapsed)``: the call ended; ``latency`` (the last try's
+  time to the response headers) when the upstream answered; ``elapsed``, its whole time;
 - ``Control.connection_state(address, state)``: an upstream connection changed;
 - ``Control.reflect(request)``: answer a reflection request about the sidecar's own
   services (its app asked).
@@ -89,7 +89,6 @@ class Call:
         "_at",
         "_now",
         "_series",
-        "_started",
     )
 
     def __init__(
@@ -119,7 +118,6 @@ class Call:
         cluster.requests += 1
         cluster.budget.record_request(now)
         self._now: float | None = now
-        self._started = now
         self._series = series
         if series is not None:
             series.started()
@@ -165,7 +163,7 @@ class Call:
         cluster.retries += 1
         return pause
 
-    def finish(self, code: int, latency: float | None, elapsed: float | None = None) -> None:
+    def finish(self, code: int, latency: float | None, elapsed: float) -> None:
         """The call ended with ``code``; ``latency`` when the last try's upstream answered;
         ``elapsed``, the call's whole time as the data plane measured it (it tells us a
         little later, in a batch: our own clock would count that delay too)."""
@@ -177,8 +175,6 @@ class Call:
                 self.cluster.record(endpoint, True, latency)
         self.cluster.count(code)
         if self._series is not None:
-            if elapsed is None:
-                elapsed = self._clock() - self._started
             self._series.finished(code, elapsed)
 
 
@@ -197,14 +193,14 @@ class Control:
     ) -> None:
         """``policy`` and ``service`` (this sidecar's app's): who may call in."""
         self.golden = GoldenStats()
-        self._series: dict[tuple[str, bool], Series] = {}
         self._policy = policy
         self._service = service
         self._router = router
         self._tables = tuple(tables)
         self._rng = rng or random.Random()
         self._clock = clock
-        self._routes: dict[str, Route] = {}
+        # Per path and direction: what the path says, and where its calls are counted.
+        self._routes: dict[tuple[str, bool], tuple[Route, Series]] = {}
         self._loop = asyncio.get_running_loop()
 
     def begin(
@@ -218,18 +214,15 @@ class Control:
     ) -> Admission | Refusal:
         """Route a new call; an inbound one only if the policy lets ``peer`` (the caller's
         SPIFFE ID under mTLS; None without it) call ``path`` on our service."""
-        route = self._routes.get(path)
-        if route is None:
+        cached = self._routes.get((path, inbound))
+        if cached is None:
             route = parse_method(path)
             if route is None:
                 return _MALFORMED
+            cached = (route, self.golden.series(inbound, route.service, route.method))
             if len(self._routes) < _MAX_CACHED_ROUTES:
-                self._routes[path] = route
-        series = self._series.get((path, inbound))
-        if series is None:
-            series = self.golden.series(inbound, route.service, route.method)
-            if len(self._series) < _MAX_CACHED_ROUTES:
-                self._series[(path, inbound)] = series
+                self._routes[(path, inbound)] = cached
+        route, series = cached
         router = self._router
         if inbound:
             # From another sidecar, on the mesh-facing listener: only ever to our app.
@@ -262,7 +255,7 @@ class Control:
             return Admission(call, cluster.breaker, outbound, cluster.per_try_timeout, first)
         except Exception:
             # Never a call in flight that the data plane does not know of.
-            call.finish(INTERNAL, None)
+            call.finish(INTERNAL, None, 0.0)
             raise
 
     def reflect(self, request: bytes) -> bytes:

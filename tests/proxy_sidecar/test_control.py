@@ -140,12 +140,12 @@ async def test_calls_before_the_first_snapshot_are_unavailable_and_hold_nothing(
 async def test_the_cluster_of_a_service_that_left_the_registry_is_dropped():
     mesh = Mesh()
     call, _ = mesh.start("/b.T/M")
-    call.finish(OK, 0.001)
+    call.finish(OK, 0.001, 0.001)
     assert "b.T" in mesh.router.clusters()
     mesh.table.remove("i4")
     mesh.table.remove("i5")
     # The next routed call prunes: b.T is unknown now, and its cluster is gone.
-    mesh.start("/a.S/M")[0].finish(OK, 0.001)
+    mesh.start("/a.S/M")[0].finish(OK, 0.001, 0.001)
     assert "b.T" not in mesh.router.clusters()
     assert refused(mesh.control.begin("/b.T/M", None, False, [], None, None)).code == UNIMPLEMENTED
 
@@ -170,7 +170,7 @@ async def test_begin_target_argument_overrides_the_path_service():
         call, target = mesh.start("/a.S/M", target="b.T")
         assert call.cluster.service == "b.T"
         assert target.instance in {"i4", "i5"}
-        call.finish(OK, 0.001)
+        call.finish(OK, 0.001, 0.001)
     assert mesh.router.cluster("a.S").requests == 0
 
 
@@ -182,7 +182,7 @@ async def test_inbound_goes_to_the_local_app_not_outbound():
         assert begun.call.cluster is mesh.router.local and begun.outbound is False
         target = picked(begun.first)
         assert (target.address, target.instance) == (APP, LOCAL_SERVICE)
-        begun.call.finish(OK, 0.001)
+        begun.call.finish(OK, 0.001, 0.001)
     # The same path outbound goes to the mesh.
     begun = mesh.begin("/a.S/M", inbound=False)
     assert begun.outbound is True and picked(begun.first).instance in {"i1", "i2", "i3"}
@@ -212,14 +212,14 @@ async def test_hash_key_from_metadata_reaches_the_consistent_hash_balancer():
     for _ in range(20):
         call, pick = mesh.start(metadata=[("other", "zzz"), ("x-key", "user-42")])
         seen.add(pick.instance)
-        call.finish(OK, 0.001)
+        call.finish(OK, 0.001, 0.001)
     assert seen == {expected.instance_id}
     # Different keys do spread (so it was the key, not luck, that kept the instance).
     spread = set()
     for n in range(60):
         call, pick = mesh.start(metadata=[("x-key", f"user-{n}")])
         spread.add(pick.instance)
-        call.finish(OK, 0.001)
+        call.finish(OK, 0.001, 0.001)
     assert len(spread) > 1
 
 
@@ -249,7 +249,7 @@ async def test_in_flight_rises_on_pick_and_falls_on_failed():
     # A second report for the same try must not count it again.
     assert call.failed(UNAVAILABLE, True, 0.002) is None
     assert endpoint.in_flight == 0 and endpoint.requests == 1
-    call.finish(UNAVAILABLE, None)
+    call.finish(UNAVAILABLE, None, 0.01)
     assert all_in_flight(mesh) == [0] * 5
     assert call.cluster.code_counts()["UNAVAILABLE"] == 1
 
@@ -260,19 +260,19 @@ async def test_finish_with_latency_records_a_success_and_counts_the_code():
     address = target.address
     endpoint = mesh.endpoint(address)
     assert endpoint.in_flight == 1
-    call.finish(OK, 0.04)
+    call.finish(OK, 0.04, 0.04)
     assert endpoint.in_flight == 0
     assert endpoint.requests == 1 and endpoint.failures == 0 and endpoint.ewma == 0.04
     assert call.cluster.code_counts() == {"OK": 1}
     # An answered call with an error status still counts the status by name.
     call, target = mesh.start()
     address = target.address
-    call.finish(5, 0.01)
+    call.finish(5, 0.01, 0.01)
     assert call.cluster.code_counts() == {"OK": 1, "NOT_FOUND": 1}
     assert mesh.endpoint(address).in_flight == 0
     # Out-of-range codes count as UNKNOWN.
     call, _ = mesh.start()
-    call.finish(99, None)
+    call.finish(99, None, 0.01)
     assert call.cluster.code_counts()["UNKNOWN"] == 1
     assert call.cluster.requests == 3
 
@@ -282,7 +282,7 @@ async def test_cancelled_after_pick_releases_the_endpoint_without_recording():
     call, target = mesh.start()
     address = target.address
     endpoint = mesh.endpoint(address)
-    call.finish(CANCELLED, None)
+    call.finish(CANCELLED, None, 0.01)
     assert endpoint.in_flight == 0
     assert endpoint.requests == 0 and endpoint.failures == 0
     assert call.cluster.code_counts() == {"CANCELLED": 1}
@@ -292,7 +292,7 @@ async def test_cancelled_during_the_backoff_leaves_nothing_in_flight():
     mesh = Mesh()
     call, _ = mesh.start()
     assert call.failed(UNAVAILABLE, True, 0.001) is not None
-    call.finish(CANCELLED, None)
+    call.finish(CANCELLED, None, 0.01)
     assert all_in_flight(mesh) == [0] * 5
     assert call.cluster.code_counts() == {"CANCELLED": 1}
 
@@ -337,7 +337,7 @@ async def test_backoff_pauses_stay_within_the_cap():
             assert pause is not None
             pauses.append(pause)
             picked(call.pick())
-        call.finish(UNAVAILABLE, None)
+        call.finish(UNAVAILABLE, None, 0.01)
     assert all(0.0 <= p <= 0.08 for p in pauses)
     assert max(pauses) > 0.05  # later retries back off beyond the base
 
@@ -396,7 +396,7 @@ async def test_per_try_timeout_is_retried_only_for_idempotent_methods():
         assert (pause is not None) is retried, method
         # A try that timed out counts against its endpoint either way.
         assert mesh.endpoint(address).failures == 1
-        call.finish(DEADLINE_EXCEEDED, None)
+        call.finish(DEADLINE_EXCEEDED, None, 0.01)
     # Without a caller deadline, DEADLINE_EXCEEDED can only be the per-try timeout.
     call, _ = mesh.start("/a.S/Get")
     assert call.failed(DEADLINE_EXCEEDED, True, 1.0) is not None
@@ -477,7 +477,7 @@ async def test_connection_state_from_another_thread_applies_on_the_loop():
     for _ in range(12):
         call, pick = mesh.start()
         assert pick.address != down.address
-        call.finish(OK, 0.001)
+        call.finish(OK, 0.001, 0.001)
 
     version = mesh.table.version
     report("READY")
@@ -487,7 +487,7 @@ async def test_connection_state_from_another_thread_applies_on_the_loop():
     for _ in range(12):
         call, pick = mesh.start()
         addresses.add(pick.address)
-        call.finish(OK, 0.001)
+        call.finish(OK, 0.001, 0.001)
     assert down.address in addresses
 
 
