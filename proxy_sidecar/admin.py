@@ -64,8 +64,10 @@ class AdminPages:
         # prometheus_client (with http.server, urllib and email under it) is loaded at
         # the first scrape: a sidecar nobody scrapes does not carry it.
         if self._page is None:
+            from prometheus_client import CollectorRegistry
+
             from proxy_sidecar.metrics import SidecarCollector
-            from shoal_core.metrics import CollectorRegistry, metrics_page
+            from shoal_core.metrics import metrics_page
 
             registry = CollectorRegistry()
             registry.register(

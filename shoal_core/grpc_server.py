@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from shoal_core.addresses import dial_address, parse_address
 from shoal_core.decoding import StrictDecodingServer
@@ -31,7 +32,7 @@ from shoal_core.errors import ServerStartError
 from shoal_core.http import HttpServer, Page, json_page
 from shoal_core.lifecycle import ServiceBase
 from shoal_core.logs import quiet_vanished_clients
-from shoal_core.metrics import CollectorRegistry, metrics_page
+from shoal_core.metrics import metrics_page
 
 __all__ = ["ConnectionLimits", "GrpcServer", "ServerStartError"]
 

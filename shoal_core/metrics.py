@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LATENCY_BUCKETS",
-    "CollectorRegistry",
     "Histogram",
     "histogram_family",
     "metrics_page",
@@ -109,12 +108,3 @@ def metrics_page(registry: CollectorRegistry) -> PageBuilder:
         return 200, CONTENT_TYPE_LATEST, render(registry)
 
     return page
-
-
-def __getattr__(name: str) -> object:
-    # ``CollectorRegistry`` is re-exported, and loaded with prometheus_client on first use.
-    if name == "CollectorRegistry":
-        from prometheus_client import CollectorRegistry
-
-        return CollectorRegistry
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
