@@ -61,6 +61,16 @@ class CA:
     # Issuers replaced by a rotation (``identity.rotation``) whose leaves may still renew.
     previous: tuple[x509.Certificate, ...] = ()
 
+    @property
+    def issuers(self) -> tuple[x509.Certificate, ...]:
+        """Whose leaves and tokens this CA accepts: its issuer, then any a rotation retired."""
+        return (self.issuer, *self.previous)
+
+    @property
+    def trusted_roots(self) -> int:
+        """How many roots the bundle holds (two while a rotation runs)."""
+        return self.bundle_pem.count(b"BEGIN CERTIFICATE")
+
     def issue(
         self, public_key: CertificatePublicKeyTypes, who: SpiffeId, ttl: dt.timedelta = LEAF_TTL
     ) -> Leaf:

@@ -99,7 +99,7 @@ class Certifier:
                 "reloaded the CA from %s: issuer %s, %d roots trusted",
                 self._directory,
                 self.ca.issuer.subject.rfc4514_string(),
-                self.ca.bundle_pem.count(b"BEGIN CERTIFICATE"),
+                self.ca.trusted_roots,
             )
         return self.ca
 
@@ -128,7 +128,7 @@ class Certifier:
         except ValueError:
             raise refuse("not a PEM certificate") from None
         # The issuer's leaves, or those of one a rotation retired: they renew into new ones.
-        for issuer in (self.ca.issuer, *self.ca.previous):
+        for issuer in self.ca.issuers:
             try:
                 cert.verify_directly_issued_by(issuer)
                 break

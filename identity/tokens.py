@@ -104,7 +104,7 @@ def verify_token(ca: CA, token: str, *, now: dt.datetime | None = None) -> Claim
         raise TokenError("not a Shoal join token") from None
     # The issuer's key, or one a rotation retired (its tokens stay good until they expire
     # or the rotation finishes, so a workload restarted meanwhile can still join).
-    keys = [ca.issuer_key.public_key(), *(old.public_key() for old in ca.previous)]
+    keys = [issuer.public_key() for issuer in ca.issuers]  # load_ca checked issuer.key's
     signed = f"{parts[0]}.{parts[1]}".encode()
     for key in keys:
         if not isinstance(key, ec.EllipticCurvePublicKey):

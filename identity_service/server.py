@@ -114,7 +114,7 @@ class _IdentityCollector(Collector):
         yield GaugeMetricFamily(
             "shoal_identity_trust_bundle_roots",
             "Roots in the trust bundle served (2 during a rotation)",
-            certifier.ca.bundle_pem.count(b"BEGIN CERTIFICATE"),
+            certifier.ca.trusted_roots,
         )
         yield GaugeMetricFamily(
             "shoal_identity_leaf_ttl_seconds",
