@@ -18,14 +18,13 @@ from typing import Any, TypeVar
 
 import click
 
-from identity.ca import trust_domain_of
 from identity.spiffe import SpiffeId
 from shoal_cli.errors import UserError
 from shoal_cli.options import ADDRESS
 from shoal_core.certifying import CertifyFailed, MeshIdentity, check_admitted
 from shoal_core.renewal import CertificateKeeper
 
-__all__ = ["identity_options", "mesh_identity", "start_keeper"]
+__all__ = ["identity_options", "join_token", "mesh_identity", "start_keeper"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
@@ -68,19 +67,23 @@ def mesh_identity(
     identity_server: str | None, trust_bundle: Path | None, token_file: Path | None
 ) -> MeshIdentity | None:
     """The settings given, None for none; a half-given set is a user error."""
-    token = token_file.read_text().strip() if token_file else os.environ.get("SHOAL_TOKEN", "")
+    token = join_token(token_file)
     if identity_server is None and trust_bundle is None:
         return None
     if identity_server is None or trust_bundle is None or not token:
         raise UserError(
             "mTLS needs --identity-server, --trust-bundle and a token (SHOAL_TOKEN or --token-file)"
         )
-    bundle = trust_bundle.read_bytes()
     try:
-        trust_domain = trust_domain_of(bundle)
+        return MeshIdentity.load(identity_server, trust_bundle, token)
     except ValueError as exc:
         raise UserError(f"{trust_bundle}: {exc}") from None
-    return MeshIdentity(identity_server, bundle, trust_domain, token)
+
+
+def join_token(token_file: Path | None) -> str:
+    """The token in ``token_file``, else in ``SHOAL_TOKEN`` (never a flag: ``ps`` shows
+    those); "" for none."""
+    return token_file.read_text().strip() if token_file else os.environ.get("SHOAL_TOKEN", "")
 
 
 async def start_keeper(mesh: MeshIdentity, expected: SpiffeId | None = None) -> CertificateKeeper:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import grpc
 
-from identity.ca import trust_domain_of
 from identity.spiffe import SpiffeId
 from shoal_cli.errors import UserError
+from shoal_cli.mesh_tls import join_token
 from shoal_core.addresses import parse_address
 from shoal_core.certify_client import certify_as
 from shoal_core.certifying import MeshIdentity
@@ -100,9 +100,8 @@ def _from_record(registry: str) -> MeshIdentity | None:
         body = json.loads(_record_path(registry).read_text())
         if not _alive(int(body["pid"])):
             return None
-        bundle = Path(body["trust_bundle"]).read_bytes()
-        token = Path(body["token_file"]).read_text().strip()
-        return MeshIdentity(body["identity_server"], bundle, trust_domain_of(bundle), token)
+        token = Path(body["token_file"]).read_text()
+        return MeshIdentity.load(body["identity_server"], Path(body["trust_bundle"]), token)
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no record, or one left by a mesh that is gone
 
@@ -114,11 +113,8 @@ def operator_identity(registry: str) -> MeshIdentity | None:
     if server and bundle_path:
         token_file = os.environ.get("SHOAL_TOKEN_FILE")
         try:
-            token = (
-                Path(token_file).read_text() if token_file else os.environ.get("SHOAL_TOKEN", "")
-            )
-            bundle = Path(bundle_path).read_bytes()
-            return MeshIdentity(server, bundle, trust_domain_of(bundle), token.strip())
+            token = join_token(Path(token_file) if token_file else None)
+            return MeshIdentity.load(server, Path(bundle_path), token)
         except (OSError, ValueError) as exc:
             raise UserError(f"SHOAL_TRUST_BUNDLE or SHOAL_TOKEN_FILE: {exc}") from None
     return _from_record(registry)

@@ -8,9 +8,11 @@ and read the answer here, so there is one way to ask.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from identity.ca import trust_domain_of
 from identity.spiffe import SpiffeId
 from identity.workload import Credentials, new_request
 from protos import identity_pb2 as pb
@@ -37,6 +39,13 @@ class MeshIdentity:
     bundle_pem: bytes
     trust_domain: str
     token: str
+
+    @classmethod
+    def load(cls, server: str, bundle: Path, token: str) -> MeshIdentity:
+        """With the roots of the ``bundle`` file, whose trust domain is the mesh's;
+        ``OSError`` if it cannot be read, ``ValueError`` if it names no one domain."""
+        pem = bundle.read_bytes()
+        return cls(server, pem, trust_domain_of(pem), token.strip())
 
     @property
     def server_id(self) -> SpiffeId:

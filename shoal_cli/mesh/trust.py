@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from identity.ca import CA, init_ca, load_ca, trust_domain_of
+from identity.ca import CA, init_ca, load_ca
 from identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeError, SpiffeId
 from identity.tokens import create_token
 from shoal_core.certifying import MeshIdentity
@@ -44,9 +44,8 @@ class MeshTrust:
 
     def operator(self) -> MeshIdentity:
         """How ``shoal up`` itself (and operator commands) certify as an operator."""
-        bundle = self.bundle.read_bytes()
-        token = self.token_file("operator").read_text().strip()
-        return MeshIdentity(self.identity_address, bundle, trust_domain_of(bundle), token)
+        token = self.token_file("operator").read_text()
+        return MeshIdentity.load(self.identity_address, self.bundle, token)
 
     def env(self, role: str) -> dict[str, str]:
         """What a child of ``role`` needs to certify (see ``shoal_cli.mesh_tls``)."""
