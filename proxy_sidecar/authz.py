@@ -17,7 +17,6 @@ under a new one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
@@ -83,7 +82,6 @@ class PolicyWatch:
             {},
         )
         self._received = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._lock = threading.Lock()
         self._denied: dict[tuple[str, str], int] = {}
         self.version = 0
@@ -99,7 +97,12 @@ class PolicyWatch:
         self._rpc = rpc or self._rpc
         if self._rpc is None:
             raise RuntimeError("PolicyWatch.start needs an Rpc")
-        self._task = asyncio.create_task(self._run(), name="policy-watch")
+        self._follower.start(
+            self._rpc,
+            lambda: pb.WatchPolicyRequest(known_version=self.version),
+            self._apply,
+            lambda: f"keeping policy version {self.version}",
+        )
         try:
             await asyncio.wait_for(self._received.wait(), self._initial_sync)
         except TimeoutError:
@@ -110,11 +113,7 @@ class PolicyWatch:
             )
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._follower.close()
 
     def decide(self, peer_spiffe: str | None, destination_service: str, method: str) -> Decision:
         """Whether the caller whose certificate names ``peer_spiffe`` (None: no
@@ -156,15 +155,6 @@ class PolicyWatch:
             if key not in self._denied and len(self._denied) >= _MAX_COUNTED:
                 key = _OTHER
             self._denied[key] = self._denied.get(key, 0) + 1
-
-    async def _run(self) -> None:
-        assert self._rpc is not None
-        await self._follower.run(
-            self._rpc,
-            lambda: pb.WatchPolicyRequest(known_version=self.version),
-            self._apply,
-            lambda: f"keeping policy version {self.version}",
-        )
 
     @property
     def connected(self) -> bool:

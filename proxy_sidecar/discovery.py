@@ -57,7 +57,6 @@ class Discovery:
         *,
         rng: random.Random | None = None,
     ) -> None:
-        self._rpc: Rpc | None = None
         self._registry = registry
         self._table = table
         self._settings = settings
@@ -66,7 +65,6 @@ class Discovery:
             rng or random.Random(),
         )
         self._follower = Follower(registry, _WATCH, pb.WatchEvent, attempts, "registry's watch")
-        self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
         self.revision = 0
@@ -77,8 +75,12 @@ class Discovery:
     async def start(self, rpc: Rpc) -> None:
         """Start watching through ``rpc``; wait up to ``initial_sync`` seconds for the
         first snapshot."""
-        self._rpc = rpc
-        self._task = asyncio.create_task(self._run(), name="discovery-watch")
+        self._follower.start(
+            rpc,
+            lambda: pb.WatchRequest(since_revision=self.revision),
+            self._apply,
+            lambda: f"keeping the last {len(self._table.endpoints())} endpoints",
+        )
         self._ticker = asyncio.create_task(self._tick(), name="discovery-tick")
         try:
             await asyncio.wait_for(self._synced.wait(), self._settings.initial_sync)
@@ -86,15 +88,6 @@ class Discovery:
             logger.warning(
                 "no snapshot from the registry at %s yet; serving and retrying", self._registry
             )
-
-    async def _run(self) -> None:
-        assert self._rpc is not None
-        await self._follower.run(
-            self._rpc,
-            lambda: pb.WatchRequest(since_revision=self.revision),
-            self._apply,
-            lambda: f"keeping the last {len(self._table.endpoints())} endpoints",
-        )
 
     @property
     def connected(self) -> bool:
@@ -129,9 +122,9 @@ class Discovery:
             self._table.tick()
 
     async def close(self) -> None:
-        for task in (self._task, self._ticker):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._task = self._ticker = None
+        await self._follower.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None

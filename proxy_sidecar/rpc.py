@@ -133,7 +133,8 @@ class Follower(Generic[M]):
     """Follows the server stream ``path`` at ``address`` for good: each message goes to
     ``on_message``; after a break it says once what is kept (``kept()``) and opens the
     stream again after the one backoff, with a request made afresh (``request()``), so
-    that it can resume where it stopped. Says ``what`` it follows in its logs."""
+    that it can resume where it stopped. Says ``what`` it follows in its logs. Owns its
+    task, from ``start`` to ``close``."""
 
     def __init__(
         self, address: str, path: str, reply: type[M], attempts: Attempts, what: str
@@ -145,8 +146,27 @@ class Follower(Generic[M]):
         self._what = what
         self.connected = False
         self.reconnects = 0
+        self._task: asyncio.Task[None] | None = None
 
-    async def run(
+    def start(
+        self,
+        rpc: Rpc,
+        request: Callable[[], Message],
+        on_message: Callable[[M], None],
+        kept: Callable[[], str],
+    ) -> None:
+        self._task = asyncio.create_task(
+            self._run(rpc, request, on_message, kept), name=f"follow {self._what}"
+        )
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(
         self,
         rpc: Rpc,
         request: Callable[[], Message],
