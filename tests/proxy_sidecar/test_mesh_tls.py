@@ -10,6 +10,7 @@ import datetime as dt
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -102,6 +103,56 @@ class SecureMesh:
         client = await self.stack.enter_async_context(self.sidecar("client"))
         await wait_for(lambda: routable(client) == upstreams, what="all upstreams routable")
         return client
+
+    @contextlib.asynccontextmanager
+    async def steady_load(self, client: SidecarServer) -> AsyncIterator[Tally]:
+        """Four callers through ``client`` while the body runs; its connections to every
+        instance are dropped each second, so handshakes keep meeting the certificates
+        of the moment (open connections would never look at them again)."""
+        dataplane = client.dataplane
+        assert dataplane is not None
+        tally, stop = Tally(), asyncio.Event()
+        before = dataplane.handshakes()
+        async with grpc.aio.insecure_channel(client.address) as channel:
+            echo = Echo(channel)
+
+            async def load() -> None:
+                while not stop.is_set():
+                    try:
+                        await echo.unary(b"x", timeout=10)
+                        tally.calls += 1
+                    except grpc.aio.AioRpcError as exc:
+                        tally.failures.append(
+                            f"{time.monotonic():.1f} {exc.code().name}: {exc.details()}"
+                        )
+
+            async def reconnect() -> None:
+                while not stop.is_set():
+                    await asyncio.sleep(1.0)
+                    for sidecar in self.sidecars:
+                        assert sidecar.inbound_address is not None
+                        dataplane.forget(sidecar.inbound_address)
+
+            tasks = [
+                asyncio.create_task(reconnect()),
+                *(asyncio.create_task(load()) for _ in range(4)),
+            ]
+            try:
+                yield tally
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+        tally.handshakes = dataplane.handshakes() - before
+
+
+@dataclass
+class Tally:
+    """What a steady load saw: failures (when, code, details), calls that ended OK, and
+    the client's new handshakes."""
+
+    failures: list[str] = field(default_factory=list)
+    calls: int = 0
+    handshakes: int = 0
 
 
 @pytest.fixture
@@ -198,38 +249,13 @@ async def test_certificates_renewed_every_few_seconds_under_load_fail_no_call(
         built = SecureMesh(ca, certifier, registry)
         async with built.stack:
             client = await built.start()
-            failures: list[str] = []
-            calls = 0
-            async with grpc.aio.insecure_channel(client.address) as channel:
-                echo = Echo(channel)
-                end = time.monotonic() + 60
-
-                async def load() -> None:
-                    nonlocal calls
-                    while time.monotonic() < end:
-                        try:
-                            await echo.unary(b"x", timeout=10)
-                            calls += 1
-                        except grpc.aio.AioRpcError as exc:
-                            failures.append(f"{exc.code().name}: {exc.details()}")
-
-                async def reconnect() -> None:
-                    assert client.dataplane is not None
-                    while time.monotonic() < end:
-                        await asyncio.sleep(1.0)
-                        for sidecar in built.sidecars:
-                            assert sidecar.inbound_address is not None
-                            client.dataplane.forget(sidecar.inbound_address)
-
-                assert client.dataplane is not None
-                before = client.dataplane.handshakes()
-                await asyncio.gather(reconnect(), *(load() for _ in range(4)))
-                handshakes = client.dataplane.handshakes() - before
+            async with built.steady_load(client) as tally:
+                await asyncio.sleep(60)
             renewed = [s.tls.keeper.renewals for s in (client, *built.sidecars) if s.tls]
-            assert failures == []
-            assert calls > 100
+            assert tally.failures == []
+            assert tally.calls > 100
             assert min(renewed) >= 15, renewed
-            assert handshakes >= 100
+            assert tally.handshakes >= 100
 
 
 # --- authorization ---------------------------------------------------------------------

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
 from pathlib import Path
 
-import grpc
 from cryptography import x509
 
 from identity import rotation
@@ -24,7 +22,7 @@ from shoal_cli.mesh_tls import start_keeper
 from shoal_core.certifying import MeshIdentity
 from shoal_core.tls import server_credentials
 from tests.mesh_identity import TD
-from tests.proxy_sidecar.conftest import FAST_REGISTRY, Echo
+from tests.proxy_sidecar.conftest import FAST_REGISTRY
 from tests.proxy_sidecar.test_mesh_tls import SecureMesh
 
 LEAF_TTL = dt.timedelta(seconds=3)
@@ -56,57 +54,20 @@ async def test_a_root_rotated_in_three_steps_under_load_fails_no_call(tmp_path: 
                 built = SecureMesh(ca, certifier, registry)
                 async with built.stack:
                     client = await built.start()
-                    failures, calls = await _rotate_under_load(built, client, ca_dir)
+                    async with built.steady_load(client) as tally:
+                        for step in (rotation.begin, rotation.switch, rotation.finish):
+                            await asyncio.sleep(1.0)
+                            step(ca_dir)
+                            await asyncio.sleep(STEP)
                     sidecars = [client, *built.sidecars]
                     held = [s.tls.keeper.current() for s in sidecars if s.tls]
         finally:
             await keeper.close()
-    assert failures == []
-    assert calls > 100
+    assert tally.failures == []
+    assert tally.calls > 100
     new_root = load_ca(ca_dir).root
     assert new_root != old_root
     # Everyone holds a leaf of the new issuer and trusts the new root alone.
     for creds in [*held, keeper.current()]:
         assert creds.leaf.issuer == load_ca(ca_dir).issuer.subject, creds.identity
         assert roots(creds.bundle_pem) == [new_root], creds.identity
-
-
-async def _rotate_under_load(
-    built: SecureMesh, client: object, ca_dir: Path
-) -> tuple[list[str], int]:
-    from proxy_sidecar import SidecarServer
-
-    assert isinstance(client, SidecarServer) and client.dataplane is not None
-    dataplane = client.dataplane
-    failures: list[str] = []
-    calls = 0
-    stop = asyncio.Event()
-    async with grpc.aio.insecure_channel(client.address) as channel:
-        echo = Echo(channel)
-
-        async def load() -> None:
-            nonlocal calls
-            while not stop.is_set():
-                try:
-                    await echo.unary(b"x", timeout=10)
-                    calls += 1
-                except grpc.aio.AioRpcError as exc:
-                    failures.append(f"{time.monotonic():.1f} {exc.code().name}: {exc.details()}")
-
-        async def reconnect() -> None:
-            while not stop.is_set():
-                await asyncio.sleep(1.0)
-                for sidecar in built.sidecars:
-                    assert sidecar.inbound_address is not None
-                    dataplane.forget(sidecar.inbound_address)
-
-        tasks = [asyncio.create_task(reconnect()), *(asyncio.create_task(load()) for _ in range(4))]
-        try:
-            for step in (rotation.begin, rotation.switch, rotation.finish):
-                await asyncio.sleep(1.0)
-                step(ca_dir)
-                await asyncio.sleep(STEP)
-        finally:
-            stop.set()
-            await asyncio.gather(*tasks)
-    return failures, calls
