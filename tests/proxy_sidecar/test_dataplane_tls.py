@@ -263,9 +263,16 @@ async def test_a_plaintext_client_on_the_secure_inbound_listener_fails_and_is_lo
     assert app.total == 0 and worker.control.callers == []
     await wait_for(lambda: worker.dataplane.handshake_failures() >= 1, what="a failed handshake")
     assert worker.dataplane.handshakes() == 0
-    ours = [r for r in caplog.records if r.name.startswith("shoal_dataplane")]
-    assert any("TLS handshake failed" in r.getMessage() for r in ours)
-    assert all(r.levelno <= logging.DEBUG for r in ours), [r.getMessage() for r in ours]
+
+    def ours() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name.startswith("shoal_dataplane")]
+
+    # The failure is counted first and logged just after, from the data plane's thread.
+    await wait_for(
+        lambda: any("TLS handshake failed" in r.getMessage() for r in ours()),
+        what="the failed handshake logged",
+    )
+    assert all(r.levelno <= logging.DEBUG for r in ours()), [r.getMessage() for r in ours()]
 
 
 @pytest.mark.parametrize("presented", ["foreign", "expired", "none"])
