@@ -13,8 +13,9 @@ outcome. ``Control`` is the data plane's ``ControlPlane`` and ``Call`` its
 - ``Call.pick()``: the ``Target`` of the next try, or a ``Refusal``;
 - ``Call.failed(code, replayable, elapsed)``: a try ended before the upstream
   answered; the pause before a retry, or ``None``;
-- ``Call.finish(code, latency, elapsed)``: the call ended; ``latency`` (the last try's
-  time to the response headers) when the upstream answered; ``elapsed``, its whole time;
+- ``Call.finish(code, latency, elapsed, request_bytes, response_bytes)``: the call
+  ended; ``latency`` (the last try's time to the response headers) when the upstream
+  answered; ``elapsed``, its whole time; the message bytes each way;
 - ``Control.connection_state(address, state)``: an upstream connection changed;
 - ``Control.reflect(request)``: answer a reflection request about the sidecar's own
   services (its app asked).
@@ -38,9 +39,10 @@ from proxy_sidecar.authz import PolicyWatch
 from proxy_sidecar.cluster import Cluster
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import NoHealthyEndpoint, RouteError, UnknownService
-from proxy_sidecar.golden import GoldenStats, Series
+from proxy_sidecar.golden import GoldenStats, Series, caller_name
 from proxy_sidecar.reflect import answer as reflection_answer
 from proxy_sidecar.routing import Route, Router, parse_method
+from proxy_sidecar.tracing import CallTracer, TracedCall
 from shoal_core.codes import (
     DEADLINE_EXCEEDED,
     INTERNAL,
@@ -89,6 +91,8 @@ class Call:
         "_at",
         "_now",
         "_series",
+        "_span",
+        "_last",
     )
 
     def __init__(
@@ -101,8 +105,10 @@ class Call:
         rng: random.Random,
         clock: Callable[[], float],
         series: Series | None = None,
+        span: TracedCall | None = None,
     ) -> None:
-        """``series``: where the call's golden metrics go (see ``golden``)."""
+        """``series``: where the call's golden metrics go (see ``golden``); ``span``:
+        its span when it is traced (see ``tracing``)."""
         self.cluster = cluster
         self._method = method
         self._key = key
@@ -121,6 +127,9 @@ class Call:
         self._series = series
         if series is not None:
             series.started()
+        self._span = span
+        # The endpoint of the last try, for the span: a failed try clears ``_at``.
+        self._last: Endpoint | None = None
 
     def pick(self) -> Target | Refusal:
         """The next try's endpoint (another than those tried when possible)."""
@@ -130,7 +139,7 @@ class Call:
         except RouteError as exc:
             return route_refusal(exc)
         endpoint.in_flight += 1
-        self._at = endpoint
+        self._at = self._last = endpoint
         return endpoint.target
 
     def failed(self, code: int, replayable: bool, elapsed: float) -> float | None:
@@ -163,10 +172,18 @@ class Call:
         cluster.retries += 1
         return pause
 
-    def finish(self, code: int, latency: float | None, elapsed: float) -> None:
+    def finish(
+        self,
+        code: int,
+        latency: float | None,
+        elapsed: float,
+        request_bytes: int = 0,
+        response_bytes: int = 0,
+    ) -> None:
         """The call ended with ``code``; ``latency`` when the last try's upstream answered;
         ``elapsed``, the call's whole time as the data plane measured it (it tells us a
-        little later, in a batch: our own clock would count that delay too)."""
+        little later, in a batch: our own clock would count that delay too); the
+        message bytes read from the caller and sent back to it."""
         endpoint = self._at
         if endpoint is not None:
             self._at = None
@@ -175,7 +192,11 @@ class Call:
                 self.cluster.record(endpoint, True, latency)
         self.cluster.count(code)
         if self._series is not None:
-            self._series.finished(code, elapsed)
+            self._series.finished(code, elapsed, request_bytes, response_bytes)
+        span = self._span
+        if span is not None:
+            last = self._last
+            span.end(code, elapsed, None if last is None else last.instance_id, len(self._tried))
 
 
 class Control:
@@ -190,17 +211,23 @@ class Control:
         clock: Callable[[], float] = time.monotonic,
         policy: PolicyWatch | None = None,
         service: str | None = None,
+        identity: str | None = None,
+        tracer: CallTracer | None = None,
     ) -> None:
-        """``policy`` and ``service`` (this sidecar's app's): who may call in."""
+        """``policy`` and ``service`` (this sidecar's app's): who may call in;
+        ``identity``: this sidecar's SPIFFE ID, the caller of its outbound calls;
+        ``tracer``: the spans of calls, when the sidecar traces."""
         self.golden = GoldenStats()
         self._policy = policy
         self._service = service
+        self._own_name = caller_name(identity)
+        self._tracer = tracer
         self._router = router
         self._tables = tuple(tables)
         self._rng = rng or random.Random()
         self._clock = clock
-        # Per path and direction: what the path says, and where its calls are counted.
-        self._routes: dict[tuple[str, bool], tuple[Route, Series]] = {}
+        # Per path, direction and peer: what the path says, where its calls are counted.
+        self._routes: dict[tuple[str, bool, str | None], tuple[Route, Series]] = {}
         self._loop = asyncio.get_running_loop()
 
     def begin(
@@ -214,14 +241,15 @@ class Control:
     ) -> Admission | Refusal:
         """Route a new call; an inbound one only if the policy lets ``peer`` (the caller's
         SPIFFE ID under mTLS; None without it) call ``path`` on our service."""
-        cached = self._routes.get((path, inbound))
+        cached = self._routes.get((path, inbound, peer))
         if cached is None:
             route = parse_method(path)
             if route is None:
                 return _MALFORMED
-            cached = (route, self.golden.series(inbound, route.service, route.method))
+            caller = caller_name(peer) if inbound else self._own_name
+            cached = (route, self.golden.series(inbound, route.service, route.method, caller))
             if len(self._routes) < _MAX_CACHED_ROUTES:
-                self._routes[(path, inbound)] = cached
+                self._routes[(path, inbound, peer)] = cached
         route, series = cached
         router = self._router
         if inbound:
@@ -247,16 +275,35 @@ class Control:
                 if name == cluster.hash_key:
                     key = value
                     break
+        span: TracedCall | None = None
+        traceparent: str | None = None
+        if self._tracer is not None:
+            span, traceparent = self._tracer.start(path, inbound, metadata)
         call = Call(
-            cluster, route.method, key, remaining, rng=self._rng, clock=self._clock, series=series
+            cluster,
+            route.method,
+            key,
+            remaining,
+            rng=self._rng,
+            clock=self._clock,
+            series=series,
+            span=span,
         )
         first = call.pick()
         try:
-            return Admission(call, cluster.breaker, outbound, cluster.per_try_timeout, first)
+            return Admission(
+                call, cluster.breaker, outbound, cluster.per_try_timeout, first, traceparent
+            )
         except Exception:
             # Never a call in flight that the data plane does not know of.
             call.finish(INTERNAL, None, 0.0)
             raise
+
+    def identify(self, identity: str) -> None:
+        """This sidecar's SPIFFE ID, once it has certified: the caller its outbound
+        calls are counted under from now on."""
+        self._own_name = caller_name(identity)
+        self._routes.clear()
 
     def reflect(self, request: bytes) -> bytes:
         """The answer to one server reflection request about the sidecar's own services."""

@@ -122,26 +122,38 @@ class SidecarCollector(Collector):
 
 
 def _golden(golden: GoldenStats) -> Iterator[Metric]:
-    labels = ["direction", "service", "method"]
+    labels = ["direction", "service", "method", "caller"]
     requests = CounterMetricFamily(
         "shoal_sidecar_requests",
         "Calls that ended, by direction (inbound: to our app; outbound: into the mesh), "
-        "gRPC service, method and status",
+        "gRPC service, method, calling mesh service and status",
         labels=[*labels, "code"],
     )
     duration = histogram_family(
         "shoal_sidecar_request_duration_seconds",
-        "Time from a call's admission to its end, by direction, gRPC service and method",
+        "Time from a call's admission to its end, by direction, gRPC service, method and caller",
         labels,
+    )
+    sent = CounterMetricFamily(
+        "shoal_sidecar_request_bytes",
+        "Message bytes of the requests of calls that ended, as read from their callers",
+        labels=labels,
+    )
+    answered = CounterMetricFamily(
+        "shoal_sidecar_response_bytes",
+        "Message bytes of the responses of calls that ended, as sent to their callers",
+        labels=labels,
     )
     in_flight: dict[tuple[str, str], int] = {}
     for key, series in golden.items():
         for code, count in sorted(series.codes.items()):
             requests.add_metric([*key, code_name(code)], count)
         series.duration.add_to(duration, key)
+        sent.add_metric(list(key), series.request_bytes)
+        answered.add_metric(list(key), series.response_bytes)
         pair = (key[0], key[1])
         in_flight[pair] = in_flight.get(pair, 0) + series.in_flight
-    yield from (requests, duration)
+    yield from (requests, duration, sent, answered)
     flying = GaugeMetricFamily(
         "shoal_sidecar_requests_in_flight",
         "Calls under way, by direction and gRPC service",

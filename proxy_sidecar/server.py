@@ -40,15 +40,18 @@ from proxy_sidecar.control import Control
 from proxy_sidecar.discovery import Discovery
 from proxy_sidecar.endpoints import Endpoint, EndpointTable
 from proxy_sidecar.errors import PolicyError
+from proxy_sidecar.golden import caller_name
 from proxy_sidecar.membership import Membership
 from proxy_sidecar.mesh_tls import SidecarTls
 from proxy_sidecar.routing import Router
 from proxy_sidecar.rpc import Rpc
+from proxy_sidecar.tracing import CallTracer
 from shoal_core.addresses import HostPort, dial_address, parse_address
 from shoal_core.certifying import MeshIdentity
 from shoal_core.errors import ServerStartError
 from shoal_core.http import HttpServer
 from shoal_core.lifecycle import ServiceBase
+from shoal_core.tracing import TraceSettings
 
 __all__ = ["SidecarServer"]
 
@@ -79,6 +82,7 @@ class SidecarServer(ServiceBase):
         advertise: str | None = None,
         admin: str | None = None,
         mesh: MeshIdentity | None = None,
+        trace: TraceSettings | None = None,
     ) -> None:
         self.config = config = config or SidecarConfig()
         if (service is None) != (app is None):
@@ -109,6 +113,7 @@ class SidecarServer(ServiceBase):
         self.tls: SidecarTls | None = None
         self.policy: PolicyWatch | None = None
         self.control: Control | None = None
+        self.tracer = None if trace is None else CallTracer(trace)
         super().__init__()
         self._registry_address = registry
         self._service = service
@@ -210,7 +215,13 @@ class SidecarServer(ServiceBase):
                 self._registry_address,
                 trust_domain=None if self._mesh is None else self._mesh.trust_domain,
             )
-        self.control = Control(self.router, self._tables, policy=self.policy, service=self._service)
+        self.control = control = Control(
+            self.router,
+            self._tables,
+            policy=self.policy,
+            service=self._service,
+            tracer=self.tracer,
+        )
         dataplane = DataPlane(
             self.control,
             idle_timeout=self.config.pool.idle_timeout,
@@ -230,6 +241,10 @@ class SidecarServer(ServiceBase):
         self._rpc = rpc = Rpc(dataplane)
         try:
             await self._secure(dataplane, rpc)
+            if self.tls is not None:
+                control.identify(str(self.tls.identity))
+            if self.tracer is not None:
+                self.tracer.open(self._span_service())
             for table in self._tables:
                 on_change = functools.partial(self._on_endpoints, local=table is not self.table)
                 table.subscribe(on_change)
@@ -271,6 +286,14 @@ class SidecarServer(ServiceBase):
             except BaseException:
                 await self.close(0)
                 raise
+
+    def _span_service(self) -> str:
+        """The name this sidecar's spans carry: its app's service, or the one its
+        certificate names (a client's sidecar), then ``-sidecar``."""
+        name = self._service
+        if name is None:
+            name = caller_name(None if self.tls is None else str(self.tls.identity))
+        return f"{name}-sidecar"
 
     async def _secure(self, dataplane: DataPlane, rpc: Rpc) -> None:
         """Certify (with a mesh identity) and say who each fixed address must be."""
@@ -329,6 +352,8 @@ class SidecarServer(ServiceBase):
             await asyncio.to_thread(dataplane.stop, 1e9 if grace is None else grace)
         if self._rpc is not None:
             self._rpc.close()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.close)
         if self.membership is not None:
             await self.membership.close()
         if self.tls is not None:

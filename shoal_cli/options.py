@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import click
 
 from shoal_core.addresses import AddressError, parse_address
+from shoal_core.tracing import DEFAULT_SAMPLE, TraceSettings
 
 __all__ = [
     "ADDRESS",
@@ -17,6 +18,8 @@ __all__ = [
     "json_option",
     "log_level_option",
     "metrics_option",
+    "trace_options",
+    "trace_settings",
 ]
 
 # What click's option decorators take and return; naming it keeps commands typed.
@@ -88,3 +91,40 @@ def json_option() -> Callable[[F], F]:
     return click.option(
         "--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead."
     )
+
+
+def trace_options() -> Callable[[F], F]:
+    """``--otlp-endpoint`` and ``--trace-sample`` (``SHOAL_OTLP_ENDPOINT``,
+    ``SHOAL_TRACE_SAMPLE``, shared by every command that traces); the command turns them
+    into ``TraceSettings`` with ``trace_settings``."""
+
+    def wrap(command: F) -> F:
+        command = click.option(
+            "--trace-sample",
+            type=click.FloatRange(0.0, 1.0),
+            envvar="SHOAL_TRACE_SAMPLE",
+            default=DEFAULT_SAMPLE,
+            show_default=True,
+            help="Share of the traces started here that are kept (a call that arrives "
+            "with a trace keeps its caller's choice).",
+        )(command)
+        return click.option(
+            "--otlp-endpoint",
+            envvar="SHOAL_OTLP_ENDPOINT",
+            default=None,
+            metavar="URL",
+            help="Send spans to this OTLP/gRPC collector (http://HOST:4317); no tracing without.",
+        )(command)
+
+    return wrap
+
+
+def trace_settings(endpoint: str | None, sample: float, service: str) -> TraceSettings | None:
+    """What ``trace_options`` gave, for a process calling itself ``service``; ``None``
+    when tracing is off. A malformed endpoint is a user error."""
+    if not endpoint:
+        return None
+    try:
+        return TraceSettings(endpoint=endpoint, service=service, sample=sample)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--otlp-endpoint") from None

@@ -12,7 +12,15 @@ from proxy_sidecar import SidecarConfig, SidecarServer, load_config
 from proxy_sidecar.errors import SidecarError
 from shoal_cli.errors import UserError
 from shoal_cli.mesh_tls import identity_options, mesh_identity
-from shoal_cli.options import ADDRESS, LISTEN, grace_option, isolation_option, log_level_option
+from shoal_cli.options import (
+    ADDRESS,
+    LISTEN,
+    grace_option,
+    isolation_option,
+    log_level_option,
+    trace_options,
+    trace_settings,
+)
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
 
@@ -68,6 +76,7 @@ __all__ = ["sidecar"]
     help="YAML file with balancing, retry, outlier and membership settings.",
 )
 @identity_options()
+@trace_options()
 @isolation_option()
 @grace_option(5.0)
 @log_level_option()
@@ -85,6 +94,8 @@ def sidecar(
     identity_server: str | None,
     trust_bundle: Path | None,
     token_file: Path | None,
+    otlp_endpoint: str | None,
+    trace_sample: float,
     exit_when_isolated: float | None,
     grace: float,
     log_level: str | None,
@@ -120,6 +131,8 @@ def sidecar(
             advertise=advertise,
             admin=admin,
             mesh=mesh_identity(identity_server, trust_bundle, token_file),
+            # Named for real once the sidecar knows its identity (SidecarServer.start).
+            trace=trace_settings(otlp_endpoint, trace_sample, "sidecar"),
         )
     except SidecarError as exc:
         raise UserError(str(exc)) from exc

@@ -17,6 +17,7 @@ __all__ = [
     "INTERNAL",
     "INVALID_ARGUMENT",
     "NOT_FOUND",
+    "OK",
     "PERMISSION_DENIED",
     "UNAVAILABLE",
     "UNIMPLEMENTED",
@@ -33,6 +34,7 @@ CODE_NAMES = tuple(
     "UNIMPLEMENTED INTERNAL UNAVAILABLE DATA_LOSS UNAUTHENTICATED".split()
 )
 # The ones Shoal's own code names, as plain ints (they cross into the data plane).
+OK = 0
 INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND, PERMISSION_DENIED = 3, 4, 5, 7
 UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 12, 13, 14
 

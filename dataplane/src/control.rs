@@ -17,6 +17,7 @@
 //! call gets INTERNAL and the log says what came back.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -117,20 +118,24 @@ pub struct Admission {
     per_try_timeout: Option<Duration>,
     #[pyo3(get)]
     first: Py<PyAny>,
+    /// The `traceparent` the upstream gets instead of the caller's: this hop's span.
+    traceparent: Option<HeaderValue>,
 }
 
 #[pymethods]
 impl Admission {
     /// `call` is told how the call goes (`failed`, `finish`) and picks retries (`pick`);
-    /// `first` is the first try's `Target`, or the `Refusal` the caller gets.
+    /// `first` is the first try's `Target`, or the `Refusal` the caller gets;
+    /// `traceparent`, when the call is traced here, replaces the caller's on every try.
     #[new]
-    #[pyo3(signature = (call, breaker, outbound, per_try_timeout, first))]
+    #[pyo3(signature = (call, breaker, outbound, per_try_timeout, first, traceparent=None))]
     fn new(
         call: Py<PyAny>,
         breaker: &Bound<'_, Breaker>,
         outbound: bool,
         per_try_timeout: Option<f64>,
         first: Bound<'_, PyAny>,
+        traceparent: Option<&str>,
     ) -> PyResult<Self> {
         if !(first.is_instance_of::<Target>() || first.is_instance_of::<Refusal>()) {
             return Err(PyTypeError::new_err(format!(
@@ -144,6 +149,12 @@ impl Admission {
                     .map_err(|_| PyValueError::new_err("per_try_timeout must be >= 0 seconds"))
             })
             .transpose()?;
+        let traceparent = traceparent
+            .map(|t| {
+                HeaderValue::from_str(t)
+                    .map_err(|_| PyValueError::new_err("traceparent must be a header value"))
+            })
+            .transpose()?;
         Ok(Admission {
             call,
             owner: breaker.clone().unbind(),
@@ -151,6 +162,7 @@ impl Admission {
             outbound,
             per_try_timeout,
             first: first.unbind(),
+            traceparent,
         })
     }
 
@@ -168,6 +180,7 @@ pub struct Admitted {
     pub per_try_timeout: Option<Duration>,
     /// The first try's endpoint, picked with the admission to save a call into Python.
     pub first: Result<Pick, Refusal>,
+    pub traceparent: Option<HeaderValue>,
 }
 
 fn internal() -> Refusal {
@@ -208,9 +221,10 @@ fn to_pick(py: Python<'_>, what: &str, got: Bound<'_, PyAny>) -> Result<Pick, Re
 }
 
 /// A call that ended: its `Call` object, its status, the last try's time to answer,
-/// and the whole call's time from admission to its end (measured here: the control
-/// plane hears of the end a little later, in a batch).
-type Ending = (Py<PyAny>, u32, Option<f64>, f64);
+/// the whole call's time from admission to its end (measured here: the control plane
+/// hears of the end a little later, in a batch), and the message bytes of its request
+/// (read from the caller) and of its response (sent to the caller).
+type Ending = (Py<PyAny>, u32, Option<f64>, f64, u64, u64);
 
 /// How calls ended, waiting to be told to the control plane.
 #[derive(Default)]
@@ -220,9 +234,9 @@ pub struct Endings {
 }
 
 impl Endings {
-    fn push(&self, call: Py<PyAny>, code: u32, latency: Option<f64>, elapsed: f64) {
+    fn push(&self, ending: Ending) {
         let mut queue = self.queue.lock().unwrap();
-        queue.push((call, code, latency, elapsed));
+        queue.push(ending);
         if queue.len() == 1 {
             self.queued.notify_one();
         }
@@ -231,8 +245,8 @@ impl Endings {
     /// Tell every queued ending to its call's `finish`, in order.
     pub fn deliver(&self, py: Python<'_>) {
         let ended = std::mem::take(&mut *self.queue.lock().unwrap());
-        for (call, code, latency, elapsed) in ended {
-            let args = (code, latency, elapsed);
+        for (call, code, latency, elapsed, request_bytes, response_bytes) in ended {
+            let args = (code, latency, elapsed, request_bytes, response_bytes);
             if let Err(err) = call.call_method1(py, intern!(py, "finish"), args) {
                 report(py, "finish", err);
             }
@@ -333,6 +347,8 @@ impl Control {
                 obj: Some(admission.call.clone_ref(py)),
                 endings: self.endings.clone(),
                 started: Instant::now(),
+                request_bytes: None,
+                response_bytes: 0,
             };
             Ok(Admitted {
                 first: to_pick(py, "begin", admission.first.bind(py).clone()),
@@ -340,6 +356,7 @@ impl Control {
                 breaker: admission.breaker.clone(),
                 outbound: admission.outbound,
                 per_try_timeout: admission.per_try_timeout,
+                traceparent: admission.traceparent.clone(),
             })
         })
     }
@@ -387,9 +404,22 @@ pub struct Call {
     obj: Option<Py<PyAny>>,
     endings: Arc<Endings>,
     started: Instant,
+    /// The request's message bytes, counted as the replay reads them from the caller.
+    request_bytes: Option<Arc<AtomicU64>>,
+    response_bytes: u64,
 }
 
 impl Call {
+    /// Count the request's bytes from `read` (the call's `Replay::received`).
+    pub fn count_request(&mut self, read: Arc<AtomicU64>) {
+        self.request_bytes = Some(read);
+    }
+
+    /// `n` more bytes of the response went to the caller.
+    pub fn responded(&mut self, n: usize) {
+        self.response_bytes += n as u64;
+    }
+
     /// The next try's endpoint.
     pub fn pick(&self) -> Result<Pick, Refusal> {
         let Some(obj) = self.obj.as_ref() else {
@@ -431,8 +461,18 @@ impl Call {
     pub fn finish(&mut self, code: u32, latency: Option<Duration>) {
         if let Some(obj) = self.obj.take() {
             let elapsed = self.started.elapsed().as_secs_f64();
-            self.endings
-                .push(obj, code, latency.map(|l| l.as_secs_f64()), elapsed);
+            let request_bytes = self
+                .request_bytes
+                .as_ref()
+                .map_or(0, |read| read.load(Ordering::Relaxed));
+            self.endings.push((
+                obj,
+                code,
+                latency.map(|l| l.as_secs_f64()),
+                elapsed,
+                request_bytes,
+                self.response_bytes,
+            ));
         }
     }
 }

@@ -29,6 +29,7 @@ const TARGET_KEY: HeaderName = HeaderName::from_static("shoal-target-service");
 /// Marks a call one sidecar forwards to another; it must arrive on a mesh-facing listener.
 const HOP_KEY: HeaderName = HeaderName::from_static("shoal-hop");
 const TIMEOUT_KEY: HeaderName = HeaderName::from_static("grpc-timeout");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 // Services the sidecar serves itself (`own`), for calls from its app.
 const OWN_SERVICES: [&str; 3] = [
     "/grpc.health.v1.Health/",
@@ -184,7 +185,11 @@ pub async fn handle(
     if admitted.outbound {
         headers.insert(HOP_KEY, HeaderValue::from_static("1"));
     }
+    if let Some(traceparent) = admitted.traceparent {
+        headers.insert(TRACEPARENT, traceparent);
+    }
     let replay = Replay::new(body, plane.replay_limit);
+    call.count_request(replay.received());
     replay.prefetch().await;
     loop {
         let pick = match first.take().unwrap_or_else(|| call.pick()) {

@@ -39,6 +39,13 @@ impl Ending {
         }
     }
 
+    /// A frame going to the caller: its message bytes count toward the response's.
+    fn sent(&mut self, frame: &Frame<Bytes>) {
+        if let (Some(call), Some(data)) = (self.call.as_mut(), frame.data_ref()) {
+            call.responded(data.len());
+        }
+    }
+
     fn end(&mut self, code: u32) {
         if let Some(mut call) = self.call.take() {
             call.finish(code, self.latency);
@@ -103,6 +110,7 @@ impl Body for RelayBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(first) = this.first.take() {
+            this.ending.sent(&first);
             return Poll::Ready(Some(Ok(first)));
         }
         if let Some(local) = this.local.as_mut() {
@@ -128,7 +136,10 @@ impl Body for RelayBody {
                     this.ending.end(code);
                     Poll::Ready(Some(Ok(Frame::trailers(trailers))))
                 }
-                Err(frame) => Poll::Ready(Some(Ok(frame))),
+                Err(frame) => {
+                    this.ending.sent(&frame);
+                    Poll::Ready(Some(Ok(frame)))
+                }
             },
             Poll::Ready(None) => {
                 // Ended without trailers: the caller sees a broken call.

@@ -7,6 +7,7 @@
 //! resets its upstream stream instead of ending it as if the request were complete.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -27,6 +28,17 @@ struct Shared {
     passing: bool,
     overflowed: bool,
     generation: u64,
+    /// Every message byte read from the client, kept or not (the request's size).
+    received: Arc<AtomicU64>,
+}
+
+impl Shared {
+    fn count(&self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.received
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The client's request stream, shared by the tries of one call.
@@ -48,6 +60,7 @@ impl Replay {
                 passing: false,
                 overflowed: false,
                 generation: 0,
+                received: Arc::default(),
             })),
         }
     }
@@ -62,6 +75,7 @@ impl Replay {
             while !shared.eof && shared.size <= shared.limit {
                 match Pin::new(&mut shared.source).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
+                        shared.count(&frame);
                         shared.size += frame.data_ref().map_or(0, Bytes::len);
                         shared.kept.push(frame);
                     }
@@ -88,6 +102,11 @@ impl Replay {
             generation: shared.generation,
             next: 0,
         }
+    }
+
+    /// The count of the request's message bytes read from the client so far.
+    pub fn received(&self) -> Arc<AtomicU64> {
+        self.shared.lock().unwrap().received.clone()
     }
 
     /// Whether a failed try may be retried: every frame sent so far is still kept.
@@ -164,6 +183,7 @@ impl Body for ReplayBody {
             }
             Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(Box::new(err)))),
             Poll::Ready(Some(Ok(frame))) => {
+                shared.count(&frame);
                 if !shared.passing {
                     shared.size += frame.data_ref().map_or(0, Bytes::len);
                     if shared.size > shared.limit {

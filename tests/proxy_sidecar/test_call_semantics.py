@@ -39,8 +39,8 @@ async def test_every_shape_is_forwarded_and_counted(make_mesh):
     counted = [
         float(line.rsplit(" ", 1)[1])
         for line in body.decode().splitlines()
-        if line.startswith('shoal_sidecar_requests_total{code="OK",direction="outbound"')
-        and 'service="test.Echo"' in line
+        if line.startswith("shoal_sidecar_requests_total{")
+        and all(f in line for f in ('code="OK"', 'direction="outbound"', 'service="test.Echo"'))
     ]
     assert sum(counted) == 6
 

@@ -47,7 +47,14 @@ class _OneTry:
     def failed(self, code: int, replayable: bool, elapsed: float) -> float | None:
         return None
 
-    def finish(self, code: int, latency: float | None, elapsed: float) -> None:
+    def finish(
+        self,
+        code: int,
+        latency: float | None,
+        elapsed: float,
+        request_bytes: int,
+        response_bytes: int,
+    ) -> None:
         return None
 
 

@@ -91,7 +91,8 @@ async def test_admin_endpoints(make_mesh):
     assert data["codes"]["OK"] == 5
     status, body = await _get(port, "/metrics")
     assert (
-        b'shoal_sidecar_requests_total{code="OK",direction="outbound",method="Unary",'
+        b'shoal_sidecar_requests_total{caller="unknown",code="OK",direction="outbound",'
+        b'method="Unary",'
         b'service="test.Echo"} 5.0'
     ) in body
 

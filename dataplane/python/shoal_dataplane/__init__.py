@@ -53,9 +53,17 @@ class CallControl(Protocol):
     def failed(self, code: int, replayable: bool, elapsed: float) -> float | None:
         """A try ended with ``code`` before an answer: the pause before a retry, or None."""
 
-    def finish(self, code: int, latency: float | None, elapsed: float) -> None:
+    def finish(
+        self,
+        code: int,
+        latency: float | None,
+        elapsed: float,
+        request_bytes: int,
+        response_bytes: int,
+    ) -> None:
         """The call ended with ``code``; ``latency`` when the last try's upstream answered;
-        ``elapsed``, the whole call's seconds from admission to its end."""
+        ``elapsed``, the whole call's seconds from admission to its end; the message
+        bytes read from the caller and sent back to it."""
 
 
 class ControlPlane(Protocol):

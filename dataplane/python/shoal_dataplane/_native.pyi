@@ -41,6 +41,7 @@ class Admission:
         outbound: bool,
         per_try_timeout: float | None,
         first: Target | Refusal,
+        traceparent: str | None = None,
     ) -> None: ...
 
 class OwnCall:
