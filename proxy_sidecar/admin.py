@@ -78,6 +78,7 @@ class AdminPages:
                     server.policy,
                     golden=None if server.control is None else server.control.golden,
                     handshakes=server.handshakes,
+                    spans=server.spans,
                 )
             )
             self._page = metrics_page(registry)

@@ -42,7 +42,6 @@ from proxy_sidecar.errors import NoHealthyEndpoint, RouteError, UnknownService
 from proxy_sidecar.golden import GoldenStats, Series, caller_name
 from proxy_sidecar.reflect import answer as reflection_answer
 from proxy_sidecar.routing import Route, Router, parse_method
-from proxy_sidecar.tracing import CallTracer, TracedCall
 from shoal_core.codes import (
     DEADLINE_EXCEEDED,
     INTERNAL,
@@ -91,8 +90,6 @@ class Call:
         "_at",
         "_now",
         "_series",
-        "_span",
-        "_last",
     )
 
     def __init__(
@@ -105,10 +102,8 @@ class Call:
         rng: random.Random,
         clock: Callable[[], float],
         series: Series | None = None,
-        span: TracedCall | None = None,
     ) -> None:
-        """``series``: where the call's golden metrics go (see ``golden``); ``span``:
-        its span when it is traced (see ``tracing``)."""
+        """``series``: where the call's golden metrics go (see ``golden``)."""
         self.cluster = cluster
         self._method = method
         self._key = key
@@ -127,9 +122,6 @@ class Call:
         self._series = series
         if series is not None:
             series.started()
-        self._span = span
-        # The endpoint of the last try, for the span: a failed try clears ``_at``.
-        self._last: Endpoint | None = None
 
     def pick(self) -> Target | Refusal:
         """The next try's endpoint (another than those tried when possible)."""
@@ -139,7 +131,7 @@ class Call:
         except RouteError as exc:
             return route_refusal(exc)
         endpoint.in_flight += 1
-        self._at = self._last = endpoint
+        self._at = endpoint
         return endpoint.target
 
     def failed(self, code: int, replayable: bool, elapsed: float) -> float | None:
@@ -193,10 +185,6 @@ class Call:
         self.cluster.count(code)
         if self._series is not None:
             self._series.finished(code, elapsed, request_bytes, response_bytes)
-        span = self._span
-        if span is not None:
-            last = self._last
-            span.end(code, elapsed, None if last is None else last.instance_id, len(self._tried))
 
 
 class Control:
@@ -212,16 +200,13 @@ class Control:
         policy: PolicyWatch | None = None,
         service: str | None = None,
         identity: str | None = None,
-        tracer: CallTracer | None = None,
     ) -> None:
         """``policy`` and ``service`` (this sidecar's app's): who may call in;
-        ``identity``: this sidecar's SPIFFE ID, the caller of its outbound calls;
-        ``tracer``: the spans of calls, when the sidecar traces."""
+        ``identity``: this sidecar's SPIFFE ID, the caller of its outbound calls."""
         self.golden = GoldenStats()
         self._policy = policy
         self._service = service
         self._own_name = caller_name(identity)
-        self._tracer = tracer
         self._router = router
         self._tables = tuple(tables)
         self._rng = rng or random.Random()
@@ -275,25 +260,12 @@ class Control:
                 if name == cluster.hash_key:
                     key = value
                     break
-        span: TracedCall | None = None
-        traceparent: str | None = None
-        if self._tracer is not None:
-            span, traceparent = self._tracer.start(path, inbound, metadata)
         call = Call(
-            cluster,
-            route.method,
-            key,
-            remaining,
-            rng=self._rng,
-            clock=self._clock,
-            series=series,
-            span=span,
+            cluster, route.method, key, remaining, rng=self._rng, clock=self._clock, series=series
         )
         first = call.pick()
         try:
-            return Admission(
-                call, cluster.breaker, outbound, cluster.per_try_timeout, first, traceparent
-            )
+            return Admission(call, cluster.breaker, outbound, cluster.per_try_timeout, first)
         except Exception:
             # Never a call in flight that the data plane does not know of.
             call.finish(INTERNAL, None, 0.0)

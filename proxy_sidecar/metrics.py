@@ -34,8 +34,11 @@ class SidecarCollector(Collector):
         policy: PolicyWatch | None = None,
         golden: GoldenStats | None = None,
         handshakes: Callable[[], tuple[int, int]] | None = None,
+        spans: Callable[[], tuple[int, int] | None] | None = None,
     ) -> None:
-        """``handshakes``: TLS handshakes completed and failed, both directions."""
+        """``handshakes``: TLS handshakes completed and failed, both directions;
+        ``spans``: spans exported and dropped (``None`` when not tracing)."""
+        self._spans = spans
         self._golden = golden
         self._handshakes = handshakes
         self._policy = policy
@@ -56,6 +59,17 @@ class SidecarCollector(Collector):
             handshakes.add_metric(["ok"], done)
             handshakes.add_metric(["failed"], failed)
             yield handshakes
+        counts = None if self._spans is None else self._spans()
+        if counts is not None:
+            spans = CounterMetricFamily(
+                "shoal_sidecar_spans",
+                "Spans of traced calls, by what became of them (exported to the collector, "
+                "or dropped: the queue was full or the collector refused them)",
+                labels=["result"],
+            )
+            spans.add_metric(["exported"], counts[0])
+            spans.add_metric(["dropped"], counts[1])
+            yield spans
         retries = CounterMetricFamily("shoal_sidecar_retries", "Retries sent", labels=["service"])
         denied = CounterMetricFamily(
             "shoal_sidecar_retries_denied",

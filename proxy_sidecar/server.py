@@ -45,7 +45,6 @@ from proxy_sidecar.membership import Membership
 from proxy_sidecar.mesh_tls import SidecarTls
 from proxy_sidecar.routing import Router
 from proxy_sidecar.rpc import Rpc
-from proxy_sidecar.tracing import CallTracer
 from shoal_core.addresses import HostPort, dial_address, parse_address
 from shoal_core.certifying import MeshIdentity
 from shoal_core.errors import ServerStartError
@@ -113,7 +112,16 @@ class SidecarServer(ServiceBase):
         self.tls: SidecarTls | None = None
         self.policy: PolicyWatch | None = None
         self.control: Control | None = None
-        self.tracer = None if trace is None else CallTracer(trace)
+        self._trace = trace
+        self._collector: str | None = None
+        if trace is not None:
+            if not trace.endpoint.startswith("http://"):
+                raise PolicyError(
+                    "the sidecar sends spans in plaintext to a collector beside it: "
+                    f"--otlp-endpoint must be http://HOST:PORT, not {trace.endpoint}"
+                )
+            self._collector = trace.endpoint.removeprefix("http://").rstrip("/")
+            parse_address(self._collector)
         super().__init__()
         self._registry_address = registry
         self._service = service
@@ -175,6 +183,12 @@ class SidecarServer(ServiceBase):
             return (0, 0)
         return dataplane.handshakes(), dataplane.handshake_failures()
 
+    def spans(self) -> tuple[int, int] | None:
+        """Spans exported and dropped; ``None`` when the sidecar does not trace."""
+        if self._trace is None:
+            return None
+        return (0, 0) if self.dataplane is None else self.dataplane.trace_counts()
+
     def connections(self) -> int:
         return 0 if self.dataplane is None else self.dataplane.connections()
 
@@ -206,6 +220,7 @@ class SidecarServer(ServiceBase):
 
     async def start(self) -> None:
         limits = self.config.listeners
+        trace = self._trace
         if self._service is not None:
             # The control plane's reference; it follows the registry once the data plane
             # can carry its watch (until then no inbound call can arrive: nothing is
@@ -220,7 +235,6 @@ class SidecarServer(ServiceBase):
             self._tables,
             policy=self.policy,
             service=self._service,
-            tracer=self.tracer,
         )
         dataplane = DataPlane(
             self.control,
@@ -229,6 +243,8 @@ class SidecarServer(ServiceBase):
             max_streams=limits.max_streams,
             connection_idle_timeout=limits.idle_timeout,
             secure=self._mesh is not None,
+            trace_collector=self._collector,
+            trace_sample=1.0 if trace is None else trace.sample,
         )
         if self._mesh is not None:
             dataplane.set_trust_bundle(self._mesh.bundle_pem)
@@ -243,8 +259,7 @@ class SidecarServer(ServiceBase):
             await self._secure(dataplane, rpc)
             if self.tls is not None:
                 control.identify(str(self.tls.identity))
-            if self.tracer is not None:
-                self.tracer.open(self._span_service())
+            dataplane.set_trace_service(self._span_service())
             for table in self._tables:
                 on_change = functools.partial(self._on_endpoints, local=table is not self.table)
                 table.subscribe(on_change)
@@ -289,11 +304,13 @@ class SidecarServer(ServiceBase):
 
     def _span_service(self) -> str:
         """The name this sidecar's spans carry: its app's service, or the one its
-        certificate names (a client's sidecar), then ``-sidecar``."""
-        name = self._service
-        if name is None:
-            name = caller_name(None if self.tls is None else str(self.tls.identity))
-        return f"{name}-sidecar"
+        certificate names (a client's sidecar), then ``-sidecar``; ``sidecar`` alone for
+        an app nothing names (a plaintext client)."""
+        if self._service is not None:
+            return f"{self._service}-sidecar"
+        if self.tls is None:
+            return "sidecar"
+        return f"{caller_name(str(self.tls.identity))}-sidecar"
 
     async def _secure(self, dataplane: DataPlane, rpc: Rpc) -> None:
         """Certify (with a mesh identity) and say who each fixed address must be."""
@@ -352,8 +369,6 @@ class SidecarServer(ServiceBase):
             await asyncio.to_thread(dataplane.stop, 1e9 if grace is None else grace)
         if self._rpc is not None:
             self._rpc.close()
-        if self.tracer is not None:
-            await asyncio.to_thread(self.tracer.close)
         if self.membership is not None:
             await self.membership.close()
         if self.tls is not None:

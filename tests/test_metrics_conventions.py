@@ -35,6 +35,8 @@ from proxy_sidecar import SidecarServer
 from registry_service import RegistryServer
 from shoal_core.metrics import Histogram
 from shoal_core.tls import bootstrap_credentials, target_options
+from shoal_core.tracing import TraceSettings
+from tests.otlp_receiver import OtlpReceiver
 from tests.proxy_sidecar.conftest import (
     FAST_REGISTRY,
     Echo,
@@ -152,8 +154,11 @@ async def test_the_identity_servers_metrics_pass_promtool(tmp_path: Path) -> Non
 
 @contextlib.asynccontextmanager
 async def sidecars() -> AsyncIterator[tuple[SidecarServer, SidecarServer]]:
-    """A client sidecar and the sidecar of one app, both with an admin page."""
+    """A client sidecar (tracing every call) and the sidecar of one app, both with an
+    admin page."""
     async with contextlib.AsyncExitStack() as stack:
+        receiver = await stack.enter_async_context(OtlpReceiver())
+        trace = TraceSettings(endpoint=receiver.endpoint, service="sidecar", sample=1.0)
         registry = await stack.enter_async_context(RegistryServer("127.0.0.1:0", FAST_REGISTRY))
         app = await stack.enter_async_context(Upstream("up0"))
         inbound = SidecarServer(
@@ -167,7 +172,7 @@ async def sidecars() -> AsyncIterator[tuple[SidecarServer, SidecarServer]]:
         )
         await stack.enter_async_context(inbound)
         client = SidecarServer(
-            "127.0.0.1:0", registry.address, sidecar_config(), admin="127.0.0.1:0"
+            "127.0.0.1:0", registry.address, sidecar_config(), admin="127.0.0.1:0", trace=trace
         )
         await stack.enter_async_context(client)
         await wait_for(lambda: routable(client) == 1, what="the app routable")
@@ -186,7 +191,8 @@ async def test_the_sidecars_admin_metrics_pass_promtool() -> None:
             name: await scrape(s.admin_port)
             for name, s in (("client", client), ("inbound", inbound))
         }
-    assert b"shoal_sidecar_" in pages["client"]
+    for family in (b"request_bytes_total", b"response_bytes_total", b"spans_total"):
+        assert b"shoal_sidecar_" + family in pages["client"]
     for name, page in pages.items():
         code, said = promtool(page)
         assert (code, said) == (0, ""), f"{name} sidecar: promtool (exit {code}):\n{said}"

@@ -22,12 +22,13 @@ from .stacks import idle_rss, one_hop, two_hop
 from .stream import stream
 from .tls import TlsPlan, tls_part
 from .tlsstacks import tls
+from .trace import TracePlan, trace_part, trace_stacks
 from .unary import UnaryPlan, memory, two_hops, unary
 from .wire import echo_message, grpc_frame
 
 __all__ = ["main"]
 
-PARTS = ("unary", "stream", "twohop", "large", "tls")
+PARTS = ("unary", "stream", "twohop", "large", "tls", "trace")
 LARGE_SIZES = (1 * MIB, 4 * MIB)
 
 
@@ -47,6 +48,7 @@ class Plan:
     large_rounds: int
     large_calls: dict[int, int]
     tls: TlsPlan
+    trace: TracePlan
 
 
 def _plan(args: argparse.Namespace, parts: set[str]) -> Plan:
@@ -82,6 +84,12 @@ def _plan(args: argparse.Namespace, parts: set[str]) -> Plan:
             handshake_rounds=few,
             handshakes=args.handshakes or (300 if quick else 1500),
             threads=args.handshake_threads,
+        ),
+        trace=TracePlan(
+            rounds=args.rounds or (1 if quick else 7),
+            calls=args.calls or (1500 if quick else 6000),
+            conns=args.connections,
+            streams=args.streams,
         ),
     )
 
@@ -171,6 +179,15 @@ async def run(plan: Plan) -> int:
                     found, bad = await tls_part(h2load, stacks, small, plan.tls)
                     verdicts += found
                     failed += bad
+            if "trace" in plan.parts:
+                async with contextlib.AsyncExitStack() as stack:
+                    _step("starting a collector and three pairs of sidecars (untraced, "
+                          "sampling 0, sampling every call)")  # fmt: skip
+                    trace = await trace_stacks(stack, tmp, worker)
+                    _step("tracing")
+                    found, bad = await trace_part(h2load, trace, small, plan.trace)
+                    verdicts += found
+                    failed += bad
     if idle:
         verdicts.append(memory(idle, loaded, mesh_idle))
     if failed:
@@ -230,7 +247,7 @@ def main() -> int:
         parser.error("counts must not be negative")
     if args.handshake_threads < 1:
         parser.error("--handshake-threads must be at least 1")
-    needed = (["haproxy"] if parts - {"tls"} else []) + ["nginx"]
+    needed = (["haproxy"] if parts - {"tls", "trace"} else []) + ["nginx"]
     needed += ["h2load"] if parts - {"stream"} else []
     missing = missing_tools(needed)
     if missing:

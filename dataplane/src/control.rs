@@ -32,6 +32,7 @@ use pyo3::types::{PyBytes, PyString, PyTuple};
 
 use crate::breaker::{Breaker, Core};
 use crate::grpc;
+use crate::trace::{Started, Tracer};
 
 /// A call the control plane will not route: the status the caller gets.
 #[pyclass(frozen, module = "shoal_dataplane._native", get_all)]
@@ -118,24 +119,20 @@ pub struct Admission {
     per_try_timeout: Option<Duration>,
     #[pyo3(get)]
     first: Py<PyAny>,
-    /// The `traceparent` the upstream gets instead of the caller's: this hop's span.
-    traceparent: Option<HeaderValue>,
 }
 
 #[pymethods]
 impl Admission {
     /// `call` is told how the call goes (`failed`, `finish`) and picks retries (`pick`);
-    /// `first` is the first try's `Target`, or the `Refusal` the caller gets;
-    /// `traceparent`, when the call is traced here, replaces the caller's on every try.
+    /// `first` is the first try's `Target`, or the `Refusal` the caller gets.
     #[new]
-    #[pyo3(signature = (call, breaker, outbound, per_try_timeout, first, traceparent=None))]
+    #[pyo3(signature = (call, breaker, outbound, per_try_timeout, first))]
     fn new(
         call: Py<PyAny>,
         breaker: &Bound<'_, Breaker>,
         outbound: bool,
         per_try_timeout: Option<f64>,
         first: Bound<'_, PyAny>,
-        traceparent: Option<&str>,
     ) -> PyResult<Self> {
         if !(first.is_instance_of::<Target>() || first.is_instance_of::<Refusal>()) {
             return Err(PyTypeError::new_err(format!(
@@ -149,12 +146,6 @@ impl Admission {
                     .map_err(|_| PyValueError::new_err("per_try_timeout must be >= 0 seconds"))
             })
             .transpose()?;
-        let traceparent = traceparent
-            .map(|t| {
-                HeaderValue::from_str(t)
-                    .map_err(|_| PyValueError::new_err("traceparent must be a header value"))
-            })
-            .transpose()?;
         Ok(Admission {
             call,
             owner: breaker.clone().unbind(),
@@ -162,7 +153,6 @@ impl Admission {
             outbound,
             per_try_timeout,
             first: first.unbind(),
-            traceparent,
         })
     }
 
@@ -180,7 +170,6 @@ pub struct Admitted {
     pub per_try_timeout: Option<Duration>,
     /// The first try's endpoint, picked with the admission to save a call into Python.
     pub first: Result<Pick, Refusal>,
-    pub traceparent: Option<HeaderValue>,
 }
 
 fn internal() -> Refusal {
@@ -349,6 +338,8 @@ impl Control {
                 started: Instant::now(),
                 request_bytes: None,
                 response_bytes: 0,
+                span: None,
+                tries: 0,
             };
             Ok(Admitted {
                 first: to_pick(py, "begin", admission.first.bind(py).clone()),
@@ -356,7 +347,6 @@ impl Control {
                 breaker: admission.breaker.clone(),
                 outbound: admission.outbound,
                 per_try_timeout: admission.per_try_timeout,
-                traceparent: admission.traceparent.clone(),
             })
         })
     }
@@ -407,12 +397,40 @@ pub struct Call {
     /// The request's message bytes, counted as the replay reads them from the caller.
     request_bytes: Option<Arc<AtomicU64>>,
     response_bytes: u64,
+    /// The call's span, when it is traced: boxed, as most calls are not, and every
+    /// call's future carries this struct.
+    span: Option<Box<Traced>>,
+    tries: u32,
+}
+
+/// A traced call's span, and the instance its last try went to.
+struct Traced {
+    tracer: Arc<Tracer>,
+    started: Started,
+    upstream: Option<HeaderValue>,
 }
 
 impl Call {
     /// Count the request's bytes from `read` (the call's `Replay::received`).
     pub fn count_request(&mut self, read: Arc<AtomicU64>) {
         self.request_bytes = Some(read);
+    }
+
+    /// Record the call's span with `tracer` when it ends.
+    pub fn trace(&mut self, tracer: Arc<Tracer>, started: Started) {
+        self.span = Some(Box::new(Traced {
+            tracer,
+            started,
+            upstream: None,
+        }));
+    }
+
+    /// A try goes to the instance `mark` names (`None`: the local app).
+    pub fn trying(&mut self, mark: Option<&HeaderValue>) {
+        self.tries += 1;
+        if let Some(span) = self.span.as_mut() {
+            span.upstream = mark.cloned();
+        }
     }
 
     /// `n` more bytes of the response went to the caller.
@@ -459,6 +477,15 @@ impl Call {
     /// The call ended with `code`; `latency` is the time the last try took to answer.
     /// Queued for the control plane (see the module's notes).
     pub fn finish(&mut self, code: u32, latency: Option<Duration>) {
+        if let Some(span) = self.span.take() {
+            let Traced {
+                tracer,
+                started,
+                upstream,
+            } = *span;
+            let retries = self.tries.saturating_sub(1);
+            tracer.end(started, code, self.started.elapsed(), upstream, retries);
+        }
         if let Some(obj) = self.obj.take() {
             let elapsed = self.started.elapsed().as_secs_f64();
             let request_bytes = self

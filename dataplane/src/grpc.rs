@@ -17,6 +17,31 @@ pub const UNIMPLEMENTED: u32 = 12;
 pub const INTERNAL: u32 = 13;
 pub const UNAVAILABLE: u32 = 14;
 
+const NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A status code's name; numbers gRPC does not define read as UNKNOWN, as gRPC reads them.
+pub fn code_name(code: u32) -> &'static str {
+    NAMES.get(code as usize).copied().unwrap_or("UNKNOWN")
+}
+
 // Header names as constants: a `&str` key is parsed and checked on every use.
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 

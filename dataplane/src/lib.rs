@@ -24,6 +24,7 @@ mod replay;
 mod server;
 mod stream;
 mod tls;
+mod trace;
 mod verify;
 
 use std::net::ToSocketAddrs;
@@ -45,6 +46,7 @@ use crate::pool::Pool;
 use crate::proxy::{Plane, Role};
 use crate::server::{Limits, Listener};
 use crate::tls::{Identity, Tls};
+use crate::trace::Tracer;
 
 struct Running {
     thread: Option<JoinHandle<()>>,
@@ -91,7 +93,9 @@ impl DataPlane {
     #[pyo3(signature = (
         control, *, replay_limit=1 << 20, idle_timeout=300.0, max_connections=1024,
         max_streams=1000, connection_idle_timeout=600.0, secure=false,
+        trace_collector=None, trace_sample=0.01,
     ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         control: Py<PyAny>,
         replay_limit: usize,
@@ -100,7 +104,14 @@ impl DataPlane {
         max_streams: u32,
         connection_idle_timeout: f64,
         secure: bool,
+        trace_collector: Option<String>,
+        trace_sample: f64,
     ) -> PyResult<Self> {
+        if !(0.0..=1.0).contains(&trace_sample) {
+            return Err(PyValueError::new_err(
+                "trace_sample must be between 0 and 1",
+            ));
+        }
         let idle_timeout = seconds("idle_timeout", idle_timeout)?;
         let connection_idle_timeout = seconds("connection_idle_timeout", connection_idle_timeout)?;
         if max_connections == 0 || max_streams == 0 {
@@ -116,12 +127,19 @@ impl DataPlane {
             })
         };
         let tls = Arc::new(Tls::default());
+        let pool = Pool::new(observer, idle_timeout, secure.then(|| tls.clone()));
+        let tracer = trace_collector.map(|collector| {
+            // The collector is no mesh member: it is reached in plaintext.
+            pool.expect_peer(&collector, None);
+            Arc::new(Tracer::new(collector, trace_sample))
+        });
         Ok(DataPlane {
             plane: Arc::new(Plane {
                 control,
-                pool: Pool::new(observer, idle_timeout, secure.then(|| tls.clone())),
+                pool,
                 serving: watch::Sender::new(true),
                 replay_limit,
+                tracer,
             }),
             limits: Limits {
                 max_connections,
@@ -192,9 +210,20 @@ impl DataPlane {
                             let endings = plane.control.endings.clone();
                             let flusher = tokio::spawn(endings.clone().flush_forever());
                             let collector = tokio::spawn(alloc::collect_forever());
+                            let tracer = plane.tracer.clone();
+                            let pool = plane.pool.clone();
+                            let exporter = tracer
+                                .clone()
+                                .map(|t| tokio::spawn(t.export_forever(pool.clone())));
                             server::serve(plane, listeners, stopped).await;
                             flusher.abort();
                             collector.abort();
+                            if let (Some(exporter), Some(tracer)) = (exporter, tracer) {
+                                exporter.abort();
+                                // The last spans, within a bound: the collector may be gone.
+                                let last = tracer.flush(&pool);
+                                let _ = tokio::time::timeout(Duration::from_secs(2), last).await;
+                            }
                             // The calls that ended during the drain are told too.
                             Python::attach(|py| endings.deliver(py));
                         });
@@ -309,6 +338,18 @@ impl DataPlane {
         }
         self.plane.pool.expect_peer(address, peer);
         Ok(())
+    }
+
+    /// The name this sidecar's spans carry (OpenTelemetry's `service.name`).
+    fn set_trace_service(&self, name: String) {
+        if let Some(tracer) = &self.plane.tracer {
+            tracer.set_service(name);
+        }
+    }
+
+    /// Spans exported to the collector and spans dropped, `(0, 0)` without tracing.
+    fn trace_counts(&self) -> (u64, u64) {
+        self.plane.tracer.as_ref().map_or((0, 0), |t| t.counts())
     }
 
     /// TLS handshakes completed, both directions.

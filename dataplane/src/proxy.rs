@@ -23,13 +23,13 @@ use crate::pool::{Failure, Pool, Upstream};
 use crate::relay::{Ending, RelayBody, UPSTREAM_KEY};
 use crate::replay::Replay;
 use crate::stream::UpBody;
+use crate::trace::{Tracer, TRACEPARENT};
 use tokio::sync::watch;
 
 const TARGET_KEY: HeaderName = HeaderName::from_static("shoal-target-service");
 /// Marks a call one sidecar forwards to another; it must arrive on a mesh-facing listener.
 const HOP_KEY: HeaderName = HeaderName::from_static("shoal-hop");
 const TIMEOUT_KEY: HeaderName = HeaderName::from_static("grpc-timeout");
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 // Services the sidecar serves itself (`own`), for calls from its app.
 const OWN_SERVICES: [&str; 3] = [
     "/grpc.health.v1.Health/",
@@ -61,6 +61,8 @@ pub struct Plane {
     /// Whether the sidecar says it is serving, on its own grpc.health.v1 (see `own`).
     pub serving: watch::Sender<bool>,
     pub replay_limit: usize,
+    /// Spans of calls, when the sidecar traces.
+    pub tracer: Option<Arc<Tracer>>,
 }
 
 fn refused(refusal: Refusal) -> Response<RelayBody> {
@@ -185,8 +187,14 @@ pub async fn handle(
     if admitted.outbound {
         headers.insert(HOP_KEY, HeaderValue::from_static("1"));
     }
-    if let Some(traceparent) = admitted.traceparent {
-        headers.insert(TRACEPARENT, traceparent);
+    if let Some(tracer) = &plane.tracer {
+        let (started, traceparent) = tracer.start(&headers, path, inbound);
+        if let Some(traceparent) = traceparent {
+            headers.insert(TRACEPARENT, traceparent);
+        }
+        if let Some(started) = started {
+            call.trace(tracer.clone(), started);
+        }
     }
     let replay = Replay::new(body, plane.replay_limit);
     call.count_request(replay.received());
@@ -200,6 +208,7 @@ pub async fn handle(
             }
         };
         let mark = if admitted.outbound { pick.mark } else { None };
+        call.trying(mark.as_ref());
         let Some(upstream) = plane.pool.get(&pick.address) else {
             call.finish(grpc::UNAVAILABLE, None);
             let message = format!("shoal: bad endpoint address {:?}", &*pick.address);

@@ -41,7 +41,6 @@ class Admission:
         outbound: bool,
         per_try_timeout: float | None,
         first: Target | Refusal,
-        traceparent: str | None = None,
     ) -> None: ...
 
 class OwnCall:
@@ -59,6 +58,10 @@ class DataPlane:
     plaintext when told ``None``, and not at all when nothing was said (UNAVAILABLE,
     "shoal: no mesh identity is known for ADDRESS"). The app-facing (outbound)
     listener is plaintext either way. Without ``secure`` everything is plaintext.
+
+    With ``trace_collector`` (``host:port`` of an OTLP/gRPC collector, plaintext) every
+    call continues or starts a W3C trace and, when sampled, records a span, exported in
+    batches; traces started here are kept at ``trace_sample``. Python sees none of it.
     """
 
     def __init__(
@@ -71,7 +74,13 @@ class DataPlane:
         max_streams: int = ...,
         connection_idle_timeout: float = ...,
         secure: bool = False,
+        trace_collector: str | None = None,
+        trace_sample: float = 0.01,
     ) -> None: ...
+    def set_trace_service(self, name: str) -> None:
+        """The name this sidecar's spans carry (OpenTelemetry's ``service.name``)."""
+    def trace_counts(self) -> tuple[int, int]:
+        """Spans exported to the collector, and spans dropped; (0, 0) without tracing."""
     def start(self, outbound: str, inbound: str | None = None) -> tuple[int, int | None]:
         """Bind the app-facing (and mesh-facing) listeners and serve them on a thread of
         their own; the ports bound. A secure data plane needs ``set_identity`` (or, to
