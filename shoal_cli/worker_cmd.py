@@ -13,11 +13,15 @@ from shoal_cli.options import (
     isolation_option,
     log_level_option,
     metrics_option,
+    trace_options,
+    trace_settings,
 )
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
 
 __all__ = ["worker"]
+
+SERVICE = "worker"  # what its spans call this process (the resource's service.name)
 
 
 @click.command()
@@ -36,6 +40,7 @@ __all__ = ["worker"]
     help="YAML allowlist of commands, functions and pools (default: Echo and demo functions).",
 )
 @metrics_option()
+@trace_options()
 @isolation_option()
 @grace_option(10.0, "Seconds in-flight work may run on SIGTERM/SIGINT before it is stopped.")
 @log_level_option()
@@ -43,6 +48,8 @@ def worker(
     listen: str,
     config_path: str | None,
     metrics_listen: str | None,
+    otlp_endpoint: str | None,
+    trace_sample: float,
     exit_when_isolated: float | None,
     grace: float,
     log_level: str | None,
@@ -51,12 +58,13 @@ def worker(
     from worker_node import WorkerServer, load_config
     from worker_node.poolproc import PoolStartError
 
+    trace = trace_settings(otlp_endpoint, trace_sample, SERVICE)
     try:
         setup_logging(log_level)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     config = load_config(config_path)
-    server = WorkerServer(listen, config, metrics_listen=metrics_listen)
+    server = WorkerServer(listen, config, metrics_listen=metrics_listen, trace=trace)
 
     def ready() -> None:
         click.echo(f"shoal worker serving on {server.address}")

@@ -1,10 +1,12 @@
 """Shoal's worker node: a warm process pool, allowlisted commands, a response cache.
 
 Domain modules (``pool``, ``policy``, ``poollimits``, ``poolproc``, ``execs``,
-``cmdproc``, ``spawn``, ``cache``, ``stats``, ``limits``, ``procs``, ``config``)
-never import grpc; ``servicer`` maps the wire onto them and ``server`` owns the
-lifecycle. The package namespace is lazy because pool processes import
-``worker_node.child``, which must not pull in grpc.
+``cmdproc``, ``spawn``, ``cache``, ``stats``, ``limits``, ``procs``, ``config``,
+``tracing``) never import grpc; ``servicer`` maps the wire onto them and ``server``
+owns the lifecycle. The package namespace is lazy because pool processes import
+``worker_node.child``, which must not pull in grpc; ``tracing`` (OpenTelemetry) is
+loaded only by a worker that traces, and functions read their call's trace context
+from ``worker_node.tracecontext``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ It talks to the worker over its original stdin/stdout (see ``protocol``); its
 fd 1 is then pointed at stderr so that prints in user functions cannot corrupt
 the stream. It imports the configured functions, runs their warm-up calls,
 says READY and then runs tasks one at a time in arrival order, each within its
-CPU budget (``limits.TaskCpuLimit``). It never imports
+CPU budget (``limits.TaskCpuLimit``) and, for a traced call, with its trace
+context readable through ``worker_node.tracecontext``. It never imports
 grpc. If the worker disappears it kills its own process group, so a crash of
 the worker cannot leave orphans working on.
 """
@@ -20,8 +21,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from worker_node import tracecontext
 from worker_node.limits import LimitSpec, TaskCpuLimit, apply_rlimits
-from worker_node.protocol import INIT, REPLY, REQUEST, STOP, Status, encode_reply
+from worker_node.protocol import INIT, REPLY, REQUEST, STOP, TRACE, Status, encode_reply
 
 __all__ = ["main"]
 
@@ -92,6 +94,7 @@ def _serve(
 ) -> None:
     buf = bytearray()
     header = REQUEST.size
+    traced: bytes | None = None  # a TRACE frame's body, for the task frame after it
     while True:
         chunk = os.read(fd_in, READ_SIZE)
         if not chunk:
@@ -110,10 +113,21 @@ def _serve(
                 return
             payload = bytes(buf[pos + header : end])
             pos = end
+            if index == TRACE:
+                traced = payload
+                continue
             started = time.perf_counter()
             if before is not None:
                 before(index, started)
-            status, body = _run(functions[index], payload, max_result)
+            if traced is None:
+                status, body = _run(functions[index], payload, max_result)
+            else:
+                tracecontext.enter(traced)
+                traced = None
+                try:
+                    status, body = _run(functions[index], payload, max_result)
+                finally:
+                    tracecontext.leave()
             done = time.perf_counter()
             out.append(REPLY.pack(len(body), task_id, status, done - started) + body)
             if len(out) == 1:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -61,6 +62,17 @@ class Prepared:
     cwd: str | None
     timeout: float
     config: CommandConfig
+
+    def traced(self, context: Mapping[str, str]) -> Prepared:
+        """This command with a W3C trace context (``traceparent``, ``tracestate``) in its
+        environment as ``TRACEPARENT`` and ``TRACESTATE``, the names otel-cli and other
+        tools read; any the worker itself was started with are replaced."""
+        if not context:
+            return self
+        env = dict(os.environ if self.env is None else self.env)
+        env.pop("TRACESTATE", None)
+        env.update((key.upper(), value) for key, value in context.items())
+        return dataclasses.replace(self, env=env)
 
 
 @dataclass(slots=True)

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from worker_node import policy
 from worker_node.config import FunctionConfig, PoolConfig
@@ -34,6 +35,9 @@ from worker_node.errors import Overloaded, ProcessDied, ShuttingDown, TaskTimeou
 from worker_node.poollimits import PoolLimits
 from worker_node.poolproc import PoolProcess, PoolStartError, ProcState, Task, TaskOutcome
 from worker_node.protocol import INIT, Status, encode_request
+
+if TYPE_CHECKING:
+    from worker_node.tracing import WorkSpans
 
 __all__ = ["DEPTH", "Pool", "PoolCounters", "PoolStartError", "TaskOutcome"]
 
@@ -142,14 +146,20 @@ class Pool:
         self._scaler = asyncio.create_task(self._scale_down(), name=f"pool-{self.name}-scaler")
 
     def submit(
-        self, function: str, payload: bytes, timeout: float = 0.0
+        self, function: str, payload: bytes, timeout: float = 0.0, trace: WorkSpans | None = None
     ) -> asyncio.Future[TaskOutcome]:
-        """Queue a call; raise ``Overloaded`` at once if the queue is full."""
+        """Queue a call; raise ``Overloaded`` at once if the queue is full.
+
+        ``trace``, the call's spans for it, is taken when a process is sent the task and
+        done when its future is; the caller ends it if the call is refused.
+        """
         if self._closing:
             raise ShuttingDown("the worker is shutting down")
         index = self._index[function]
         limit = self._timeouts[index]
         fut: asyncio.Future[TaskOutcome] = asyncio.get_running_loop().create_future()
+        if trace is not None:
+            fut.add_done_callback(trace.settle)
         fast = self._seen[index] >= 4 and self._ewma[index] < FAST_SECONDS
         task = Task(
             next(self._ids),
@@ -159,6 +169,7 @@ class Pool:
             min(timeout, limit) if timeout > 0 else limit,
             fast,
             fut,
+            trace=trace,
         )
         queue = self._queue
         if not queue:
@@ -176,9 +187,11 @@ class Pool:
         self._maybe_scale_up()
         return fut
 
-    async def run(self, function: str, payload: bytes, timeout: float = 0.0) -> TaskOutcome:
+    async def run(
+        self, function: str, payload: bytes, timeout: float = 0.0, trace: WorkSpans | None = None
+    ) -> TaskOutcome:
         """Submit and wait; a caller that goes away takes its task out of the queue."""
-        fut = self.submit(function, payload, timeout)
+        fut = self.submit(function, payload, timeout, trace)
         try:
             return await fut
         except asyncio.CancelledError:

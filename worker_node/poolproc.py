@@ -16,11 +16,15 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from worker_node import tracecontext
 from worker_node.errors import WorkerError
 from worker_node.procs import describe_exit, kill_tree, new_group_kwargs
-from worker_node.protocol import REPLY, REQUEST, STOP, Status
+from worker_node.protocol import REPLY, REQUEST, STOP, TRACE, Status, encode_request
+
+if TYPE_CHECKING:
+    from worker_node.tracing import WorkSpans
 
 __all__ = ["PoolProcess", "PoolStartError", "ProcState", "Task", "TaskOutcome"]
 
@@ -52,6 +56,8 @@ class Task:
     fast: bool
     future: asyncio.Future[TaskOutcome]
     error: WorkerError | None = field(default=None)
+    # Its call's spans when the worker traces: taken when it is written to a process.
+    trace: WorkSpans | None = field(default=None)
 
 
 class ProcState(enum.Enum):
@@ -155,6 +161,10 @@ class PoolProcess:
         self.inflight.append(task)
         if not task.fast:
             self.slow_inflight += 1
+        if task.trace is not None:
+            context = task.trace.taken(pid=self.pid)
+            if context:
+                self._out.append(encode_request(0, TRACE, tracecontext.encode(context)))
         self._out.append(REQUEST.pack(len(task.payload), task.id, task.function))
         self._out.append(task.payload)
         if not self._flush_scheduled:

@@ -4,6 +4,9 @@ A request is ``<IIH`` (payload length, task id, function index) then the
 payload; a reply is ``<IIBd`` (body length, task id, status, seconds the
 function ran) then the body. Headers are fixed-size structs so both sides parse
 a whole burst of frames from one read and answer a burst with one write.
+
+A traced call's request frame follows a TRACE frame (that function index, task id 0)
+whose payload is its W3C trace context (``tracecontext.encode``); it has no reply.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ __all__ = [
     "REPLY",
     "REQUEST",
     "STOP",
+    "TRACE",
     "Status",
     "encode_reply",
     "encode_request",
@@ -27,6 +31,7 @@ REPLY = struct.Struct("<IIBd")
 # Function indexes reserved for control frames.
 INIT = 0xFFFF
 STOP = 0xFFFE
+TRACE = 0xFFFD
 MAX_FUNCTIONS = 0xFF00
 
 

@@ -1,17 +1,18 @@
-"""The worker server's lifecycle: pools, gRPC server, metrics endpoint, shutdown."""
+"""The worker server's lifecycle: pools, gRPC server, metrics endpoint, tracing, shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from protos import worker_pb2 as pb
 from protos import worker_pb2_grpc as pb_grpc
 from shoal_core.grpc_server import GrpcServer
+from shoal_core.tracing import TraceSettings
 from worker_node.cache import ResponseCache
 from worker_node.config import WorkerConfig, default_config
 from worker_node.execs import ExecRunner
@@ -20,6 +21,9 @@ from worker_node.pool import Pool
 from worker_node.procs import use_pidfd_child_watcher
 from worker_node.servicer import WorkerServicer
 from worker_node.stats import WorkerStats
+
+if TYPE_CHECKING:
+    from worker_node.tracing import WorkerTracer
 
 __all__ = ["SERVICE_NAME", "WorkerServer"]
 
@@ -31,7 +35,11 @@ POOL_GRACE = 0.5
 
 
 class WorkerServer(GrpcServer):
-    """A worker on ``listen``: pools warm before the port opens, stopped after it closes."""
+    """A worker on ``listen``: pools warm before the port opens, stopped after it closes.
+
+    With ``trace`` it records a span per call (``worker_node.tracing``) and exports them
+    until it has stopped; without, it never loads OpenTelemetry.
+    """
 
     def __init__(
         self,
@@ -39,8 +47,11 @@ class WorkerServer(GrpcServer):
         config: WorkerConfig | None = None,
         *,
         metrics_listen: str | None = None,
+        trace: TraceSettings | None = None,
     ) -> None:
         self.config = config or default_config()
+        self._trace = trace
+        self.tracer: WorkerTracer | None = None
         super().__init__(
             listen, max_message_bytes=self.config.max_message_bytes, metrics_listen=metrics_listen
         )
@@ -76,9 +87,18 @@ class WorkerServer(GrpcServer):
         except BaseException:
             await asyncio.gather(*(pool.close(0) for pool in self.pools.values()))
             raise
-        await super().start()  # a failed start releases the pools through _after_stop
+        if self._trace is not None:
+            from worker_node.tracing import WorkerTracer
+
+            self.tracer = self.servicer.tracer = WorkerTracer(self._trace, SERVICE_NAME)
+        await super().start()  # a failed start releases pools and tracer through _after_stop
 
     async def _after_stop(self) -> None:
         self.runner.kill_all()
         await self.runner.close()
         await asyncio.gather(*(pool.close(POOL_GRACE) for pool in self.pools.values()))
+        # Last: every call has ended by now, so its spans are in the final export.
+        tracer, self.tracer = self.tracer, None
+        self.servicer.tracer = None
+        if tracer is not None:
+            await tracer.close()

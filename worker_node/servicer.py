@@ -1,16 +1,21 @@
 """The Worker gRPC service: wire messages in, domain calls, wire messages out.
 
-Domain errors become status codes here and only here.
+Domain errors become status codes here and only here. When the worker traces,
+each call's metadata goes to ``tracing`` at its start and its status at its end.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 
@@ -30,6 +35,9 @@ from worker_node.protocol import Status
 from worker_node.stats import WorkerStats
 from worker_node.streams import run_call_stream
 from worker_node.wire import list_processes, stats_reply
+
+if TYPE_CHECKING:
+    from worker_node.tracing import CallTrace, WorkerTracer
 
 __all__ = ["CODES", "WorkerServicer"]
 
@@ -70,37 +78,72 @@ def _partial_output(exc: BaseException) -> Sequence[tuple[str, str | bytes]]:
 # Unary replies carry a timed-out command's partial output; a stream has sent it already.
 _mapped = maps_errors(errors.WorkerError, CODES, trailers=_partial_output)
 _mapped_stream = maps_errors(errors.WorkerError, CODES)
+# The traced call being served: grpc runs each call in a task (so a context) of its own.
+_CALL: contextvars.ContextVar[CallTrace | None] = contextvars.ContextVar("call", default=None)
+
+
+def _status_code(exc: BaseException | None, context: Context) -> int:
+    """The number of the status a call ends with, as the client sees it."""
+    if exc is None:
+        code = grpc.StatusCode.OK
+    elif isinstance(exc, grpc.aio.AbortError):
+        code = context.code()
+    elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        code = grpc.StatusCode.CANCELLED
+    else:
+        code = grpc.StatusCode.UNKNOWN
+    return int(code.value[0])
+
+
+class _Recorded:
+    """``with`` around one call: its time and outcome in the stats; its span if traced."""
+
+    __slots__ = ("_context", "_method", "_servicer", "_started", "_trace")
+
+    def __init__(self, servicer: WorkerServicer, method: str, context: Context) -> None:
+        self._servicer = servicer
+        self._method = method
+        self._context = context
+        self._trace: CallTrace | None = None
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+        tracer = self._servicer.tracer
+        if tracer is not None:
+            self._trace = tracer.call(self._method, self._context.invocation_metadata())
+            _CALL.set(self._trace)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        elapsed = time.perf_counter() - self._started
+        self._servicer.stats.record(self._method, elapsed, exc is None)
+        if self._trace is not None:
+            self._trace.end(_status_code(exc, self._context))
 
 
 def _tracked(method: str) -> Callable[[H], H]:
-    """Record each call of a servicer method (unary or streaming) in the worker's stats."""
+    """Record each call of a servicer method (unary or streaming): stats, and span."""
 
     def wrap(handler: H) -> H:
         if inspect.isasyncgenfunction(handler):
 
             @functools.wraps(handler)
             async def stream(self: WorkerServicer, request: Any, context: Context) -> Any:
-                started = time.perf_counter()
-                ok = False
-                try:
+                with _Recorded(self, method, context):
                     async for item in handler(self, request, context):
                         yield item
-                    ok = True
-                finally:
-                    self.stats.record(method, time.perf_counter() - started, ok)
 
             return cast(H, stream)
 
         @functools.wraps(handler)
         async def unary(self: WorkerServicer, request: Any, context: Context) -> Any:
-            started = time.perf_counter()
-            ok = False
-            try:
-                reply = await handler(self, request, context)
-                ok = True
-                return reply
-            finally:
-                self.stats.record(method, time.perf_counter() - started, ok)
+            with _Recorded(self, method, context):
+                return await handler(self, request, context)
 
         return cast(H, unary)
 
@@ -136,6 +179,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._cache = cache
         self._gate = Gate(config.exec.max_concurrent, config.exec.queue, "command execution")
         self._sampler = CpuSampler()
+        # Set by the server when it traces; None costs each call one test.
+        self.tracer: WorkerTracer | None = None
 
     @property
     def exec_running(self) -> int:
@@ -143,6 +188,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     async def Echo(self, request: pb.EchoRequest, context: Context) -> pb.EchoReply:
         self.stats.echo_total += 1
+        if self.tracer is not None:  # Echo neither waits nor runs anything: a span alone
+            self.tracer.call("Echo", context.invocation_metadata()).end(0)
         return pb.EchoReply(payload=request.payload)
 
     @_tracked("Call")
@@ -155,7 +202,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._check_payload("payload", len(request.payload))
 
         async def run() -> tuple[pb.CallReply, int]:
-            outcome = await pool.run(name, request.payload, request.timeout_ms / 1000)
+            call = _CALL.get()
+            work = None if call is None else call.task(pool.name, name)
+            outcome = await pool.run(name, request.payload, request.timeout_ms / 1000, work)
             reply = outcome_reply(name, outcome)
             return reply, reply.ByteSize()
 
@@ -174,19 +223,18 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             limit = self.config.exec.max_output_bytes
             out = {1: bytearray(), 2: bytearray()}
             truncated = False
-            async with self._gate:
-                try:
-                    async for item in self._runner.stream(job, request.stdin):
-                        if isinstance(item, Output):
-                            buf = out[item.fd]
-                            room = limit - len(buf)
-                            truncated = truncated or len(item.data) > room
-                            buf += item.data[: max(0, room)]
-                        else:
-                            result = item
-                except errors.TaskTimeout as exc:
-                    exc.stdout, exc.stderr = bytes(out[1]), bytes(out[2])
-                    raise
+            try:
+                async for item in self._command(job, request.stdin):
+                    if isinstance(item, Output):
+                        buf = out[item.fd]
+                        room = limit - len(buf)
+                        truncated = truncated or len(item.data) > room
+                        buf += item.data[: max(0, room)]
+                    else:
+                        result = item
+            except errors.TaskTimeout as exc:
+                exc.stdout, exc.stderr = bytes(out[1]), bytes(out[2])
+                raise
             reply = pb.ExecReply(
                 exit_code=result.exit_code,
                 stdout=bytes(out[1]),
@@ -210,8 +258,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self, request: pb.ExecRequest, context: Context
     ) -> AsyncIterator[pb.ExecChunk]:
         job = self._prepare(request)
-        async with self._gate:
-            async for item in self._runner.stream(job, request.stdin):
+        # Closed here, not when collected: a client that leaves frees the slot at once.
+        async with contextlib.aclosing(self._command(job, request.stdin)) as items:
+            async for item in items:
                 if isinstance(item, Output):
                     if item.fd == 1:
                         yield pb.ExecChunk(stdout=item.data)
@@ -230,6 +279,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self._pool_of,
             self.config.max_payload_bytes,
             self.config.stream_window,
+            _CALL.get(),
         ):
             yield pb.CallResults(results=[_result(item, done) for item, done in finished])
 
@@ -266,6 +316,23 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if size > limit:
             raise errors.InvalidRequest(f"{field} is {size} bytes; the limit is {limit}")
 
+    async def _command(self, job: Prepared, stdin: bytes) -> AsyncGenerator[Output | ExecResult]:
+        """A command's output, then how it ended, once an exec slot is free."""
+        call = _CALL.get()
+        work = None if call is None else call.command(job.name)
+        try:
+            async with self._gate:
+                if work is not None:
+                    job = job.traced(work.taken())
+                async for item in self._runner.stream(job, stdin):
+                    if work is not None and isinstance(item, ExecResult):
+                        work.exited(item.exit_code)
+                    yield item
+        except BaseException as exc:
+            if work is not None:
+                work.done(str(exc) or type(exc).__name__)
+            raise
+
     def _prepare(self, request: pb.ExecRequest) -> Prepared:
         self._check_payload("stdin", len(request.stdin))
         return self._runner.prepare(
@@ -277,6 +344,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     ) -> Resp:
         reply, lookup = await self._cache.get_or_run(key, run)
         context.set_trailing_metadata((("shoal-cache", lookup),))
+        call = _CALL.get()
+        if call is not None:
+            call.cached(lookup)
         return cast(Resp, reply)
 
 

@@ -5,7 +5,8 @@ callback instead of a coroutine, and results are sent in batches of whatever
 finished since the last send. At most ``window`` items are in flight per
 stream: past that the stream reads no further messages, so a fast sender is
 held back by HTTP/2 flow control instead of by memory. Items the pool cannot
-queue fail alone, with the status a unary Call would get.
+queue fail alone, with the status a unary Call would get. When the stream is traced,
+each item gets its own queue-wait and execute spans inside the stream's.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING
 
 from protos import worker_pb2 as pb
 from worker_node.errors import InvalidRequest, NotFound, WorkerError
 from worker_node.pool import Pool
 from worker_node.poolproc import TaskOutcome
+
+if TYPE_CHECKING:
+    from worker_node.tracing import CallTrace, WorkSpans
 
 __all__ = ["Finished", "run_call_stream"]
 
@@ -29,6 +34,7 @@ async def run_call_stream(
     pool_of: Mapping[str, Pool],
     max_payload: int,
     window: int,
+    trace: CallTrace | None = None,
 ) -> AsyncIterator[list[Finished]]:
     """Run every item of every batch; yield lists of finished items until all are done."""
     finished: list[Finished] = []
@@ -55,6 +61,7 @@ async def run_call_stream(
 
     def submit(item: pb.CallItem) -> None:
         pool = pool_of.get(item.function)
+        work: WorkSpans | None = None
         try:
             if pool is None:
                 raise NotFound(f"function {item.function!r} is not in this worker's allowlist")
@@ -62,8 +69,12 @@ async def run_call_stream(
                 raise InvalidRequest(
                     f"payload is {len(item.payload)} bytes; the limit is {max_payload}"
                 )
-            fut = pool.submit(item.function, item.payload, item.timeout_ms / 1000)
+            if trace is not None:
+                work = trace.task(pool.name, item.function)
+            fut = pool.submit(item.function, item.payload, item.timeout_ms / 1000, work)
         except WorkerError as exc:
+            if work is not None:
+                work.done(str(exc))
             finished.append((item, exc))
             wake.set()
             return

@@ -14,6 +14,7 @@ import pytest
 from protos import worker_pb2 as pb
 from protos import worker_pb2_grpc as pb_grpc
 from shoal_core.config import parse_yaml
+from shoal_core.tracing import TraceSettings
 from worker_node.config import WorkerConfig
 from worker_node.server import WorkerServer
 
@@ -33,6 +34,7 @@ functions:
   wrong_type: {target: "tests.worker_node.tasks:wrong_type"}
   big: {target: "tests.worker_node.tasks:big"}
   slow_upper: {target: "tests.worker_node.tasks:slow_upper", cacheable: true}
+  trace_context: {target: "tests.worker_node.tasks:trace_context"}
 """
 
 
@@ -63,8 +65,10 @@ def no_children_left() -> bool:
 
 
 @contextlib.asynccontextmanager
-async def running(cfg: WorkerConfig) -> AsyncIterator[tuple[WorkerServer, pb_grpc.WorkerAsyncStub]]:
-    server = WorkerServer("127.0.0.1:0", cfg)
+async def running(
+    cfg: WorkerConfig, trace: TraceSettings | None = None
+) -> AsyncIterator[tuple[WorkerServer, pb_grpc.WorkerAsyncStub]]:
+    server = WorkerServer("127.0.0.1:0", cfg, trace=trace)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:

@@ -10,6 +10,15 @@ import time
 from pathlib import Path
 
 
+def trace_context(payload: bytes) -> bytes:
+    """The running call's trace context, as the accessor gives it: JSON [parent, state]."""
+    import json
+
+    from worker_node.tracecontext import current_traceparent, current_tracestate
+
+    return json.dumps([current_traceparent(), current_tracestate()]).encode()
+
+
 def pid(payload: bytes) -> bytes:
     return str(os.getpid()).encode()
 
