@@ -30,6 +30,7 @@ _COMMANDS = {
     "ca": "shoal_cli.identity_cmd:ca",
     "call": "shoal_cli.worker_ops:call",
     "config": "shoal_cli.config_cmd:config",
+    "dashboard": "shoal_cli.dashboard_cmd:dashboard",
     "exec": "shoal_cli.worker_ops:exec_",
     "health": "shoal_cli.probe_cmd:health",
     "identity": "shoal_cli.identity_cmd:identity",

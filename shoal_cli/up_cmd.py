@@ -36,6 +36,7 @@ def _show(mesh: RunningMesh) -> None:
         ("worker", plan.workers),
         ("sidecar", plan.sidecars),
         ("client sidecar", [plan.client]),
+        ("dashboard", [plan.dashboard]),
     ]
     for role, specs in roles:
         for spec in specs:
@@ -68,6 +69,7 @@ def _show(mesh: RunningMesh) -> None:
         )
     else:
         say("\nPLAINTEXT between mesh components (--insecure): not for a network you do not own.")
+    say(f"\nDashboard: {plan.dashboard_url} (the mesh live: instances, calls, denials)")
     say(f"""
 Call the mesh through the client sidecar at {via}, for example:
   shoal call upper --data hello --via {via}

@@ -26,7 +26,8 @@ WORKER_SERVICE = "worker"
 # Offsets from the base port, so `--base-port 7700` gives the documented layout.
 # A worker's sidecar takes other sidecars' calls on SIDECARS + i (the address it
 # registers) and its worker's own outbound calls on SIDECAR_OUTBOUND + i.
-CLIENT, CLIENT_ADMIN, IDENTITY, WORKERS, SIDECARS, SIDECAR_ADMINS = 1, 2, 3, 100, 200, 300
+CLIENT, CLIENT_ADMIN, IDENTITY, DASHBOARD = 1, 2, 3, 4
+WORKERS, SIDECARS, SIDECAR_ADMINS = 100, 200, 300
 SIDECAR_OUTBOUND = 400
 SHOAL = (sys.executable, "-m", "shoal_cli.main")
 # Echo, demo functions and a few harmless commands, so a new mesh has work to show.
@@ -50,13 +51,16 @@ class MeshPlan:
     client_admin: str
     worker_addresses: tuple[str, ...]
     sidecar_admins: tuple[str, ...]
+    # The live web page of the mesh (`shoal dashboard`), and where it is.
+    dashboard: ChildSpec
+    dashboard_url: str
     # With mTLS (the default): the identity server every other child certifies at.
     identity: ChildSpec | None = None
     trust: MeshTrust | None = None
 
     def start_order(self) -> list[ChildSpec]:
         first = [] if self.identity is None else [self.identity]
-        return [*first, self.registry, *self.workers, *self.sidecars, self.client]
+        return [*first, self.registry, *self.workers, *self.sidecars, self.client, self.dashboard]
 
 
 def child_flags(command: str, section: Mapping[str, Any]) -> list[str]:
@@ -101,6 +105,7 @@ def _ports(base: int, workers: int) -> dict[str, list[int]]:
             "client": [pick()],
             "client_admin": [pick()],
             "identity": [pick()],
+            "dashboard": [pick()],
             "workers": [pick() for _ in range(workers)],
             "sidecars": [pick() for _ in range(workers)],
             "outbound": [pick() for _ in range(workers)],
@@ -111,6 +116,7 @@ def _ports(base: int, workers: int) -> dict[str, list[int]]:
         "client": [base + CLIENT],
         "client_admin": [base + CLIENT_ADMIN],
         "identity": [base + IDENTITY],
+        "dashboard": [base + DASHBOARD],
         "workers": [base + WORKERS + i for i in range(workers)],
         "sidecars": [base + SIDECARS + i for i in range(workers)],
         "outbound": [base + SIDECAR_OUTBOUND + i for i in range(workers)],
@@ -234,6 +240,24 @@ def plan_mesh(
         ],
         env=env("client"),
     )
+    dashboard = f"{host}:{ports['dashboard'][0]}"
+    dashboard_spec = ChildSpec(
+        name="dashboard",
+        restart=restart,
+        # The client sidecar is not registered: named, its calls into the mesh show too.
+        argv=[
+            *SHOAL,
+            "dashboard",
+            "--registry",
+            registry,
+            "--listen",
+            dashboard,
+            "--scrape",
+            client_admin,
+        ],
+        # It watches the registry as an operator, as `shoal ls` does.
+        env=env("operator"),
+    )
     return MeshPlan(
         registry=registry_spec,
         workers=tuple(worker_specs),
@@ -244,6 +268,8 @@ def plan_mesh(
         client_admin=client_admin,
         worker_addresses=tuple(worker_addrs),
         sidecar_admins=tuple(admins),
+        dashboard=dashboard_spec,
+        dashboard_url=f"http://{dashboard}/",
         identity=identity_spec,
         trust=trust,
     )

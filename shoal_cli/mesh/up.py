@@ -51,9 +51,10 @@ class RunningMesh:
             self.by_name[spec.name] = await self.supervisor.start(spec)
 
     async def stop(self) -> None:
-        """Client side first, then sidecars (they drain and deregister), workers, registry."""
+        """The dashboard and the client side first, then sidecars (they drain and
+        deregister), workers, registry."""
         plan = self.plan
-        groups = [[plan.client], plan.sidecars, plan.workers, [plan.registry]]
+        groups = [[plan.dashboard], [plan.client], plan.sidecars, plan.workers, [plan.registry]]
         if plan.identity is not None:
             groups.append([plan.identity])
         await self.supervisor.stop(

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,13 @@ def start_mesh(tmp_path: Path, *args: str) -> Mesh:
     )
     assert proc.stdout is not None
     header = proc.stdout.readline()
-    assert header.startswith("ROLE\t"), (header, err.read_text())
+    if not header.startswith("ROLE\t"):
+        # It never came up: reap it (a test that failed leaks no zombie) and say why.
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        err_file.close()
+        raise AssertionError(f"shoal up did not start: {err.read_text()}")
     columns = header.rstrip("\n").split("\t")
     rows = {}
     while line := proc.stdout.readline().rstrip("\n"):
@@ -99,6 +106,7 @@ def test_up_lists_every_part(mesh: Mesh) -> None:
         "sidecar-1",
         "sidecar-2",
         "client-sidecar",
+        "dashboard",
     }
     assert alive(mesh.pids) == mesh.pids
 
@@ -121,6 +129,29 @@ def test_the_mesh_runs_mtls_and_operators_find_their_certificate(mesh: Mesh) -> 
     assert stranger.stderr.startswith(f"shoal: error: registry {registry} is unreachable")
     assert "if it runs mTLS, set SHOAL_IDENTITY_SERVER" in stranger.stderr
     assert stranger.stderr.count("\n") == 1
+
+
+def test_up_prints_the_dashboard_whose_event_stream_shows_the_workers(mesh: Mesh) -> None:
+    assert mesh.proc.stdout is not None
+    said = [mesh.proc.stdout.readline() for _ in range(3)]
+    url = mesh.address("dashboard")
+    assert f"Dashboard: {url} " in "".join(said), said
+    with urllib.request.urlopen(url, timeout=10) as page:
+        assert page.headers["Content-Type"].startswith("text/html")
+        assert b"<title>Shoal mesh</title>" in page.read()
+    deadline = time.monotonic() + 30
+    with urllib.request.urlopen(f"{url}events", timeout=10) as events:
+        assert events.headers["Content-Type"].startswith("text/event-stream")
+        while True:
+            assert time.monotonic() < deadline, "no snapshot with both workers"
+            line = events.readline()
+            assert line, "the event stream ended"
+            if line.startswith(b"data: "):
+                snap = json.loads(line.removeprefix(b"data: "))
+                workers = {s["name"]: s for s in snap["services"]}.get("worker")
+                if workers is not None and workers["serving"] == 2:
+                    break
+    assert snap["registry"]["connected"] and len(workers["rows"]) == 2
 
 
 def test_ls_shows_healthy_workers(mesh: Mesh) -> None:

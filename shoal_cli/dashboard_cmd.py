@@ -1,0 +1,63 @@
+"""``shoal dashboard``: a live web page of a running mesh, served by this process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import click
+
+from shoal_cli.errors import UserError
+from shoal_cli.operator import operator_identity
+from shoal_cli.options import ADDRESS, LISTEN, grace_option, log_level_option
+from shoal_cli.registry_ops import registry_option
+from shoal_core.lifecycle import serve
+from shoal_core.logs import setup_logging
+
+__all__ = ["dashboard"]
+
+
+@click.command()
+@registry_option()
+@click.option(
+    "--listen",
+    type=LISTEN,
+    default="127.0.0.1:9390",
+    show_default=True,
+    help="Address of the web page (port 0 picks a free one). Loopback unless you "
+    "mean to show the mesh to your network.",
+)
+@click.option(
+    "--scrape",
+    type=ADDRESS,
+    multiple=True,
+    help="Also read the figures of the sidecar with this admin address, e.g. the "
+    "client's, which is not registered (repeatable).",
+)
+@grace_option(2.0, "Seconds open pages get to close on SIGTERM/SIGINT.")
+@log_level_option()
+def dashboard(
+    registry: str, listen: str, scrape: tuple[str, ...], grace: float, log_level: str | None
+) -> None:
+    """Serve a live web page of the mesh: services, instances, calls, denials, events.
+
+    Instances come from the registry's Watch (as an operator, over mTLS when this
+    machine knows how, as for `shoal ls`); figures from every sidecar's /metrics,
+    read each second. The page updates itself (server-sent events)."""
+    from shoal_cli.dashboard.server import DashboardServer
+
+    try:
+        setup_logging(log_level)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    # httpx says every request at INFO: a line per sidecar each second.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # A broken SHOAL_TRUST_BUNDLE or token file is a mistake to say now, in one line. The
+    # identity itself is looked up at each connection: a mesh started later is found.
+    operator_identity(registry)
+    server = DashboardServer(listen, registry, scrape=scrape)
+
+    def ready() -> None:
+        click.echo(f"shoal dashboard serving on {server.url}")
+
+    asyncio.run(serve(server, grace=grace, on_started=ready))
