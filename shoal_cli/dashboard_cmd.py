@@ -34,16 +34,30 @@ __all__ = ["dashboard"]
     help="Also read the figures of the sidecar with this admin address, e.g. the "
     "client's, which is not registered (repeatable).",
 )
+@click.option(
+    "--otlp-listen",
+    type=LISTEN,
+    default=None,
+    metavar="HOST:PORT",
+    help="Also receive traces on this address, over OTLP/gRPC (point components' "
+    "--otlp-endpoint at http://HOST:PORT), and show the recent ones. Plaintext.",
+)
 @grace_option(2.0, "Seconds open pages get to close on SIGTERM/SIGINT.")
 @log_level_option()
 def dashboard(
-    registry: str, listen: str, scrape: tuple[str, ...], grace: float, log_level: str | None
+    registry: str,
+    listen: str,
+    scrape: tuple[str, ...],
+    otlp_listen: str | None,
+    grace: float,
+    log_level: str | None,
 ) -> None:
     """Serve a live web page of the mesh: services, instances, calls, denials, events.
 
     Instances come from the registry's Watch (as an operator, over mTLS when this
     machine knows how, as for `shoal ls`); figures from every sidecar's /metrics,
-    read each second. The page updates itself (server-sent events)."""
+    read each second; traces, with --otlp-listen, from components that send them
+    there. The page updates itself (server-sent events)."""
     from shoal_cli.dashboard.server import DashboardServer
 
     try:
@@ -55,9 +69,12 @@ def dashboard(
     # A broken SHOAL_TRUST_BUNDLE or token file is a mistake to say now, in one line. The
     # identity itself is looked up at each connection: a mesh started later is found.
     operator_identity(registry)
-    server = DashboardServer(listen, registry, scrape=scrape)
+    server = DashboardServer(listen, registry, scrape=scrape, otlp_listen=otlp_listen)
 
     def ready() -> None:
-        click.echo(f"shoal dashboard serving on {server.url}")
+        # The URL stays the word after "serving on": `shoal up` reads it there.
+        traces = server.otlp_address
+        also = f" (receiving traces on {traces}, OTLP/gRPC)" if traces else ""
+        click.echo(f"shoal dashboard serving on {server.url}{also}")
 
     asyncio.run(serve(server, grace=grace, on_started=ready))

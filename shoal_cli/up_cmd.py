@@ -12,13 +12,14 @@ import click
 
 from shoal_cli.errors import UserError
 from shoal_cli.mesh.config import MeshFile, config_option
-from shoal_cli.mesh.plan import MeshPlan, PortInUse, plan_mesh
+from shoal_cli.mesh.plan import MeshPlan, PortInUse, Tracing, plan_mesh
 from shoal_cli.mesh.supervisor import Restart, StartError
 from shoal_cli.mesh.trust import make_trust
 from shoal_cli.mesh.up import MeshNotReady, RunningMesh, run_mesh
 from shoal_cli.operator import forget_mesh, record_mesh
 from shoal_cli.output import say
 from shoal_cli.render import emit_table
+from shoal_core.tracing import DEFAULT_SAMPLE
 
 __all__ = ["up"]
 
@@ -69,7 +70,12 @@ def _show(mesh: RunningMesh) -> None:
         )
     else:
         say("\nPLAINTEXT between mesh components (--insecure): not for a network you do not own.")
-    say(f"\nDashboard: {plan.dashboard_url} (the mesh live: instances, calls, denials)")
+    say(f"\nDashboard: {plan.dashboard_url} (the mesh live: instances, calls, denials, traces)")
+    sample = f"{plan.tracing.sample:.0%} of new traces kept"
+    if plan.tracing.endpoint is None:
+        say(f"Traces: to the dashboard, {sample} (--trace-sample, --otlp-endpoint).")
+    else:
+        say(f"Traces: to {plan.tracing.endpoint}, {sample}.")
     say(f"""
 Call the mesh through the client sidecar at {via}, for example:
   shoal call upper --data hello --via {via}
@@ -117,6 +123,19 @@ Press Ctrl-C to stop everything (sidecars drain and deregister first).""")
     is_flag=True,
     help="Plaintext between mesh components (default: mTLS with a CA made for the mesh).",
 )
+@click.option(
+    "--otlp-endpoint",
+    default=None,
+    metavar="URL",
+    help="Send the mesh's spans to this OTLP/gRPC collector (http://HOST:4317) instead of "
+    "to the dashboard.",
+)
+@click.option(
+    "--trace-sample",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help=f"Share of new traces kept (default: 1 with --demo, else {DEFAULT_SAMPLE:g}).",
+)
 @click.pass_context
 def up(
     ctx: click.Context,
@@ -127,6 +146,8 @@ def up(
     run_dir: str | None,
     demo: bool,
     insecure: bool,
+    otlp_endpoint: str | None,
+    trace_sample: float | None,
 ) -> None:
     """Run a registry, workers with their sidecars and a client sidecar on loopback."""
     mesh_file: MeshFile | None = None
@@ -136,6 +157,11 @@ def up(
         mesh_path = Path(path_text).resolve()
     sections = mesh_file.default_map() if mesh_file is not None else {}
     log_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="shoal-up-"))
+    if otlp_endpoint is not None and not otlp_endpoint.startswith("http://"):
+        # The sidecars send spans in plaintext, to a collector beside them.
+        raise UserError(f"--otlp-endpoint must be http://HOST:PORT, not {otlp_endpoint!r}")
+    if trace_sample is None:
+        trace_sample = 1.0 if demo else DEFAULT_SAMPLE
     trust = None if insecure else make_trust(log_dir)
     try:
         plan: MeshPlan = plan_mesh(
@@ -147,6 +173,7 @@ def up(
             sections=sections,
             trust=trust,
             state_dir=log_dir / "registry-state",
+            tracing=Tracing(endpoint=otlp_endpoint, sample=trace_sample),
         )
     except PortInUse as exc:
         raise UserError(str(exc)) from None

@@ -1,6 +1,7 @@
 """The dashboard's web side: the page, its script and style, the snapshot, the event stream.
 
-- ``/``, ``/app.js``, ``/style.css``: the page, from package data, read once;
+- ``/``, ``/app.js`` (and the modules it imports), ``/style.css``: the page, from
+  package data, read once;
 - ``/api/snapshot``: the mesh as JSON, as of now (what ``summary.snapshot`` gives);
 - ``/events``: server-sent events, the snapshot at once and then each time the server
   publishes one (about a second), a comment every ``KEEPALIVE`` seconds when idle.
@@ -35,6 +36,8 @@ LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 _STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/dom.js": ("dom.js", "text/javascript; charset=utf-8"),
+    "/traces.js": ("traces.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 _HEADERS = {

@@ -4,10 +4,12 @@ The web app is Starlette's, served by uvicorn on our own event loop: uvicorn is 
 through ``startup``/``main_loop``/``shutdown`` and never through ``serve``, which would
 take over SIGINT and SIGTERM from ``shoal_core.lifecycle``. The listening socket is
 bound here, so a taken port is one clear line and port 0 tells its number before start.
+With ``otlp_listen`` the same process receives traces over OTLP/gRPC (``otlp``) into a
+``TraceStore``, and the snapshot shows the recent ones; without, it says tracing is off.
 
 ``close(grace)`` ends the event streams first (a stream never ends by itself), stops
-following the registry and scraping, then lets uvicorn finish what it answers for up
-to ``grace`` seconds; a second ``close(0)`` cuts it short.
+following the registry, scraping and receiving traces, then lets uvicorn finish what it
+answers for up to ``grace`` seconds; a second ``close(0)`` cuts it short.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import math
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 
@@ -26,8 +29,10 @@ from proxy_sidecar.server import ADMIN_KEY
 from shoal_cli.dashboard.app import Hub, build_app
 from shoal_cli.dashboard.figures import WINDOW
 from shoal_cli.dashboard.model import MeshView
+from shoal_cli.dashboard.otlp import TraceReceiver
 from shoal_cli.dashboard.sources import SCRAPE_INTERVAL, RegistryFeed, Scraper, stop_task
 from shoal_cli.dashboard.summary import snapshot
+from shoal_cli.dashboard.traces import TraceStore
 from shoal_core.addresses import HostPort, parse_address
 from shoal_core.certifying import MeshIdentity
 from shoal_core.errors import ServerStartError
@@ -48,7 +53,9 @@ def _is_loopback(host: str) -> bool:
 
 
 class DashboardServer(ServiceBase):
-    """A live web page of the mesh whose registry is at ``registry``; ``url`` after start."""
+    """A live web page of the mesh whose registry is at ``registry``; ``url`` after start.
+
+    ``otlp_listen``: also receive traces there (``otlp_address`` after start)."""
 
     def __init__(
         self,
@@ -59,6 +66,7 @@ class DashboardServer(ServiceBase):
         mesh: MeshIdentity | None = None,
         interval: float = SCRAPE_INTERVAL,
         window: float = WINDOW,
+        otlp_listen: str | None = None,
     ) -> None:
         super().__init__()
         self._listen = parse_address(listen, allow_port_zero=True)
@@ -67,6 +75,8 @@ class DashboardServer(ServiceBase):
         self._interval = interval
         self._feed = RegistryFeed(self.view, mesh)
         self._scraper = Scraper(self.view, interval)
+        self.traces = TraceStore()
+        self._receiver = TraceReceiver(otlp_listen, self.traces) if otlp_listen else None
         self._publisher: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._socket: socket.socket | None = None
@@ -82,6 +92,21 @@ class DashboardServer(ServiceBase):
     def url(self) -> str:
         return f"http://{self.address}/"
 
+    @property
+    def otlp_address(self) -> str | None:
+        """Where components send spans (``--otlp-endpoint http://...``); None: not here."""
+        return None if self._receiver is None else self._receiver.address
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the page shows: the mesh, and the recent traces (None: tracing is off)."""
+        found = snapshot(self.view)
+        found["traces"] = (
+            None
+            if self._receiver is None
+            else {"listen": self._receiver.address, **self.traces.as_json()}
+        )
+        return found
+
     def _bind(self) -> socket.socket:
         host, port = self._listen.host.strip("[]"), self._listen.port
         try:
@@ -95,11 +120,21 @@ class DashboardServer(ServiceBase):
         return sock
 
     async def start(self) -> None:
-        self._socket = self._bind()
+        if self._receiver is not None:
+            try:
+                await self._receiver.start()
+            except ServerStartError as exc:
+                raise ServerStartError(f"traces: {exc}") from None
         try:
-            await self._start_web()
+            self._socket = self._bind()
+            try:
+                await self._start_web()
+            except BaseException:
+                self._socket.close()
+                raise
         except BaseException:
-            self._socket.close()
+            if self._receiver is not None:
+                await self._receiver.close(0)
             raise
         self._feed.start()
         self._scraper.start()
@@ -108,9 +143,7 @@ class DashboardServer(ServiceBase):
 
     async def _start_web(self) -> None:
         assert self._socket is not None
-        app = build_app(
-            self.hub, lambda: snapshot(self.view), loopback=_is_loopback(self._listen.host)
-        )
+        app = build_app(self.hub, self.snapshot, loopback=_is_loopback(self._listen.host))
         config = uvicorn.Config(
             app,
             lifespan="off",
@@ -132,7 +165,7 @@ class DashboardServer(ServiceBase):
         while True:
             await asyncio.sleep(self._interval)
             if self.hub.streams:
-                self.hub.publish(json.dumps(snapshot(self.view)).encode())
+                self.hub.publish(json.dumps(self.snapshot()).encode())
 
     async def close(self, grace: float | None = None) -> None:
         server = self._uvicorn
@@ -143,7 +176,11 @@ class DashboardServer(ServiceBase):
         self._closing = True
         self.hub.close()
         publisher, self._publisher = self._publisher, None
-        await asyncio.gather(stop_task(publisher), self._feed.close(), self._scraper.close())
+        closing = [stop_task(publisher), self._feed.close(), self._scraper.close()]
+        if self._receiver is not None:
+            # An export being read as the receiver stops is the exporter's to send again.
+            closing.append(self._receiver.close(0))
+        await asyncio.gather(*closing)
         if server is not None:
             server.should_exit = True
             if self._ticker is not None:

@@ -19,14 +19,15 @@ from typing import Any
 
 from shoal_cli.mesh.supervisor import ChildSpec, Restart
 from shoal_cli.mesh.trust import MeshTrust
+from shoal_core.tracing import DEFAULT_SAMPLE
 
-__all__ = ["MeshPlan", "PortInUse", "child_flags", "plan_mesh"]
+__all__ = ["MeshPlan", "PortInUse", "Tracing", "child_flags", "plan_mesh"]
 
 WORKER_SERVICE = "worker"
 # Offsets from the base port, so `--base-port 7700` gives the documented layout.
 # A worker's sidecar takes other sidecars' calls on SIDECARS + i (the address it
 # registers) and its worker's own outbound calls on SIDECAR_OUTBOUND + i.
-CLIENT, CLIENT_ADMIN, IDENTITY, DASHBOARD = 1, 2, 3, 4
+CLIENT, CLIENT_ADMIN, IDENTITY, DASHBOARD, TRACES = 1, 2, 3, 4, 5
 WORKERS, SIDECARS, SIDECAR_ADMINS = 100, 200, 300
 SIDECAR_OUTBOUND = 400
 SHOAL = (sys.executable, "-m", "shoal_cli.main")
@@ -36,6 +37,15 @@ DEMO_WORKER_CONFIG = Path(__file__).with_name("worker.yaml")
 
 class PortInUse(RuntimeError):
     """A port the mesh needs is taken."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tracing:
+    """Where the mesh's spans go (``None``: to the dashboard, which shows them) and the
+    share of new traces kept."""
+
+    endpoint: str | None = None
+    sample: float = DEFAULT_SAMPLE
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,7 @@ class MeshPlan:
     # The live web page of the mesh (`shoal dashboard`), and where it is.
     dashboard: ChildSpec
     dashboard_url: str
+    tracing: Tracing
     # With mTLS (the default): the identity server every other child certifies at.
     identity: ChildSpec | None = None
     trust: MeshTrust | None = None
@@ -106,6 +117,7 @@ def _ports(base: int, workers: int) -> dict[str, list[int]]:
             "client_admin": [pick()],
             "identity": [pick()],
             "dashboard": [pick()],
+            "traces": [pick()],
             "workers": [pick() for _ in range(workers)],
             "sidecars": [pick() for _ in range(workers)],
             "outbound": [pick() for _ in range(workers)],
@@ -117,6 +129,7 @@ def _ports(base: int, workers: int) -> dict[str, list[int]]:
         "client_admin": [base + CLIENT_ADMIN],
         "identity": [base + IDENTITY],
         "dashboard": [base + DASHBOARD],
+        "traces": [base + TRACES],
         "workers": [base + WORKERS + i for i in range(workers)],
         "sidecars": [base + SIDECARS + i for i in range(workers)],
         "outbound": [base + SIDECAR_OUTBOUND + i for i in range(workers)],
@@ -138,10 +151,13 @@ def plan_mesh(
     sections: Mapping[str, Mapping[str, Any]],
     trust: MeshTrust | None = None,
     state_dir: Path | None = None,
+    tracing: Tracing | None = None,
 ) -> MeshPlan:
     """Lay out a mesh of ``workers`` workers, each behind its own sidecar; with ``trust``,
     an identity server too, and every mesh hop on mTLS; the registry keeps what must
-    outlive its restarts (the policy an operator set) in ``state_dir``."""
+    outlive its restarts (the policy an operator set) in ``state_dir``; workers and
+    sidecars trace as ``tracing`` says (by default to the dashboard, which shows them)."""
+    tracing = tracing or Tracing()
     ports = _ports(base_port, workers)
     host = "127.0.0.1"
     registry = f"{host}:{ports['registry'][0]}"
@@ -161,8 +177,20 @@ def plan_mesh(
             ],
         )
 
+    traces = f"{host}:{ports['traces'][0]}"
+    trace_endpoint = tracing.endpoint or f"http://{traces}"
+
     def env(role: str) -> dict[str, str]:
         return {} if trust is None else trust.env(role)
+
+    def traced(role: str | None) -> dict[str, str]:
+        """The environment of a child that records spans: a sidecar (with ``role``'s
+        identity) or a worker (none: it is reached only by its sidecar, on loopback)."""
+        found = {
+            "SHOAL_OTLP_ENDPOINT": trace_endpoint,
+            "SHOAL_TRACE_SAMPLE": f"{tracing.sample:g}",
+        }
+        return {**({} if role is None else env(role)), **found}
 
     mesh_config = ["--config", str(mesh_file)] if mesh_file is not None else []
     lb_flags = ["--lb", lb] if lb else []
@@ -194,6 +222,7 @@ def plan_mesh(
                 name=f"worker-{i + 1}",
                 restart=restart,
                 argv=[*SHOAL, "worker", "--listen", app, *worker_flags],
+                env=traced(None),
             )
         )
         sidecar_specs.append(
@@ -218,7 +247,7 @@ def plan_mesh(
                     *sidecar_flags,
                     *lb_flags,
                 ],
-                env=env(WORKER_SERVICE),
+                env=traced(WORKER_SERVICE),
             )
         )
     client = f"{host}:{ports['client'][0]}"
@@ -238,7 +267,7 @@ def plan_mesh(
             *sidecar_flags,
             *lb_flags,
         ],
-        env=env("client"),
+        env=traced("client"),
     )
     dashboard = f"{host}:{ports['dashboard'][0]}"
     dashboard_spec = ChildSpec(
@@ -254,6 +283,8 @@ def plan_mesh(
             dashboard,
             "--scrape",
             client_admin,
+            # Unless spans go elsewhere, the dashboard receives them and shows them.
+            *([] if tracing.endpoint else ["--otlp-listen", traces]),
         ],
         # It watches the registry as an operator, as `shoal ls` does.
         env=env("operator"),
@@ -270,6 +301,7 @@ def plan_mesh(
         sidecar_admins=tuple(admins),
         dashboard=dashboard_spec,
         dashboard_url=f"http://{dashboard}/",
+        tracing=tracing,
         identity=identity_spec,
         trust=trust,
     )

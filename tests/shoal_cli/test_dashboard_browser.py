@@ -1,9 +1,11 @@
 """The dashboard in a real headless browser, against a mesh `shoal up` runs.
 
 Debian's chromium, driven through chromedriver by selenium: the page shows the
-workers, its figures move while Echo load runs through the client sidecar, and the
-instance whose worker is killed turns unhealthy, with no reload. Leases of 3 s
-(heartbeats each second) keep that quick; `--restart never` keeps the worker dead.
+workers, its figures move while Echo load runs through the client sidecar, a trace of
+those calls is listed and, clicked, shows its waterfall across the hops, which stays
+open through live updates; and the instance whose worker is killed turns unhealthy,
+with no reload. Leases of 3 s (heartbeats each second) keep that quick; `--restart
+never` keeps the worker dead; `--trace-sample 1` has every call traced.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any
 import grpc
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -44,6 +48,12 @@ SERVICE_RPS = """const cell = document.querySelector('tr[data-service-total="wor
     return cell ? cell.textContent : null;"""
 EDGES = """return Array.from(document.querySelectorAll('#edges tbody tr'))
     .map(r => Array.from(r.cells).slice(0, 3).map(c => c.textContent));"""
+TRACES = """return Array.from(document.querySelectorAll('#traces tbody tr[data-trace-id]'))
+    .map(r => [r.dataset.traceId, r.querySelector('td.services').textContent]);"""
+WATERFALL = """const box = document.getElementById('waterfall');
+    if (box.hidden) return null;
+    return [box.dataset.traceId, Array.from(box.querySelectorAll('li[data-span-id]'))
+        .map(li => [li.dataset.service, li.querySelector('.span-bar').style.width])];"""
 
 
 @pytest.fixture
@@ -102,6 +112,33 @@ def edges(driver: WebDriver) -> list[list[str]]:
     return found
 
 
+def traces(driver: WebDriver) -> list[list[str]]:
+    found: list[list[str]] = driver.execute_script(TRACES)
+    return found
+
+
+def waterfall(driver: WebDriver) -> tuple[str, list[list[str]]] | None:
+    """The open waterfall's trace id and its spans' (service, bar width); None: closed."""
+    found: list[Any] | None = driver.execute_script(WATERFALL)
+    return None if found is None else (found[0], found[1])
+
+
+def open_a_trace(driver: WebDriver) -> str | None:
+    """Click the newest listed trace through the most services (two at least: a worker's
+    spans come up to 5 s after its sidecar's); its id once its waterfall shows (None:
+    the rows moved under the click, to try again)."""
+    for trace_id, services in sorted(traces(driver), key=lambda t: -t[1].count(" → ")):
+        if " → " not in services:
+            continue
+        try:
+            driver.find_element(By.CSS_SELECTOR, f'tr[data-trace-id="{trace_id}"]').click()
+        except (NoSuchElementException, StaleElementReferenceException):
+            return None
+        shown = waterfall(driver)
+        return trace_id if shown is not None and shown[0] == trace_id else None
+    return None
+
+
 def screenshot_path(tmp_path: Path) -> Path:
     where = os.environ.get("SHOAL_ARTIFACTS")
     folder = Path(where) if where else tmp_path
@@ -109,13 +146,16 @@ def screenshot_path(tmp_path: Path) -> Path:
     return folder / "dashboard.png"
 
 
-def test_the_dashboard_shows_instances_live_figures_and_a_worker_going_down(
+def test_the_dashboard_shows_instances_live_figures_traces_and_a_worker_going_down(
     tmp_path: Path, browser: WebDriver
 ) -> None:
     (tmp_path / "sidecar.yaml").write_text("membership: {ttl: 3}\n")
     (tmp_path / "mesh.yaml").write_text("sidecar: {config: sidecar.yaml}\n")
+    # `shoal up` has every component send its spans to the dashboard; keep them all.
     mesh = start_mesh(
-        tmp_path, "--workers", "2", "--restart", "never", "--config", str(tmp_path / "mesh.yaml")
+        tmp_path,
+        *("--workers", "2", "--restart", "never", "--trace-sample", "1"),
+        *("--config", str(tmp_path / "mesh.yaml")),
     )
     try:
         browser.get(mesh.address("dashboard"))
@@ -132,11 +172,26 @@ def test_the_dashboard_shows_instances_live_figures_and_a_worker_going_down(
             [caller] = {e[0] for e in edges(browser) if e[1:] == ["worker", "inbound sidecars"]}
             assert caller in ("client", "unknown"), edges(browser)
 
+            # A call's trace: listed, then clicked, its waterfall a row per span across
+            # the hops, each with a bar.
+            opened = wait.until(open_a_trace)
+            assert opened is not None
+            shown = waterfall(browser)
+            assert shown is not None and shown[0] == opened
+            assert len({service for service, _ in shown[1]}) >= 2, shown
+            assert all(width.endswith("%") for _, width in shown[1]), shown
+
         os.kill(int(mesh.rows["worker-1"]["PID"]), signal.SIGKILL)
         wait.until(lambda d: sum(row[1:] != ["healthy", "SERVING"] for row in rows(d)) == 1)
         assert sum(row[1:] == ["healthy", "SERVING"] for row in rows(browser)) == 1
         assert browser.find_element("id", "stream").get_attribute("data-state") == "live"
+        # Seconds of live updates later, the waterfall is still the one clicked.
+        still = waterfall(browser)
+        assert still is not None and still[0] == opened, still
 
+        # The whole page, waterfall and all.
+        height = browser.execute_script("return document.documentElement.scrollHeight")
+        browser.set_window_size(1400, min(int(height) + 100, 6000))
         path = screenshot_path(tmp_path)
         assert browser.save_screenshot(str(path))
         print(f"dashboard screenshot: {path}")

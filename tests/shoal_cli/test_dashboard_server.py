@@ -50,9 +50,10 @@ async def test_the_page_is_served_with_a_strict_content_policy(dashboard: Dashbo
         assert page.status_code == 200 and "<title>Shoal mesh</title>" in page.text
         assert "script-src 'self'" in page.headers["content-security-policy"]
         assert page.headers["x-content-type-options"] == "nosniff"
-        script = await client.get("/app.js")
-        assert script.headers["content-type"].startswith("text/javascript")
-        assert "innerHTML" not in script.text  # mesh data is set as text only
+        for name in ("app.js", "dom.js", "traces.js"):
+            script = await client.get(f"/{name}")
+            assert script.headers["content-type"].startswith("text/javascript")
+            assert "innerHTML" not in script.text  # mesh data is set as text only
         assert (await client.post("/api/snapshot")).status_code == 405
 
 
@@ -72,6 +73,7 @@ async def test_the_snapshot_follows_the_registry(dashboard: DashboardServer) -> 
                 break
             await asyncio.sleep(0.05)
     assert snap["registry"]["connected"] and snap["services"] == []
+    assert snap["traces"] is None  # no --otlp-listen: the page says tracing is off
     assert [e["kind"] for e in snap["events"]] == ["snapshot"]
 
 
@@ -134,6 +136,7 @@ async def test_a_taken_port_is_one_clear_error(registry_process: Registry) -> No
         (["--listen", "nowhere"], "--listen"),
         (["--scrape", "127.0.0.1"], "--scrape"),
         (["--registry", "x:y"], "--registry"),
+        (["--otlp-listen", "nowhere"], "--otlp-listen"),
     ],
 )
 def test_bad_dashboard_flags_exit_2_with_one_line(args: list[str], message: str) -> None:

@@ -204,7 +204,13 @@ def test_exec_env_sets_what_the_allowlist_allows(mesh: Mesh) -> None:
     via = mesh.address("client-sidecar")
     result = shoal("exec", "--via", via, "--env", "NAME=shoal mesh", "--", "env")
     assert result.returncode == 0, result.stderr
-    assert sorted(result.stdout.splitlines()) == ["GREETING=hello", "NAME=shoal mesh"]
+    # The mesh traces, so the worker hands every command its trace context too.
+    lines = sorted(result.stdout.splitlines())
+    assert [line for line in lines if not line.startswith("TRACEPARENT=")] == [
+        "GREETING=hello",
+        "NAME=shoal mesh",
+    ]
+    assert any(line.startswith("TRACEPARENT=00-") for line in lines)
     refused = shoal("exec", "--via", via, "--env", "NAME=a", "--env", "HOME=/", "--", "env")
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
