@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -16,6 +17,7 @@ from identity.authz import Policy
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from registry_service.access import Access
+from registry_service.calls import CallCollector, CallCounter, CallStats
 from registry_service.config import RegistryConfig
 from registry_service.policy_store import PolicyStore
 from registry_service.servicer import RegistryServicer
@@ -120,8 +122,14 @@ class RegistryServer(GrpcServer):
             access=Access(trust_domain),
             policies=self.policies,
         )
+        # Every Registry call by method and status, counted by CallCounter as it ends.
+        self.calls = CallStats()
+        self.metrics.register(CallCollector(self.calls))
         self.metrics.register(_StoreCollector(self))
         self._sweeper: asyncio.Task[None] | None = None
+
+    def _interceptors(self) -> Sequence[grpc.aio.ServerInterceptor[Any, Any]]:
+        return (CallCounter(self.calls),)
 
     def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
         pb_grpc.add_RegistryServicer_to_server(self.servicer, server)

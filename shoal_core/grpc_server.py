@@ -18,7 +18,7 @@ import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -197,6 +197,10 @@ class GrpcServer(ServiceBase):
         each request that fails to decode is answered INVALID_ARGUMENT.
         """
 
+    def _interceptors(self) -> Sequence[grpc.aio.ServerInterceptor[Any, Any]]:
+        """What every call goes through before its handler, outermost first (none)."""
+        return ()
+
     async def _before_stop(self) -> None:
         """End long-lived streams before the server stops accepting calls."""
         return None
@@ -231,7 +235,10 @@ class GrpcServer(ServiceBase):
 
     async def start(self) -> None:
         quiet_vanished_clients()
-        server = grpc.aio.server(options=_options(self.limits, self._max_message_bytes))
+        server = grpc.aio.server(
+            interceptors=self._interceptors(),
+            options=_options(self.limits, self._max_message_bytes),
+        )
         # Generated add_*_to_server functions only call the two methods the proxy has.
         names = list(self._add_servicers(cast(grpc.aio.Server, StrictDecodingServer(server))))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

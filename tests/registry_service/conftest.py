@@ -31,8 +31,12 @@ StartRegistry = Callable[..., Awaitable[RegistryServer]]
 async def start_registry() -> AsyncIterator[StartRegistry]:
     servers: list[RegistryServer] = []
 
-    async def start(config: RegistryConfig = FAST, listen: str = "127.0.0.1:0") -> RegistryServer:
-        server = RegistryServer(listen, config)
+    async def start(
+        config: RegistryConfig = FAST,
+        listen: str = "127.0.0.1:0",
+        metrics_listen: str | None = None,
+    ) -> RegistryServer:
+        server = RegistryServer(listen, config, metrics_listen=metrics_listen)
         await server.start()
         servers.append(server)
         return server
