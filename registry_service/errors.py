@@ -5,11 +5,19 @@ RegistryError
 +-- AlreadyExists     the instance id is held by a live lease from another address
 +-- LeaseNotFound     the lease is unknown or has expired: register again
 +-- LimitReached      a bound on what the registry holds would be passed
++-- StoreUnavailable  the registry's store (etcd) cannot be reached: try again
 """
 
 from __future__ import annotations
 
-__all__ = ["AlreadyExists", "InvalidArgument", "LeaseNotFound", "LimitReached", "RegistryError"]
+__all__ = [
+    "AlreadyExists",
+    "InvalidArgument",
+    "LeaseNotFound",
+    "LimitReached",
+    "RegistryError",
+    "StoreUnavailable",
+]
 
 
 class RegistryError(Exception):
@@ -34,3 +42,8 @@ class LeaseNotFound(RegistryError):
 
 class LimitReached(RegistryError):
     """Registering would pass a bound of the registry's config; the message names it."""
+
+
+class StoreUnavailable(RegistryError):
+    """The backend's store cannot be reached now; the caller may try again (another
+    replica, or later). Reads still answer from what this replica last saw."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,11 +15,11 @@ from identity.authz import Policy
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from registry_service.access import Access
+from registry_service.backend import Backend, MemoryBackend, RegistryView
 from registry_service.calls import CallCollector, CallCounter, CallStats
 from registry_service.config import RegistryConfig
 from registry_service.policy_store import PolicyStore
 from registry_service.servicer import RegistryServicer
-from registry_service.store import RegistryStore
 from shoal_core.grpc_server import GrpcServer
 
 __all__ = ["RegistryServer"]
@@ -93,12 +91,15 @@ class RegistryServer(GrpcServer):
         trust_domain: str | None = None,
         policy: Policy | None = None,
         state_dir: Path | None = None,
+        backend: Backend | None = None,
     ) -> None:
         """``credentials`` (mTLS, see ``shoal_core.tls``) and ``trust_domain`` go together:
         with them every call is authorized by the caller's certificate (``access``).
         ``policy``: the mesh's authorization policy until an operator sets another
         (default: allow everything). ``state_dir``: where what must outlive a restart is
-        kept (the policy an operator set, as ``policy.yaml``)."""
+        kept (the policy an operator set, as ``policy.yaml``). ``backend``: where the
+        instances live (default: in this process, ``MemoryBackend``); the server starts
+        and closes it."""
         if (credentials is None) != (trust_domain is None):
             raise ValueError("credentials and trust_domain go together")
         self.config = config or RegistryConfig()
@@ -108,14 +109,15 @@ class RegistryServer(GrpcServer):
             metrics_listen=metrics_listen,
             credentials=credentials,
         )
-        self.store = RegistryStore(self.config)
+        self.backend: Backend = backend or MemoryBackend(self.config)
+        self.store: RegistryView = self.backend.view
         keep = None
         if state_dir is not None:
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             keep = state_dir / "policy.yaml"
         self.policies = PolicyStore(policy, keep=keep)
         self.servicer = RegistryServicer(
-            self.store,
+            self.backend,
             progress_interval=self.config.watch_progress_interval,
             queue_size=self.config.watch_queue_size,
             queue_bytes=self.config.watch_queue_bytes,
@@ -126,7 +128,6 @@ class RegistryServer(GrpcServer):
         self.calls = CallStats()
         self.metrics.register(CallCollector(self.calls))
         self.metrics.register(_StoreCollector(self))
-        self._sweeper: asyncio.Task[None] | None = None
 
     def _interceptors(self) -> Sequence[grpc.aio.ServerInterceptor[Any, Any]]:
         return (CallCounter(self.calls),)
@@ -136,17 +137,13 @@ class RegistryServer(GrpcServer):
         return [SERVICE_NAME]
 
     async def start(self) -> None:
-        await super().start()
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="registry-sweeper")
-
-    async def _sweep_forever(self) -> None:
-        interval = self.config.sweep_interval
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.store.sweep()
-            except Exception:  # a sweep bug must not stop expiry for good
-                logger.exception("registry sweep failed")
+        # The state first: a registry that cannot reach its store does not serve.
+        await self.backend.start()
+        try:
+            await super().start()
+        except BaseException:
+            await self.backend.close()
+            raise
 
     async def _before_stop(self) -> None:
         watchers = self.servicer.hub.watchers
@@ -156,7 +153,4 @@ class RegistryServer(GrpcServer):
         self.policies.close_all()
 
     async def _after_stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await self.backend.close()

@@ -16,16 +16,17 @@ from identity.spiffe import SpiffeId
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from registry_service.access import Access, PermissionDenied, Unauthenticated
+from registry_service.backend import Backend
 from registry_service.errors import (
     AlreadyExists,
     InvalidArgument,
     LeaseNotFound,
     LimitReached,
     RegistryError,
+    StoreUnavailable,
 )
 from registry_service.model import Instance
 from registry_service.policy_store import PolicyStore
-from registry_service.store import RegistryStore
 from registry_service.validation import MAX_TTL_MS, check_lease_id, check_service_name
 from registry_service.watch import WatchHub
 from registry_service.wire import InstanceRenderer, load_from_pb, spec_from_pb, status_from_pb
@@ -45,6 +46,7 @@ CODES = ErrorCodes[grpc.StatusCode](
         AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
         LeaseNotFound: grpc.StatusCode.NOT_FOUND,
         LimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
         Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
         PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     },
@@ -54,12 +56,12 @@ _mapped = maps_errors(RegistryError, CODES)
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
-    """Maps Registry RPCs onto a ``RegistryStore`` and a ``WatchHub``, and the policy
-    RPCs onto a ``PolicyStore``."""
+    """Maps Registry RPCs onto a ``Backend`` (reads from its view) and a ``WatchHub``,
+    and the policy RPCs onto a ``PolicyStore``."""
 
     def __init__(
         self,
-        store: RegistryStore,
+        backend: Backend,
         *,
         progress_interval: float,
         queue_size: int,
@@ -67,7 +69,8 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         access: Access | None = None,
         policies: PolicyStore | None = None,
     ) -> None:
-        self._store = store
+        self._backend = backend
+        self._store = store = backend.view
         self._policies = policies or PolicyStore()
         # The wire form of the current policy, made once for all its watchers.
         self._rendered: tuple[int, pb.Policy] | None = None
@@ -113,7 +116,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         status = status_from_pb("instance.status", request.instance.status)
         if request.ttl_ms > MAX_TTL_MS:
             raise InvalidArgument("ttl_ms", f"{request.ttl_ms} is out of range 0..{MAX_TTL_MS}")
-        inst = self._store.register(spec, request.ttl_ms / 1000, status)
+        inst = await self._backend.register(spec, request.ttl_ms / 1000, status)
         ttl_ms = round(inst.ttl * 1000)
         return pb.RegisterResponse(
             lease_id=inst.lease_id,
@@ -130,7 +133,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         self._check_lease(context, "renew", lease_id)
         status = status_from_pb("status", request.status)
         load = load_from_pb("load", request.load)
-        inst = self._store.heartbeat(lease_id, status, load)
+        inst = await self._backend.heartbeat(lease_id, status, load)
         return pb.HeartbeatResponse(ttl_ms=round(inst.ttl * 1000), revision=self._store.revision)
 
     @_mapped
@@ -139,7 +142,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     ) -> pb.DeregisterResponse:
         lease_id = check_lease_id(request.lease_id)
         self._check_lease(context, "deregister", lease_id)
-        self._store.deregister(lease_id)
+        await self._backend.deregister(lease_id)
         return pb.DeregisterResponse(revision=self._store.revision)
 
     @_mapped

@@ -16,8 +16,8 @@ import collections
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from registry_service.backend import RegistryView
 from registry_service.model import Event
-from registry_service.store import RegistryStore
 
 __all__ = ["Subscription", "WatchHub"]
 
@@ -81,7 +81,7 @@ class WatchHub(Generic[T]):
 
     def __init__(
         self,
-        store: RegistryStore,
+        store: RegistryView,
         render: Callable[[Event], T],
         size: Callable[[T], int],
         *,

@@ -12,6 +12,8 @@ import pytest
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from registry_service import RegistryConfig, RegistryServer
+from registry_service.backend import MemoryBackend
+from registry_service.store import RegistryStore
 
 # Short leases so expiry tests take a second or two, not ten.
 FAST = RegistryConfig(
@@ -89,3 +91,11 @@ def instance(n: int = 1, service: str = "echo", **fields: object) -> pb.Instance
     }
     values.update(fields)
     return pb.Instance(**values)  # type: ignore[arg-type]
+
+
+def memory_store(server: RegistryServer) -> RegistryStore:
+    """The in-memory store behind ``server``, for tests that change it directly: with no
+    await between changes, a watch stream cannot drain in between."""
+    backend = server.backend
+    assert isinstance(backend, MemoryBackend)
+    return backend.store

@@ -10,7 +10,7 @@ import pytest
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from registry_service import RegistryConfig, RegistryServer
-from tests.registry_service.conftest import StartRegistry, instance, read
+from tests.registry_service.conftest import StartRegistry, instance, memory_store, read
 
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub as Stub
@@ -106,7 +106,7 @@ async def test_history_byte_bound_evicts_and_a_resume_past_it_gets_a_snapshot(
             reply = await stub.Register(pb.RegisterRequest(instance=instance(n, metadata=BIG)))
             await stub.Deregister(pb.DeregisterRequest(lease_id=reply.lease_id))
         await stub.Register(pb.RegisterRequest(instance=instance(99)))
-        history = server.store.history
+        history = memory_store(server).history
         assert history.bytes <= 1 << 20 and 0 < len(history) < 40, (history.bytes, len(history))
         call = stub.Watch(pb.WatchRequest(since_revision=start))
         event = await read(call)

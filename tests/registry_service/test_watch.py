@@ -12,7 +12,7 @@ from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from registry_service import RegistryConfig, RegistryServer
 from registry_service.model import InstanceSpec, ServingStatus
-from tests.registry_service.conftest import StartRegistry, instance, read
+from tests.registry_service.conftest import StartRegistry, instance, memory_store, read
 
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub as Stub
@@ -133,7 +133,7 @@ async def test_watcher_that_falls_behind_gets_a_fresh_snapshot(
         # 100 changes in one go, with no chance for the stream to drain its queue.
         for n in range(100):
             spec = InstanceSpec(instance_id=f"i{n}", service="bulk", address=f"10.0.0.1:{n + 1}")
-            server.store.register(spec, 5.0, ServingStatus.SERVING)
+            memory_store(server).register(spec, 5.0, ServingStatus.SERVING)
         event = await read(call)
         while event.type == PROGRESS:
             event = await read(call)
@@ -170,7 +170,7 @@ async def test_changes_made_while_a_message_is_being_sent_are_not_lost(
     stream = registry.servicer.Watch(pb.WatchRequest(), context=None)  # type: ignore[arg-type]
     snapshot = await anext(stream)
     assert snapshot.type == SNAPSHOT and not snapshot.instances
-    late = registry.store.register(
+    late = memory_store(registry).register(
         InstanceSpec(instance_id="late", service="svc", address="10.0.0.2:1"),
         30.0,
         ServingStatus.SERVING,
@@ -216,8 +216,8 @@ async def test_a_stalled_watcher_holds_at_most_its_queue_bytes(
     # While the stream is held at its yield, 15 big register+deregister pairs: 30 events,
     # far under the count bound (4096) but about 2.2 MB against a 1 MiB byte bound.
     for n in range(15):
-        inst = server.store.register(big_spec(n), 30.0, ServingStatus.SERVING)
-        server.store.deregister(inst.lease_id)
+        inst = memory_store(server).register(big_spec(n), 30.0, ServingStatus.SERVING)
+        memory_store(server).deregister(inst.lease_id)
     event = await asyncio.wait_for(anext(stream), 5)
     await stream.aclose()  # type: ignore[attr-defined]
     assert event.type == SNAPSHOT and not event.instances
@@ -228,7 +228,7 @@ async def test_a_resume_whose_backlog_leaves_the_history_mid_replay_gets_a_snaps
     start_registry: StartRegistry,
 ) -> None:
     server = await start_registry(RegistryConfig(history_size=16, preservation_share=1.0))
-    store = server.store
+    store = memory_store(server)
     start = store.revision
     for n in range(5):
         store.register(InstanceSpec(f"i{n}", "svc", f"10.0.0.4:{n + 1}"), 30.0, SERVING)
