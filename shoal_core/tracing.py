@@ -45,6 +45,7 @@ __all__ = [
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 DEFAULT_SAMPLE = 0.01
+EXPORT_TIMEOUT = 2.0  # seconds an export may take, retries included
 # version 00: 2 hex, 32 hex trace id, 16 hex parent id, 2 hex flags (W3C Trace Context §3.2).
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _SAMPLED = 0x01
@@ -127,7 +128,11 @@ def otlp_exporter(endpoint: str) -> SpanExporter:
     """OpenTelemetry's OTLP/gRPC span exporter for ``endpoint``."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+    # The exporter retries within its timeout; a process stopping flushes through it, so
+    # a collector that is gone must not hold the stop much longer than this.
+    return OTLPSpanExporter(
+        endpoint=endpoint, insecure=endpoint.startswith("http://"), timeout=EXPORT_TIMEOUT
+    )
 
 
 def tracer_provider(settings: TraceSettings) -> TracerProvider:

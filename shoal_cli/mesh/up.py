@@ -51,10 +51,11 @@ class RunningMesh:
             self.by_name[spec.name] = await self.supervisor.start(spec)
 
     async def stop(self) -> None:
-        """The dashboard and the client side first, then sidecars (they drain and
-        deregister), workers, registry."""
+        """The client side first, then sidecars (they drain and deregister), workers,
+        the dashboard, the registry."""
         plan = self.plan
-        groups = [[plan.dashboard], [plan.client], plan.sidecars, plan.workers, [plan.registry]]
+        # The dashboard after the workers: it receives their last spans as they stop.
+        groups = [[plan.client], plan.sidecars, plan.workers, [plan.dashboard], [plan.registry]]
         if plan.identity is not None:
             groups.append([plan.identity])
         await self.supervisor.stop(

@@ -402,3 +402,19 @@ def test_a_second_ctrl_c_kills_everything_at_once(tmp_path: Path) -> None:
         assert "draining" not in log and "stopped" not in log, (name, log)
     # Every child was collected by its own watcher, none reaped behind asyncio's back.
     assert "Unknown child process" not in mesh.stderr()
+
+
+def test_a_mesh_that_traced_every_call_stops_at_once_with_no_child_killed(tmp_path: Path) -> None:
+    # Spans are still queued in the workers when Ctrl-C comes: their last export must
+    # find the dashboard still receiving, not hold the worker past its grace.
+    mesh = start_mesh(tmp_path, "--workers", "1", "--insecure", "--trace-sample", "1")
+    try:
+        via = mesh.address("client-sidecar")
+        for _ in range(3):
+            result = shoal("call", "upper", "--data", "x", "--via", via)
+            assert result.returncode == 0, result.stderr
+    finally:
+        stop_mesh(mesh)
+    said = mesh.stderr()
+    assert "did not stop" not in said and "killing it" not in said, said
+    assert not alive(mesh.pids)
