@@ -29,9 +29,10 @@ __all__ = ["TracePlan", "trace_part", "trace_stacks"]
 
 UNTRACED, SAMPLED_OFF, TRACED = "untraced", "tracing, sample 0", "tracing, sample 1"
 # The issue's targets: all calls traced costs at most 10 % more CPU per call; sampling
-# off, nothing measurable (within this machine's round-to-round noise).
+# off, nothing measurable. One stack's CPU per call moves by 10-20 % from round to round
+# on a shared 2-core machine; 5 % is within what the medians of 7 rounds still show.
 TRACED_OVER_UNTRACED = 1.10
-OFF_OVER_UNTRACED = 1.03
+OFF_OVER_UNTRACED = 1.05
 
 
 @dataclass
@@ -91,6 +92,13 @@ def _ratios(load: dict[str, list[Run]], name: str) -> list[float]:
     ]
 
 
+def _pooled(runs: list[Run], calls: int) -> float:
+    """CPU per call over every round of ``calls`` calls: a second estimate beside the
+    median."""
+    spent = [r.spent.cpu for r in runs if r.spent is not None]
+    return sum(spent) / (len(spent) * calls) * 1e6 if spent else 0.0
+
+
 async def _received(sink: Child) -> int:
     """What the collector has counted (its last ``received N spans`` line)."""
     assert sink.proc.stdout is not None
@@ -133,6 +141,11 @@ async def trace_part(
         ])  # fmt: skip
     table(["sidecars", "req/s", "CPU us/call", "x untraced", "p50 ms", "p99 ms"], rows)
     print(by_round("CPU us/call", per_round(load, lambda r: r.cpu_us)))
+    pooled = {n: _pooled(runs, plan.calls) for n, runs in load.items()}
+    print(
+        "  all rounds at once (total CPU over total calls), x untraced: "
+        + ", ".join(f"{n} {pooled[n] / (pooled[UNTRACED] or 1):.3f}" for n in load)
+    )
     traced_calls = (plan.rounds * plan.calls + min(2000, plan.calls)) * 2
     print(
         f"  the collector received {spans} spans; two per traced call would be "
