@@ -2,11 +2,11 @@
 
 ``PolicyWatch`` keeps the newest policy of the registry's ``WatchPolicy`` stream.
 When the stream breaks it keeps the last policy it had (fail-static: a registry
-outage changes no one's rights) and reconnects with the project's backoff, saying
-which version it holds so an unchanged policy is not sent again. Until the first
-policy arrives the mesh default applies: everything is allowed, as in a mesh that
-has never set a policy; ``start`` waits a moment for it so that, normally, no call is
-decided before it is known.
+outage changes no one's rights) and reconnects with the project's backoff, to the
+next registry replica when there are several, saying which version it holds so an
+unchanged policy is not sent again. Until the first policy arrives the mesh default
+applies: everything is allowed, as in a mesh that has never set a policy; ``start``
+waits a moment for it so that, normally, no call is decided before it is known.
 
 ``decide`` is called by the data plane's thread for every inbound call, while the
 event loop swaps in new policies: the policy and the decisions cached for it are one
@@ -21,6 +21,7 @@ import functools
 import logging
 import random
 import threading
+from collections.abc import Sequence
 
 from identity.authz import Decision, Policy, source_label
 from identity.spiffe import SpiffeError, SpiffeId
@@ -29,6 +30,7 @@ from proxy_sidecar.rpc import Follower, Rpc
 from shoal_core.backoff import Attempts, Backoff
 from shoal_core.config import ConfigError
 from shoal_core.policy_wire import policy_from_pb
+from shoal_core.replicas import Replicas
 
 __all__ = ["PolicyWatch"]
 
@@ -55,12 +57,13 @@ def _parse_peer(peer: str) -> SpiffeId | None:
 
 
 class PolicyWatch:
-    """Follows ``Registry.WatchPolicy`` at ``registry`` through ``rpc``; owns its task."""
+    """Follows ``Registry.WatchPolicy`` at ``registry`` (one address, several, or
+    replicas shared with other users) through ``rpc``; owns its task."""
 
     def __init__(
         self,
         rpc: Rpc | None,
-        registry: str,
+        registry: str | Sequence[str] | Replicas,
         *,
         trust_domain: str | None = None,
         backoff: Backoff | None = None,
@@ -72,10 +75,10 @@ class PolicyWatch:
         first policy. ``rpc`` may come at ``start`` instead: the sidecar's control plane
         holds the watch before its data plane can carry calls."""
         self._rpc = rpc
-        self._registry = registry
+        self._replicas = replicas = Replicas.of(registry)
         self._trust_domain = trust_domain
         attempts = Attempts(backoff or Backoff(initial=0.1, maximum=5.0), rng or random.Random())
-        self._follower = Follower(registry, _WATCH_POLICY, pb.Policy, attempts, "policy watch")
+        self._follower = Follower(replicas, _WATCH_POLICY, pb.Policy, attempts, "policy watch")
         self._initial_sync = initial_sync
         self._state: tuple[Policy, dict[tuple[str | None, str, str], Decision]] = (
             _NO_POLICY,
@@ -109,7 +112,7 @@ class PolicyWatch:
             logger.warning(
                 "no authorization policy from the registry at %s yet; allowing every call "
                 "until one arrives",
-                self._registry,
+                self._replicas.current,
             )
 
     async def close(self) -> None:

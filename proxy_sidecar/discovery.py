@@ -1,9 +1,11 @@
 """Endpoints from the registry's Watch stream, kept through registry outages.
 
 The stream gives a snapshot, then one event per change. When it breaks, the
-table keeps its last good set (fail-static) and the watch reconnects with
-exponential backoff and jitter, resuming after the last revision seen so the
-registry can replay what was missed (or send a fresh snapshot).
+table keeps its last good set (fail-static) and the watch reconnects, to the next
+registry replica when there are several, with exponential backoff and jitter,
+resuming after the last revision seen so the registry can replay what was missed
+(or send a fresh snapshot). Replicas over one store share revisions, so a watch that
+moves gets the missed events, not a snapshot.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Sequence
 
 from protos import registry_pb2 as pb
 from proxy_sidecar.config import DiscoverySettings
 from proxy_sidecar.endpoints import EndpointTable, InstanceInfo
 from proxy_sidecar.rpc import Follower, Rpc
 from shoal_core.backoff import Attempts, Backoff
+from shoal_core.replicas import Replicas
 
 __all__ = ["Discovery", "info_from_pb"]
 
@@ -47,24 +51,25 @@ def info_from_pb(msg: pb.Instance) -> InstanceInfo:
 
 
 class Discovery:
-    """Consumes ``Registry.Watch`` into an ``EndpointTable``; owns its tasks."""
+    """Consumes ``Registry.Watch`` from ``registry`` (one address, several, or replicas
+    shared with other users) into an ``EndpointTable``; owns its tasks."""
 
     def __init__(
         self,
-        registry: str,
+        registry: str | Sequence[str] | Replicas,
         table: EndpointTable,
         settings: DiscoverySettings,
         *,
         rng: random.Random | None = None,
     ) -> None:
-        self._registry = registry
+        self._replicas = replicas = Replicas.of(registry)
         self._table = table
         self._settings = settings
         attempts = Attempts(
             Backoff(initial=settings.backoff_initial, maximum=settings.backoff_max),
             rng or random.Random(),
         )
-        self._follower = Follower(registry, _WATCH, pb.WatchEvent, attempts, "registry's watch")
+        self._follower = Follower(replicas, _WATCH, pb.WatchEvent, attempts, "registry's watch")
         self._ticker: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
         self.revision = 0
@@ -86,7 +91,8 @@ class Discovery:
             await asyncio.wait_for(self._synced.wait(), self._settings.initial_sync)
         except TimeoutError:
             logger.warning(
-                "no snapshot from the registry at %s yet; serving and retrying", self._registry
+                "no snapshot from the registry at %s yet; serving and retrying",
+                self._replicas.current,
             )
 
     @property
@@ -107,6 +113,9 @@ class Discovery:
         if kind == pb.WatchEvent.SNAPSHOT:
             self._table.replace(info_from_pb(i) for i in event.instances)
             self._synced.set()
+            # A snapshot starts the story afresh at its revision: one from a replica of
+            # another store (or another history) may stand lower than what we had.
+            self.revision = event.revision
         elif kind == pb.WatchEvent.UPSERT:
             for inst in event.instances:
                 self._table.upsert(info_from_pb(inst))

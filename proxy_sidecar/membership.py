@@ -7,6 +7,12 @@ the registry has forgotten the lease (``NOT_FOUND``: it expired or the registry
 restarted) the sidecar registers again after a random pause, so a restarted
 registry is not hit by every instance at once. Draining deregisters first.
 
+With several registry replicas, a call that cannot reach the one in use
+(UNAVAILABLE, DEADLINE_EXCEEDED: connection refused or reset, no answer) is made at
+once on the next, each tried once, so a heartbeat lands within its interval and the
+lease does not lapse; over a shared store the lease simply goes on there. NOT_FOUND
+is an answer, not a failure: register again (on that replica).
+
 Heartbeats that keep failing are said once at WARNING, and their recovery once
 at INFO: an operator sees an outage and its end, not a line per heartbeat.
 """
@@ -18,8 +24,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from protos import registry_pb2 as pb
@@ -28,6 +36,7 @@ from proxy_sidecar.reflect import list_services
 from proxy_sidecar.rpc import Rpc, RpcError
 from shoal_core.backoff import Attempts, Backoff
 from shoal_core.codes import DEADLINE_EXCEEDED, NOT_FOUND, UNAVAILABLE, UNIMPLEMENTED
+from shoal_core.replicas import Replicas
 
 __all__ = ["Membership"]
 
@@ -38,15 +47,20 @@ _REGISTRY = "/shoal.registry.v1.Registry/"
 _CHECK = "/grpc.health.v1.Health/Check"
 # Heartbeats failing for this many intervals are an outage worth a WARNING.
 _WARN_AFTER_INTERVALS = 3
+# Codes that say the replica was not reached (or did not answer): the next may be.
+_UNREACHED = (UNAVAILABLE, DEADLINE_EXCEEDED)
+
+M = TypeVar("M", bound=Message)
 
 
 class Membership:
-    """Keeps one registration of the app alive; owns its heartbeat task."""
+    """Keeps one registration of the app alive at ``registry`` (one address, several,
+    or replicas shared with other users); owns its heartbeat task."""
 
     def __init__(
         self,
         rpc: Rpc,
-        registry: str,
+        registry: str | Sequence[str] | Replicas,
         *,
         service: str,
         app: str,
@@ -65,7 +79,7 @@ class Membership:
         host_port = advertise.replace("[", "").replace("]", "")
         self.instance_id = settings.instance_id or f"{service}@{host_port}"
         self._rpc = rpc
-        self._registry = registry
+        self._replicas = Replicas.of(registry)
         self._app = app
         self._task: asyncio.Task[None] | None = None
         self.grpc_services: tuple[str, ...] = settings.grpc_services
@@ -137,27 +151,56 @@ class Membership:
             status=self.status,
             load=self._load_report(),
         )
-        reply = await self._rpc.unary(
-            self._registry,
-            _REGISTRY + "Register",
+        reply = await self._call(
+            "Register",
             pb.RegisterRequest(instance=instance, ttl_ms=round(self._settings.ttl * 1000)),
             pb.RegisterResponse,
-            timeout=_RPC_TIMEOUT,
+            _RPC_TIMEOUT,
         )
         self.lease_id = reply.lease_id
         self.registrations += 1
         self._registry_answered()
         logger.info(
-            "registered %s (%s) at %s, lease %d ms",
+            "registered %s (%s) at %s, lease %d ms, with the registry at %s",
             self.instance_id,
             ", ".join(self.grpc_services),
             self._advertise,
             reply.ttl_ms,
+            self._replicas.current,
         )
         interval: float = reply.heartbeat_interval_ms / 1000
         # A check that outlives half an interval would delay the heartbeat it feeds.
         self._check_timeout = min(_RPC_TIMEOUT, interval / 2)
         return interval
+
+    async def _call(self, method: str, request: Message, reply: type[M], timeout: float) -> M:
+        """``method`` at the registry replica in use; one that is not reached hands the
+        call at once to the next, each tried once. The last failure is raised."""
+        replicas = self._replicas
+        failure: RpcError | None = None
+        for _ in range(len(replicas)):
+            address = replicas.current
+            try:
+                answer = await self._rpc.unary(
+                    address, _REGISTRY + method, request, reply, timeout=timeout
+                )
+            except RpcError as exc:
+                if exc.code not in _UNREACHED:
+                    raise
+                failure, move = exc, replicas.failed(address)
+                if move is not None:
+                    say = logger.warning if move.first else logger.debug
+                    say("registry %s not reached (%s); moving to %s", address, exc, move.to)
+                continue
+            replicas.answered(address)
+            return answer
+        assert failure is not None
+        raise failure
+
+    def _heartbeat_timeout(self, interval: float) -> float:
+        # With replicas, each gets at most half an interval, so that one that does not
+        # answer leaves the next the time to take the heartbeat before the next is due.
+        return _RPC_TIMEOUT if len(self._replicas) == 1 else min(_RPC_TIMEOUT, interval / 2)
 
     def _registry_answered(self) -> None:
         if self._warned and self._failing_since is not None:
@@ -178,7 +221,7 @@ class Membership:
             logger.warning(
                 "heartbeats to the registry at %s have failed for %.1fs (%s: %s); "
                 "still routing, and the lease of %s lapses if this goes on",
-                self._registry,
+                ", ".join(self._replicas.addresses),
                 failing_for,
                 exc.name,
                 exc.details,
@@ -211,14 +254,13 @@ class Membership:
             await asyncio.sleep(interval)
             self.status = await self.check_app()
             try:
-                await self._rpc.unary(
-                    self._registry,
-                    _REGISTRY + "Heartbeat",
+                await self._call(
+                    "Heartbeat",
                     pb.HeartbeatRequest(
                         lease_id=self.lease_id, status=self.status, load=self._load_report()
                     ),
                     pb.HeartbeatResponse,
-                    timeout=_RPC_TIMEOUT,
+                    self._heartbeat_timeout(interval),
                 )
                 self.heartbeats += 1
                 self._registry_answered()
@@ -227,7 +269,7 @@ class Membership:
                     self._registry_answered()
                     logger.info("lease of %s is gone; registering again", self.instance_id)
                     return
-                # Unreachable registry: keep trying; the lease may still be alive.
+                # No replica reached: keep trying; the lease may still be alive.
                 self._heartbeat_failed(exc, interval)
 
     async def drain(self) -> None:
@@ -239,12 +281,11 @@ class Membership:
             self._task = None
         if self.lease_id:
             try:
-                await self._rpc.unary(
-                    self._registry,
-                    _REGISTRY + "Deregister",
+                await self._call(
+                    "Deregister",
                     pb.DeregisterRequest(lease_id=self.lease_id),
                     pb.DeregisterResponse,
-                    timeout=_RPC_TIMEOUT,
+                    _RPC_TIMEOUT,
                 )
                 logger.info("deregistered %s", self.instance_id)
             except RpcError as exc:

@@ -80,6 +80,8 @@ class SidecarTls:
         self._dataplane.set_identity(fresh.chain_pem, fresh.key_pem, fresh.bundle_pem)
 
     def expect_registry(self, address: str) -> None:
+        """Calls to ``address`` go to the registry (one of its replicas: each address
+        is said): it must prove the registry's identity."""
         self._dataplane.expect_peer(address, str(SpiffeId(self.mesh.trust_domain, "registry")))
 
     def expect_service(self, address: str, service: str) -> None:

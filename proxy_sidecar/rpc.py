@@ -5,7 +5,8 @@ response message, then the status, from its own thread; here they are handed to 
 event loop and turned into awaitables: ``unary`` for one reply, ``stream`` for a
 server-streaming call such as the registry's Watch. Messages are protobuf messages
 on this side; codes are gRPC's numbers (no grpcio in the sidecar's process).
-``Follower`` keeps such a stream open for good: the registry's Watch and WatchPolicy.
+``Follower`` keeps such a stream open for good: the registry's Watch and WatchPolicy,
+moving to the next registry replica when the one it follows fails.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from shoal_dataplane import DataPlane
 
 from shoal_core.backoff import Attempts
 from shoal_core.codes import INTERNAL, UNAVAILABLE, code_name
+from shoal_core.replicas import Replicas
 
 __all__ = ["Follower", "Rpc", "RpcError"]
 
@@ -130,16 +132,17 @@ class Rpc:
 
 
 class Follower(Generic[M]):
-    """Follows the server stream ``path`` at ``address`` for good: each message goes to
-    ``on_message``; after a break it says once what is kept (``kept()``) and opens the
-    stream again after the one backoff, with a request made afresh (``request()``), so
-    that it can resume where it stopped. Says ``what`` it follows in its logs. Owns its
-    task, from ``start`` to ``close``."""
+    """Follows the server stream ``path`` at the current one of ``replicas`` for good:
+    each message goes to ``on_message``; after a break it moves to the next replica,
+    says once what is kept (``kept()``) and opens the stream again after the one
+    backoff, with a request made afresh (``request()``), so that it resumes where it
+    stopped: replicas over one store replay what was missed. Says ``what`` it follows
+    in its logs. Owns its task, from ``start`` to ``close``."""
 
     def __init__(
-        self, address: str, path: str, reply: type[M], attempts: Attempts, what: str
+        self, replicas: Replicas, path: str, reply: type[M], attempts: Attempts, what: str
     ) -> None:
-        self._address = address
+        self._replicas = replicas
         self._path = path
         self._reply = reply
         self._attempts = attempts
@@ -173,8 +176,9 @@ class Follower(Generic[M]):
         on_message: Callable[[M], None],
         kept: Callable[[], str],
     ) -> None:
-        attempts, address = self._attempts, self._address
+        attempts, replicas = self._attempts, self._replicas
         while True:
+            address = replicas.current
             try:
                 async for message in rpc.stream(address, self._path, request(), self._reply):
                     if not self.connected:
@@ -182,14 +186,25 @@ class Follower(Generic[M]):
                         if attempts.failures:
                             logger.info("following the %s at %s again", self._what, address)
                         attempts.succeeded()
+                        replicas.answered(address)
                     on_message(message)
                 reason = "the server ended the stream"
             except RpcError as exc:
                 reason = str(exc)
-            if self.connected or attempts.failures == 0:  # once per outage
+            move = replicas.failed(address)
+            where = "" if move is None else f"; moving to the replica at {move.to}"
+            # Once per outage (and once per move across replicas), not once per retry.
+            if self.connected or attempts.failures == 0 or (move is not None and move.first):
                 logger.warning(
-                    "the %s at %s broke off (%s); %s", self._what, address, reason, kept()
+                    "the %s at %s broke off (%s); %s%s",
+                    self._what,
+                    address,
+                    reason,
+                    kept(),
+                    where,
                 )
+            else:
+                logger.debug("the %s at %s: %s%s", self._what, address, reason, where)
             self.connected = False
             self.reconnects += 1
             await asyncio.sleep(attempts.failed())

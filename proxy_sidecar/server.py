@@ -7,9 +7,14 @@ app's calls and routes them into the mesh; the mesh-facing (inbound) one, for a
 sidecar with an app, takes other sidecars' calls and delivers them to the app only.
 The registered address is the inbound one.
 
+The registry may be several replicas over one store (``registry``: a list): the
+watch, the policy watch and the heartbeats share one ``Replicas``, so the first of
+them to find a replica gone moves all three to the next.
+
 With a mesh identity (``mesh``) both the inbound listener and every call to another
-sidecar or the registry are mutual TLS (``mesh_tls``); the app-facing side stays
-plaintext on loopback. Without one, everything is plaintext, and it says so once.
+sidecar or the registry (each of its replicas) are mutual TLS (``mesh_tls``); the
+app-facing side stays plaintext on loopback. Without one, everything is plaintext, and
+it says so once.
 
 The data plane also serves the sidecar's own services to its app (grpc.health.v1, and
 reflection answered by ``reflect``) and carries the control plane's own calls (``rpc``:
@@ -50,6 +55,7 @@ from shoal_core.certifying import MeshIdentity
 from shoal_core.errors import ServerStartError
 from shoal_core.http import HttpServer
 from shoal_core.lifecycle import ServiceBase
+from shoal_core.replicas import Replicas
 from shoal_core.tracing import TraceSettings
 
 __all__ = ["SidecarServer"]
@@ -62,7 +68,7 @@ APP_KEY, ADMIN_KEY = "shoal.app", "shoal.admin"
 
 class SidecarServer(ServiceBase):
     """A sidecar on ``listen`` forwarding its app's calls to the mesh found through
-    ``registry``.
+    ``registry`` (an address, or several: replicas of one registry, tried in turn).
 
     With ``service`` and ``app`` it also listens on ``inbound`` for other sidecars'
     calls, delivers them to the app at ``app``, and registers the app as an instance
@@ -72,7 +78,7 @@ class SidecarServer(ServiceBase):
     def __init__(
         self,
         listen: str,
-        registry: str,
+        registry: str | Sequence[str],
         config: SidecarConfig | None = None,
         *,
         service: str | None = None,
@@ -96,7 +102,7 @@ class SidecarServer(ServiceBase):
             parse_address(inbound, allow_port_zero=True)
         for name in {config.lb, *(p.lb for p in config.services.values() if p.lb)}:
             balancer_class(name)
-        parse_address(registry)
+        self._replicas = Replicas(registry)
         if app is not None:
             parse_address(app)
         if advertise is not None:
@@ -123,14 +129,13 @@ class SidecarServer(ServiceBase):
             self._collector = trace.endpoint.removeprefix("http://").rstrip("/")
             parse_address(self._collector)
         super().__init__()
-        self._registry_address = registry
         self._service = service
         self._app = app
         self._advertise = advertise
         self.table = EndpointTable(empty_hold=config.discovery.empty_set_hold)
         self.router = Router(self.table, config, app=app)
         self._tables = (self.table, self.router.local_table)
-        self.discovery = Discovery(registry, self.table, config.discovery)
+        self.discovery = Discovery(self._replicas, self.table, config.discovery)
         self.membership: Membership | None = None
         self._draining = False
         pages = AdminPages(self)
@@ -155,7 +160,12 @@ class SidecarServer(ServiceBase):
 
     @property
     def registry_address(self) -> str:
-        return self._registry_address
+        """The registry replica in use now."""
+        return self._replicas.current
+
+    @property
+    def registry_addresses(self) -> tuple[str, ...]:
+        return self._replicas.addresses
 
     @property
     def admin_port(self) -> int:
@@ -227,7 +237,7 @@ class SidecarServer(ServiceBase):
             # registered, and the policy's default is to allow).
             self.policy = PolicyWatch(
                 None,
-                self._registry_address,
+                self._replicas,
                 trust_domain=None if self._mesh is None else self._mesh.trust_domain,
             )
         self.control = control = Control(
@@ -288,7 +298,7 @@ class SidecarServer(ServiceBase):
             assert advertise is not None
             self.membership = Membership(
                 rpc,
-                self._registry_address,
+                self._replicas,
                 service=self._service,
                 app=self._app,
                 advertise=advertise,
@@ -328,7 +338,8 @@ class SidecarServer(ServiceBase):
         if self._service is not None:
             expected = SpiffeId.service(self._mesh.trust_domain, self._service)
         await tls.start(expected)
-        tls.expect_registry(self._registry_address)
+        for address in self._replicas.addresses:
+            tls.expect_registry(address)
 
     def _membership_settings(self, advertise: str) -> MembershipSettings:
         """The configured settings plus where operators find the app and this admin page.

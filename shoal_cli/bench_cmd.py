@@ -80,12 +80,13 @@ async def _load(
     }
 
 
-def _first_worker(registry: str) -> str:
+def _first_worker(registry: tuple[str, ...]) -> str:
     from shoal_cli.stats_cmd import find_targets
 
     workers, _ = asyncio.run(find_targets(registry))
     if not workers:
-        raise UserError(f"registry {registry} lists no worker to call directly; use --direct")
+        listed = ", ".join(registry)
+        raise UserError(f"registry {listed} lists no worker to call directly; use --direct")
     return sorted(workers.values())[0]
 
 
@@ -104,7 +105,7 @@ def _first_worker(registry: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def bench(
     via: str,
-    registry: str,
+    registry: tuple[str, ...],
     direct: str | None,
     seconds: float,
     concurrency: int,

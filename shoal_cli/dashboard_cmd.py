@@ -45,7 +45,7 @@ __all__ = ["dashboard"]
 @grace_option(2.0, "Seconds open pages get to close on SIGTERM/SIGINT.")
 @log_level_option()
 def dashboard(
-    registry: str,
+    registry: tuple[str, ...],
     listen: str,
     scrape: tuple[str, ...],
     otlp_listen: str | None,
@@ -69,7 +69,8 @@ def dashboard(
     # A broken SHOAL_TRUST_BUNDLE or token file is a mistake to say now, in one line. The
     # identity itself is looked up at each connection: a mesh started later is found.
     operator_identity(registry)
-    server = DashboardServer(listen, registry, scrape=scrape, otlp_listen=otlp_listen)
+    # The page names the registry as given: its replicas, comma-separated.
+    server = DashboardServer(listen, ",".join(registry), scrape=scrape, otlp_listen=otlp_listen)
 
     def ready() -> None:
         # The URL stays the word after "serving on": `shoal up` reads it there.

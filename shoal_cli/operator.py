@@ -1,13 +1,14 @@
 """How operator commands reach a registry: over mTLS as an operator, with nothing to set.
 
 An operator command (``shoal ls``, ``watch``, ``stats``, ``policy`` ...) is given a
-registry address. It finds how to prove who it is in this order:
+registry address, or several: replicas of one registry, asked in turn until one is
+reached (``ask_registry``). It finds how to prove who it is in this order:
 
 1. ``SHOAL_IDENTITY_SERVER``, ``SHOAL_TRUST_BUNDLE`` and a token (``SHOAL_TOKEN`` or
    ``SHOAL_TOKEN_FILE``) in the environment: any mesh, say one in containers;
 2. the record ``shoal up`` keeps for each mesh it runs on this machine, found by the
-   registry's address, so ``shoal ls --registry 127.0.0.1:9100`` works for a mesh on
-   any base port;
+   registry's address (any of those given), so ``shoal ls --registry 127.0.0.1:9100``
+   works for a mesh on any base port;
 3. neither: plaintext, which only a registry run ``--insecure`` accepts.
 
 The token is spent on a fresh leaf for each command (a CSR and one Certify call), so no
@@ -23,20 +24,31 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
 from identity.spiffe import SpiffeId
+from identity.workload import Credentials
 from shoal_cli.errors import UserError
 from shoal_cli.mesh_tls import join_token
 from shoal_core.addresses import parse_address
 from shoal_core.certify_client import certify_as
 from shoal_core.certifying import MeshIdentity
+from shoal_core.replicas import parse_registries
 from shoal_core.tls import channel_credentials, target_options
 
-__all__ = ["forget_mesh", "operator_identity", "record_mesh", "registry_channel"]
+__all__ = [
+    "ask_registry",
+    "forget_mesh",
+    "operator_identity",
+    "record_mesh",
+    "registry_channel",
+]
+
+T = TypeVar("T")
 
 
 def records_dir() -> Path:
@@ -106,8 +118,9 @@ def _from_record(registry: str) -> MeshIdentity | None:
         return None  # no record, or one left by a mesh that is gone
 
 
-def operator_identity(registry: str) -> MeshIdentity | None:
-    """How to certify as an operator for the mesh of ``registry``; None: plaintext."""
+def operator_identity(registry: str | Sequence[str]) -> MeshIdentity | None:
+    """How to certify as an operator for the mesh of ``registry`` (an address, or the
+    replicas of one registry: the first with a record says); None: plaintext."""
     server = os.environ.get("SHOAL_IDENTITY_SERVER")
     bundle_path = os.environ.get("SHOAL_TRUST_BUNDLE")
     if server and bundle_path:
@@ -117,25 +130,71 @@ def operator_identity(registry: str) -> MeshIdentity | None:
             return MeshIdentity.load(server, Path(bundle_path), token)
         except (OSError, ValueError) as exc:
             raise UserError(f"SHOAL_TRUST_BUNDLE or SHOAL_TOKEN_FILE: {exc}") from None
-    return _from_record(registry)
+    for address in (registry,) if isinstance(registry, str) else registry:
+        found = _from_record(address)
+        if found is not None:
+            return found
+    return None
 
 
-@contextlib.asynccontextmanager
-async def registry_channel(
-    registry: str, mesh: MeshIdentity | None = None
-) -> AsyncIterator[grpc.aio.Channel]:
-    """A channel to ``registry``: mTLS as an operator when this machine knows how (or
-    by ``mesh``, when the caller knows: ``shoal up`` itself)."""
-    mesh = mesh or operator_identity(registry)
-    if mesh is None:
-        async with grpc.aio.insecure_channel(registry) as channel:
-            yield channel
-        return
+async def _operator(mesh: MeshIdentity) -> Credentials:
     held = await certify_as(mesh)
     if held.identity.kind != "operator":
         raise UserError(f"the token admits {held.identity}, not an operator")
+    return held
+
+
+@contextlib.asynccontextmanager
+async def _channel(
+    registry: str, mesh: MeshIdentity | None, held: Credentials | None
+) -> AsyncIterator[grpc.aio.Channel]:
+    if mesh is None or held is None:
+        async with grpc.aio.insecure_channel(registry) as channel:
+            yield channel
+        return
     registry_id = SpiffeId(mesh.trust_domain, "registry")
     async with grpc.aio.secure_channel(
         registry, channel_credentials(held), options=target_options(registry_id)
     ) as channel:
         yield channel
+
+
+@contextlib.asynccontextmanager
+async def registry_channel(
+    registry: str, mesh: MeshIdentity | None = None, *, among: Sequence[str] = ()
+) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to ``registry``: mTLS as an operator when this machine knows how, for
+    it or any replica ``among`` those it was given (or by ``mesh``, when the caller
+    knows: ``shoal up`` itself)."""
+    mesh = mesh or operator_identity([registry, *among])
+    held = None if mesh is None else await _operator(mesh)
+    async with _channel(registry, mesh, held) as channel:
+        yield channel
+
+
+async def ask_registry(
+    registries: str | Sequence[str],
+    ask: Callable[[grpc.aio.Channel], Awaitable[T]],
+    mesh: MeshIdentity | None = None,
+) -> T:
+    """``ask`` the first of ``registries`` (replicas of one registry) that is reached.
+
+    Only UNAVAILABLE (refused, reset, not listening) hands the question to the next:
+    any other status is the registry's answer and final (PERMISSION_DENIED is not
+    better at another replica). When none is reached, the last UNAVAILABLE is raised.
+    The operator is certified once for all of them.
+    """
+    addresses = parse_registries(registries)
+    mesh = mesh or operator_identity(addresses)
+    held = None if mesh is None else await _operator(mesh)
+    failure: grpc.aio.AioRpcError | None = None
+    for address in addresses:
+        async with _channel(address, mesh, held) as channel:
+            try:
+                return await ask(channel)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                failure = exc
+    assert failure is not None  # parse_registries gives at least one
+    raise failure

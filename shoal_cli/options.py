@@ -8,11 +8,13 @@ from typing import Any, TypeVar
 import click
 
 from shoal_core.addresses import AddressError, parse_address
+from shoal_core.replicas import parse_registries
 from shoal_core.tracing import DEFAULT_SAMPLE, TraceSettings
 
 __all__ = [
     "ADDRESS",
     "LISTEN",
+    "REGISTRIES",
     "F",
     "grace_option",
     "json_option",
@@ -45,6 +47,25 @@ class _Address(click.ParamType[str]):
 
 ADDRESS = _Address(listen=False)
 LISTEN = _Address(listen=True)
+
+
+class _Registries(click.ParamType[tuple[str, ...]]):
+    """``host:port[,host:port...]``: the replicas of one registry, tried in turn."""
+
+    name = "HOST:PORT[,...]"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, ...]:
+        if isinstance(value, tuple):  # a default already converted, or a caller's tuple
+            value = ",".join(value)
+        try:
+            return parse_registries(str(value))
+        except AddressError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+REGISTRIES = _Registries()
 
 
 def grace_option(

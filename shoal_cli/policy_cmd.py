@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -21,7 +22,7 @@ from identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeError, SpiffeId
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from shoal_cli.errors import UserError
-from shoal_cli.operator import registry_channel
+from shoal_cli.operator import ask_registry
 from shoal_cli.options import json_option
 from shoal_cli.output import emit_json, say
 from shoal_cli.registry_ops import registry_option, unreachable
@@ -37,34 +38,37 @@ _METHOD_PATH = re.compile(r"/[^/\s]+/[^/\s]+")
 _UNREACHED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def _refused(address: str, exc: grpc.aio.AioRpcError) -> UserError:
+def _refused(registries: Sequence[str], exc: grpc.aio.AioRpcError) -> UserError:
     if exc.code() in _UNREACHED:
-        return unreachable("registry", address, exc)
+        return unreachable("registry", registries, exc)
+    address = ", ".join(registries)
     if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
         return UserError(f"registry {address} has no authorization policies (too old?)")
     return UserError(f"registry {address} refused: {exc.details()} ({exc.code().name})")
 
 
-async def _set(address: str, policy: Policy) -> int:
-    async with registry_channel(address) as channel:
+async def _set(registries: Sequence[str], policy: Policy) -> int:
+    async def ask(channel: grpc.aio.Channel) -> pb.SetPolicyResponse:
         stub: RegistryAsyncStub = pb_grpc.RegistryStub(channel)
-        try:
-            reply = await stub.SetPolicy(
-                pb.SetPolicyRequest(policy=policy_to_pb(policy)), timeout=5
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _refused(address, exc) from None
+        return await stub.SetPolicy(pb.SetPolicyRequest(policy=policy_to_pb(policy)), timeout=5)
+
+    try:
+        reply = await ask_registry(registries, ask)
+    except grpc.aio.AioRpcError as exc:
+        raise _refused(registries, exc) from None
     return reply.version
 
 
-async def _get(address: str) -> tuple[int, Policy]:
-    async with registry_channel(address) as channel:
+async def _get(registries: Sequence[str]) -> tuple[int, Policy]:
+    async def ask(channel: grpc.aio.Channel) -> pb.Policy:
         stub: RegistryAsyncStub = pb_grpc.RegistryStub(channel)
-        try:
-            msg = await stub.GetPolicy(pb.GetPolicyRequest(), timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            raise _refused(address, exc) from None
-    return msg.version, policy_from_pb(msg, source=f"registry {address}")
+        return await stub.GetPolicy(pb.GetPolicyRequest(), timeout=5)
+
+    try:
+        msg = await ask_registry(registries, ask)
+    except grpc.aio.AioRpcError as exc:
+        raise _refused(registries, exc) from None
+    return msg.version, policy_from_pb(msg, source=f"registry {', '.join(registries)}")
 
 
 def _summary(policy: Policy) -> str:
@@ -80,7 +84,7 @@ def policy() -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @registry_option()
 @json_option()
-def set_(file: str, registry: str, as_json: bool) -> None:
+def set_(file: str, registry: tuple[str, ...], as_json: bool) -> None:
     """Validate FILE and make it the mesh's policy; an mTLS registry takes it only
     from an operator."""
     new = load_policy(file)
@@ -94,7 +98,7 @@ def set_(file: str, registry: str, as_json: bool) -> None:
 @policy.command()
 @registry_option()
 @json_option()
-def show(registry: str, as_json: bool) -> None:
+def show(registry: tuple[str, ...], as_json: bool) -> None:
     """Print the mesh's policy as YAML, which 'shoal policy set' takes back."""
     version, current = asyncio.run(_get(registry))
     data = current.to_data()
@@ -126,7 +130,12 @@ def _source(name: str) -> SpiffeId:
 @registry_option()
 @json_option()
 def check(
-    source: str, destination: str, method: str, file: str | None, registry: str, as_json: bool
+    source: str,
+    destination: str,
+    method: str,
+    file: str | None,
+    registry: tuple[str, ...],
+    as_json: bool,
 ) -> int:
     """Say whether a call would be allowed, and by which rule. Exits 0 when allowed,
     1 when denied."""

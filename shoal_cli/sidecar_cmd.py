@@ -15,6 +15,7 @@ from shoal_cli.mesh_tls import identity_options, mesh_identity
 from shoal_cli.options import (
     ADDRESS,
     LISTEN,
+    REGISTRIES,
     grace_option,
     isolation_option,
     log_level_option,
@@ -38,10 +39,12 @@ __all__ = ["sidecar"]
 )
 @click.option(
     "--registry",
-    type=ADDRESS,
+    type=REGISTRIES,
     default="127.0.0.1:7700",
     show_default=True,
-    help="The registry to watch and register with.",
+    help="The registry to watch and register with; several replicas of one, "
+    "comma-separated, are used in turn: when one fails, the watch resumes and the "
+    "heartbeats go on at the next.",
 )
 @click.option("--service", default=None, help="Mesh service name of the co-located app.")
 @click.option("--app", type=ADDRESS, default=None, help="Address of the co-located app.")
@@ -82,7 +85,7 @@ __all__ = ["sidecar"]
 @log_level_option()
 def sidecar(
     listen: str,
-    registry: str,
+    registry: tuple[str, ...],
     service: str | None,
     app: str | None,
     grpc_services: tuple[str, ...],

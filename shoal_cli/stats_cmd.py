@@ -13,6 +13,7 @@ import http.client
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -24,7 +25,7 @@ from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wpb_grpc
 from proxy_sidecar.server import ADMIN_KEY, APP_KEY
 from shoal_cli.errors import UserError
-from shoal_cli.operator import registry_channel
+from shoal_cli.operator import ask_registry
 from shoal_cli.options import ADDRESS
 from shoal_cli.output import emit_json
 from shoal_cli.registry_ops import registry_option, unreachable
@@ -37,14 +38,18 @@ if TYPE_CHECKING:
 __all__ = ["stats"]
 
 
-async def find_targets(registry: str) -> tuple[dict[str, str], dict[str, str]]:
-    """(worker name -> app address, sidecar name -> admin address) from the registry."""
-    async with registry_channel(registry) as channel:
+async def find_targets(registries: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(worker name -> app address, sidecar name -> admin address) from the registry
+    (the first of its replicas reached)."""
+
+    async def ask(channel: grpc.aio.Channel) -> rpb.DiscoverResponse:
         stub: RegistryAsyncStub = rpb_grpc.RegistryStub(channel)
-        try:
-            found = await stub.Discover(rpb.DiscoverRequest(include_unhealthy=True), timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            raise unreachable("registry", registry, exc) from None
+        return await stub.Discover(rpb.DiscoverRequest(include_unhealthy=True), timeout=5)
+
+    try:
+        found = await ask_registry(registries, ask)
+    except grpc.aio.AioRpcError as exc:
+        raise unreachable("registry", registries, exc) from None
     workers, admins = {}, {}
     for inst in found.instances:
         if APP_KEY in inst.metadata and inst.service == "worker":
@@ -182,14 +187,17 @@ def _sidecar_rows(s: dict[str, Any]) -> list[dict[str, Any]]:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats(
-    registry: str, extra_workers: tuple[str, ...], extra_admins: tuple[str, ...], as_json: bool
+    registry: tuple[str, ...],
+    extra_workers: tuple[str, ...],
+    extra_admins: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Per-worker and per-sidecar statistics of a running mesh."""
     workers, admins = asyncio.run(find_targets(registry))
     workers.update({addr: addr for addr in extra_workers})
     admins.update({addr: addr for addr in extra_admins})
     if not workers and not admins:
-        raise UserError(f"registry {registry} lists no worker or sidecar to ask")
+        raise UserError(f"registry {', '.join(registry)} lists no worker or sidecar to ask")
 
     async def gather() -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(_worker_stats(n, a) for n, a in workers.items())))

@@ -1,7 +1,8 @@
 """Where the dashboard's data comes from: the registry's Watch, and every sidecar's page.
 
 ``RegistryFeed`` follows Watch (a snapshot, then deltas) over the operator channel,
-resuming from the last revision after a break, paced by the one backoff, and refreshes
+resuming from the last revision after a break, at the next replica when
+``view.registry`` names several (``a,b,c``), paced by the one backoff, and refreshes
 lease ages with a Discover every few seconds (Watch is silent while nothing changes).
 ``Scraper`` reads each target's ``/metrics`` about once a second, bounded in targets
 (``MAX_TARGETS``), bytes per page, time per page and connections at once. Each owns
@@ -27,6 +28,7 @@ from shoal_cli.operator import registry_channel
 from shoal_core.backoff import Attempts, Backoff
 from shoal_core.certifying import MeshIdentity
 from shoal_core.errors import ShoalUserError
+from shoal_core.replicas import Replicas
 
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub
@@ -73,7 +75,8 @@ class _Owned:
 
 
 class RegistryFeed(_Owned):
-    """Keeps ``view`` in step with the registry at ``view.registry``."""
+    """Keeps ``view`` in step with the registry at ``view.registry`` (an address, or
+    its replicas' comma-separated)."""
 
     def __init__(
         self, view: MeshView, mesh: MeshIdentity | None = None, backoff: Backoff = WATCH_BACKOFF
@@ -81,12 +84,13 @@ class RegistryFeed(_Owned):
         self._view = view
         self._mesh = mesh
         self._attempts = Attempts(backoff)
+        self._replicas = Replicas(view.registry)
 
     async def _run(self) -> None:
-        registry = self._view.registry
         while True:
+            registry = self._replicas.current
             try:
-                await self._follow()
+                await self._follow(registry)
                 why = "the registry ended the watch"
             except _WatchEnded:
                 why = "the registry ended the watch"
@@ -98,16 +102,19 @@ class RegistryFeed(_Owned):
                 # A dashboard that silently stops following is worse than a logged bug.
                 logger.exception("following registry %s failed", registry)
                 why = "internal error (see the dashboard's log)"
+            move = self._replicas.failed(registry)
             outage = self._view.connected or self._attempts.failures == 0
             self._view.registry_down(why)
             pause = self._attempts.failed()
+            where = "again" if move is None else f"at the replica {move.to}"
             # Said once an outage, not once a retry: the page shows it all along.
-            log = logger.warning if outage else logger.debug
-            log("registry %s: %s; watching again in %.1fs", registry, why, pause)
+            log = logger.warning if outage or (move is not None and move.first) else logger.debug
+            log("registry %s: %s; watching %s in %.1fs", registry, why, where, pause)
             await asyncio.sleep(pause)
 
-    async def _follow(self) -> None:
-        async with registry_channel(self._view.registry, self._mesh) as channel:
+    async def _follow(self, registry: str) -> None:
+        addresses = self._replicas.addresses
+        async with registry_channel(registry, self._mesh, among=addresses) as channel:
             stub: RegistryAsyncStub = pb_grpc.RegistryStub(channel)
             call = stub.Watch(pb.WatchRequest(since_revision=self._view.revision))
             leases = asyncio.create_task(self._refresh_leases(stub), name="lease-ages")
@@ -117,7 +124,8 @@ class RegistryFeed(_Owned):
                     if not isinstance(event, pb.WatchEvent):
                         raise _WatchEnded()
                     if not self._view.connected:
-                        logger.info("registry %s: watching", self._view.registry)
+                        logger.info("registry %s: watching", registry)
+                        self._replicas.answered(registry)
                     self._view.apply(event)
                     self._attempts.succeeded()
             finally:
