@@ -1,8 +1,11 @@
 """The change history watchers resume from, bounded by event count and by bytes.
 
-Events are kept in revision order; revisions are consecutive, so the event of a
-revision is found by arithmetic, and a replay reads them one at a time: a slow
-resuming watcher pins no event the history has let go.
+Events are kept in increasing revision order. Revisions may have gaps: the memory
+store's are consecutive, but an etcd mirror's are etcd's, which other keys use too. So
+the event after a revision is found by bisection, and the history knows the revision
+it is complete from (``floor``: every event after it is held), which moves up as old
+events are let go. A replay reads events one at a time: a slow resuming watcher pins
+no event the history has let go.
 
 What the byte bound counts (``bytes``): per event, the ``Event``, its ``Instance``
 and ``LoadReport`` objects and the list slot; per distinct ``InstanceSpec``, its
@@ -14,6 +17,7 @@ is gone. Measured RSS stays within a few percent of this for large specs.
 
 from __future__ import annotations
 
+import bisect
 import sys
 from collections.abc import Iterator
 
@@ -31,15 +35,26 @@ def _event_bytes(event: Event) -> int:
     return sys.getsizeof(event) + sys.getsizeof(inst) + sys.getsizeof(inst.load) + _SLOT
 
 
-class History:
-    """The newest events, at most ``max_events`` of them holding at most ``max_bytes``."""
+def _revision(event: Event | None) -> int:
+    # Only slots from the head on are searched, and none of those is empty.
+    assert event is not None
+    return event.revision
 
-    def __init__(self, *, max_events: int, max_bytes: int) -> None:
+
+class History:
+    """The newest events, at most ``max_events`` of them holding at most ``max_bytes``.
+
+    ``start``: the revision the history is complete from (it holds every event after
+    it); by default, the revision just before the first event appended.
+    """
+
+    def __init__(self, *, max_events: int, max_bytes: int, start: int | None = None) -> None:
         self._max_events = max_events
         self._max_bytes = max_bytes
         # A list with a moving head instead of a deque: O(1) access by position.
         self._events: list[Event | None] = []
         self._head = 0
+        self._floor = start
         # id(spec) -> [events holding it, its retained bytes]; the events keep it alive.
         self._specs: dict[int, list[int]] = {}
         self.bytes = 0
@@ -53,7 +68,18 @@ class History:
         first = self._event_at(self._head)
         return None if first is None else first.revision
 
+    @property
+    def floor(self) -> int | None:
+        """Every event after this revision is held; None before the first event."""
+        return self._floor
+
     def append(self, event: Event) -> None:
+        last = self._event_at(len(self._events) - 1) if len(self) else None
+        bound = last.revision if last is not None else self._floor
+        if bound is not None and event.revision <= bound:
+            raise ValueError(f"revision {event.revision} does not follow {bound}")
+        if self._floor is None:
+            self._floor = event.revision - 1
         spec = event.instance.spec
         held = self._specs.get(id(spec))
         if held is None:
@@ -66,29 +92,31 @@ class History:
             self._evict()
 
     def get(self, revision: int) -> Event | None:
-        """The event of ``revision``, or None when it is not (or no longer) held."""
-        first = self.first_revision
-        if first is None or revision < first:
-            return None
-        return self._event_at(self._head + revision - first)
+        """The event of ``revision``, or None when there is none (or no longer)."""
+        event = self.next_after(revision - 1)
+        return event if event is not None and event.revision == revision else None
+
+    def next_after(self, revision: int) -> Event | None:
+        """The oldest event held after ``revision``, or None when there is none."""
+        index = bisect.bisect_right(self._events, revision, lo=self._head, key=_revision)
+        return self._event_at(index)
 
     def replay(self, *, after: int, until: int, service: str) -> Replay | None:
         """Events ``after`` < revision <= ``until`` (of ``service`` if given), read lazily;
-        None when the history no longer reaches back to ``after + 1``."""
-        if after < until:
-            first = self.first_revision
-            if first is None or after + 1 < first:
-                return None
+        None when the history no longer reaches back to ``after``."""
+        if after < until and (self._floor is None or after < self._floor):
+            return None
         return Replay(self, after, until, service)
 
     def _event_at(self, index: int) -> Event | None:
-        return self._events[index] if index < len(self._events) else None
+        return self._events[index] if 0 <= index < len(self._events) else None
 
     def _evict(self) -> None:
         event = self._events[self._head]
         assert event is not None
         self._events[self._head] = None
         self._head += 1
+        self._floor = event.revision
         self.bytes -= _event_bytes(event)
         spec: InstanceSpec = event.instance.spec
         held = self._specs[id(spec)]
@@ -107,17 +135,21 @@ class Replay:
 
     def __init__(self, history: History, after: int, until: int, service: str) -> None:
         self._history = history
-        self._next = after + 1
+        self._last = after
         self._until = until
         self._service = service
         self.lost = False
 
     def __iter__(self) -> Iterator[Event]:
-        while self._next <= self._until:
-            event = self._history.get(self._next)
-            if event is None:
+        while self._last < self._until:
+            floor = self._history.floor
+            if floor is not None and floor > self._last:
+                # Events after the last one read were let go before this reader got them.
                 self.lost = True
                 return
-            self._next += 1
+            event = self._history.next_after(self._last)
+            if event is None or event.revision > self._until:
+                return
+            self._last = event.revision
             if not self._service or event.instance.spec.service == self._service:
                 yield event

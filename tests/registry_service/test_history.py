@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+import pytest
+
 from registry_service import RegistryConfig
-from registry_service.history import History
+from registry_service.history import History, Replay
 from registry_service.model import (
     Event,
     EventKind,
@@ -89,3 +91,60 @@ def test_store_history_is_bounded_by_bytes() -> None:
     recent = store.events_since(store.revision - 4)
     assert recent is not None
     assert [e.kind for e in recent] == [EventKind.UPSERT, EventKind.REMOVE] * 2
+
+
+def small_event(revision: int) -> Event:
+    return event(revision, Instance(spec(revision, MappingProxyType({})), "l", 10.0))
+
+
+def revisions(replay: Replay | None) -> list[int]:
+    assert replay is not None
+    return [e.revision for e in replay]
+
+
+def test_a_history_with_gaps_finds_each_event_and_replays_across_the_gaps() -> None:
+    # etcd's revisions: increasing, with gaps where other keys changed.
+    history = History(max_events=100, max_bytes=1 << 30, start=5)
+    for revision in (10, 13, 20):
+        history.append(small_event(revision))
+    assert {r for r in range(30) if history.get(r) is not None} == {10, 13, 20}
+    assert revisions(history.replay(after=5, until=20, service="")) == [10, 13, 20]
+    assert revisions(history.replay(after=11, until=20, service="")) == [13, 20]
+    assert revisions(history.replay(after=10, until=15, service="")) == [13]
+    assert revisions(history.replay(after=20, until=25, service="")) == []
+    # Complete only from its start: what came before it may be missing.
+    assert history.replay(after=4, until=20, service="") is None
+
+
+def test_a_history_with_gaps_is_complete_from_the_last_event_it_let_go() -> None:
+    history = History(max_events=16, max_bytes=1 << 30, start=0)
+    for n in range(20):
+        history.append(small_event(10 * n + 3))  # 3, 13, ..., 193
+    assert history.floor == 33 and history.first_revision == 43
+    assert history.replay(after=32, until=193, service="") is None
+    assert revisions(history.replay(after=33, until=193, service=""))[:2] == [43, 53]
+    # Between two held events is as good as the one before: nothing was there.
+    assert revisions(history.replay(after=40, until=60, service="")) == [43, 53]
+
+
+def test_a_replay_across_gaps_is_lost_once_eviction_passes_where_it_is() -> None:
+    history = History(max_events=16, max_bytes=1 << 30)
+    for n in range(10):
+        history.append(small_event(2 * n + 1))  # 1, 3, ..., 19
+    assert history.floor == 0  # by default: just before the first event
+    replay = history.replay(after=0, until=19, service="")
+    assert replay is not None
+    it = iter(replay)
+    assert next(it).revision == 1
+    for n in range(10, 30):
+        history.append(small_event(2 * n + 1))
+    assert list(it) == [] and replay.lost
+
+
+def test_revisions_must_increase() -> None:
+    history = History(max_events=16, max_bytes=1 << 30, start=10)
+    with pytest.raises(ValueError, match="does not follow 10"):
+        history.append(small_event(10))
+    history.append(small_event(12))
+    with pytest.raises(ValueError, match="does not follow 12"):
+        history.append(small_event(11))
