@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -11,13 +12,16 @@ import click
 from identity.authz import Policy, load_policy
 from identity.spiffe import SpiffeId
 from registry_service import RegistryConfig, RegistryServer
+from registry_service.backend import Backend
 from shoal_cli.errors import UserError
 from shoal_cli.mesh.config import config_option
 from shoal_cli.mesh_tls import identity_options, mesh_identity, start_keeper
 from shoal_cli.options import LISTEN, grace_option, log_level_option, metrics_option
+from shoal_core.addresses import AddressError
 from shoal_core.certifying import MeshIdentity
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
+from shoal_core.replicas import parse_registries
 from shoal_core.tls import server_credentials
 
 __all__ = ["registry", "registry_demo"]
@@ -119,6 +123,14 @@ _DEFAULTS = RegistryConfig()
     help="Where to keep what must outlive a restart (the policy an operator set); "
     "without it a restarted registry starts from --policy.",
 )
+@click.option(
+    "--store",
+    default="memory",
+    show_default=True,
+    metavar="memory|etcd://HOST:PORT,...",
+    help="Where the instances live: in this process, or in an etcd cluster that any "
+    "number of registry replicas share.",
+)
 @identity_options()
 @grace_option(5.0)
 @log_level_option()
@@ -139,6 +151,7 @@ def registry(
     history_bytes: int,
     policy_file: str | None,
     state_dir: Path | None,
+    store: str,
     identity_server: str | None,
     trust_bundle: Path | None,
     token_file: Path | None,
@@ -164,11 +177,36 @@ def registry(
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+    etcd = _etcd_endpoints(store)
+    if etcd is not None and ttl_min < 1.0:
+        raise UserError("--store etcd: etcd leases are whole seconds; --ttl-min must be >= 1")
     mesh = mesh_identity(identity_server, trust_bundle, token_file)
     policy = None if policy_file is None else load_policy(policy_file)
     asyncio.run(
-        _run(listen, config, metrics_listen, mesh, grace, policy=policy, state_dir=state_dir)
+        _run(
+            listen,
+            config,
+            metrics_listen,
+            mesh,
+            grace,
+            policy=policy,
+            state_dir=state_dir,
+            etcd=etcd,
+        )
     )
+
+
+def _etcd_endpoints(store: str) -> tuple[str, ...] | None:
+    """``--store``: ``None`` for memory, else the etcd endpoints; a bad one, a user error."""
+    if store == "memory":
+        return None
+    scheme, _, rest = store.partition("://")
+    if scheme != "etcd" or not rest:
+        raise UserError(f"--store must be memory or etcd://HOST:PORT[,HOST:PORT...], not {store!r}")
+    try:
+        return parse_registries(rest)
+    except AddressError as exc:
+        raise UserError(f"--store {store}: {exc}") from None
 
 
 async def _run(
@@ -180,11 +218,38 @@ async def _run(
     *,
     policy: Policy | None = None,
     state_dir: Path | None = None,
+    etcd: tuple[str, ...] | None = None,
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        backend = None
+        if etcd is not None:
+            from registry_service.etcd import EtcdClient
+            from registry_service.etcd_store import EtcdBackend
+
+            client = await stack.enter_async_context(EtcdClient(etcd))
+            backend = EtcdBackend(config, client)
+        await _serve(listen, config, metrics_listen, mesh, grace, policy, state_dir, backend)
+
+
+async def _serve(
+    listen: str,
+    config: RegistryConfig,
+    metrics_listen: str | None,
+    mesh: MeshIdentity | None,
+    grace: float,
+    policy: Policy | None,
+    state_dir: Path | None,
+    backend: Backend | None,
 ) -> None:
     keeper = None
     if mesh is None:
         server = RegistryServer(
-            listen, config, metrics_listen=metrics_listen, policy=policy, state_dir=state_dir
+            listen,
+            config,
+            metrics_listen=metrics_listen,
+            policy=policy,
+            state_dir=state_dir,
+            backend=backend,
         )
     else:
         keeper = await start_keeper(mesh, SpiffeId(mesh.trust_domain, "registry"))
@@ -196,6 +261,7 @@ async def _run(
             trust_domain=mesh.trust_domain,
             policy=policy,
             state_dir=state_dir,
+            backend=backend,
         )
 
     def ready() -> None:
