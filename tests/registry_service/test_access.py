@@ -18,7 +18,7 @@ from identity.spiffe import SpiffeId
 from identity.workload import Credentials
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
-from registry_service import RegistryServer
+from registry_service import RegistryConfig, RegistryServer
 from shoal_core.tls import channel_credentials, server_credentials, target_options
 from tests.mesh_identity import TD, credentials
 from tests.registry_service.conftest import instance
@@ -32,10 +32,15 @@ def ca(tmp_path):
 
 
 @pytest.fixture
-async def registry(ca):
+async def registry(ca, make_backend):
     own = credentials(ca, REGISTRY)
+    config = RegistryConfig()
     server = RegistryServer(
-        "127.0.0.1:0", credentials=server_credentials(lambda: own), trust_domain=TD
+        "127.0.0.1:0",
+        config,
+        credentials=server_credentials(lambda: own),
+        trust_domain=TD,
+        backend=make_backend(config),
     )
     async with server:
         yield server

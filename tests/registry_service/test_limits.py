@@ -10,7 +10,13 @@ import pytest
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from registry_service import RegistryConfig, RegistryServer
-from tests.registry_service.conftest import StartRegistry, instance, memory_store, read
+from tests.registry_service.conftest import (
+    StartRegistry,
+    instance,
+    memory_only,
+    memory_store,
+    read,
+)
 
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub as Stub
@@ -95,6 +101,7 @@ async def test_register_beyond_max_instances_bytes_is_resource_exhausted(
         assert server.store.instances_bytes <= 300_000
 
 
+@memory_only("reads the memory store's history, and counts on consecutive revisions")
 async def test_history_byte_bound_evicts_and_a_resume_past_it_gets_a_snapshot(
     start_registry: StartRegistry,
 ) -> None:

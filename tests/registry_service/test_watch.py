@@ -12,7 +12,13 @@ from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from registry_service import RegistryConfig, RegistryServer
 from registry_service.model import InstanceSpec, ServingStatus
-from tests.registry_service.conftest import StartRegistry, instance, memory_store, read
+from tests.registry_service.conftest import (
+    StartRegistry,
+    instance,
+    memory_only,
+    memory_store,
+    read,
+)
 
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub as Stub
@@ -122,6 +128,7 @@ async def test_many_watchers_share_one_fan_out(registry: RegistryServer, stub: S
     assert rendered == 1, "one change must be rendered once, whatever the number of watchers"
 
 
+@memory_only("100 changes with no await between them need the store itself; etcd's come one by one")
 async def test_watcher_that_falls_behind_gets_a_fresh_snapshot(
     start_registry: StartRegistry,
 ) -> None:
@@ -162,6 +169,7 @@ async def test_shutdown_ends_watch_streams_cleanly(start_registry: StartRegistry
         await closing
 
 
+@memory_only("changes the store itself while the stream is held at its yield")
 async def test_changes_made_while_a_message_is_being_sent_are_not_lost(
     registry: RegistryServer,
 ) -> None:
@@ -207,6 +215,7 @@ def big_spec(n: int) -> InstanceSpec:
     )
 
 
+@memory_only("30 changes with no await between them need the store itself")
 async def test_a_stalled_watcher_holds_at_most_its_queue_bytes(
     start_registry: StartRegistry,
 ) -> None:
@@ -224,6 +233,7 @@ async def test_a_stalled_watcher_holds_at_most_its_queue_bytes(
     assert event.revision == server.store.revision
 
 
+@memory_only("changes the store itself while the replay is held at its yield")
 async def test_a_resume_whose_backlog_leaves_the_history_mid_replay_gets_a_snapshot(
     start_registry: StartRegistry,
 ) -> None:
