@@ -1,12 +1,22 @@
 """Registry benchmark: N instances heartbeating at TTL/3, Discover latency under that load.
 
-Run: .venv/bin/python -m bench.registry_bench [--sizes 1000 10000] [--seconds 15]
+Run: .venv/bin/python -m bench.registry_bench [--store memory,etcd] [--sizes 1000,10000]
+     [--seconds 15] [--time-limit 900]
 
 The registry runs as its own process (`shoal registry`), as in production; this
-process plays every instance. For each size it reports the heartbeat rate the
-instances asked for and the rate sustained, whether any lease lapsed, Discover
-p50/p99 while that load runs, and the registry's heartbeat capacity when driven
-flat out. All traffic stays on 127.0.0.1 and every phase is bounded in time.
+process plays every instance. Stores (see `bench.registry_etcd`): `memory`, one
+registry; `etcd`, a 3-member etcd on 127.0.0.1 with 2 registry replicas over it, the
+instances split half and half between them. For each store and size it reports the
+heartbeat rate the instances asked for and the rate sustained, the instances that
+lapsed (not healthy at the end, or a heartbeat refused) and the lapses the registries
+counted (shoal_registry_lapses_total), Discover p50/p99 while that load runs, and the
+registry's heartbeat capacity when driven flat out; for etcd also etcd's writes/s
+(etcd_mvcc_put_total + etcd_mvcc_delete_total on the leader), txns/s, raft proposals/s
+and lease keepalives/s (etcd_debugging_lease_renewed_total) over the steady part of the
+heartbeat phase. Meanwhile a probe in a process of its own changes an instance's status
+through replica A and times its arrival at a Watch on replica B (`--changes`).
+All traffic stays on 127.0.0.1; every phase is bounded in time and the whole run by
+`--time-limit`; every process started is reaped, on Ctrl-C too.
 """
 
 from __future__ import annotations
@@ -14,17 +24,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import random
 import statistics
-import subprocess
-import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
+import httpx
 
+from bench import registry_etcd as stores
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from shoal_cli.loadgen import percentile
@@ -32,39 +45,38 @@ from shoal_cli.loadgen import percentile
 if TYPE_CHECKING:
     from protos.registry_pb2_grpc import RegistryAsyncStub
 
+T = TypeVar("T")
+
 PER_SERVICE = 50
 TTL_MS = 10_000
 
 
 @dataclass
 class Result:
+    store: str
     size: int
+    register_s: float
     wanted_hb_s: float
     sustained_hb_s: float
     lapsed: int
     discover_p50_ms: float
     discover_p99_ms: float
     discover_calls: int
+    discover_empty: int
     capacity_hb_s: float
+    lapses_counted: int
+    etcd: stores.EtcdRates | None
+    propagation: stores.Propagation
 
 
-def start_registry() -> tuple[subprocess.Popen[str], str]:
-    env = {**os.environ, "SHOAL_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shoal_cli.main", "registry", "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("shoal registry serving on "):
-        proc.kill()
-        raise SystemExit(f"registry did not start: {line!r}")
-    return proc, line.rsplit(" ", 1)[1].strip()
-
-
-async def register_all(stubs: list[RegistryAsyncStub], size: int, offset: int) -> list[str]:
+async def register_all(
+    stubs: list[RegistryAsyncStub],
+    size: int,
+    offset: int,
+    granted: list[asyncio.Future[str]] | None = None,
+) -> list[str]:
+    """Register `size` instances; each lease also goes to `granted[i]` as it comes, so
+    that the instance may start heartbeating while the others register."""
     leases: list[str] = [""] * size
     sem = asyncio.Semaphore(128)
 
@@ -84,31 +96,38 @@ async def register_all(stubs: list[RegistryAsyncStub], size: int, offset: int) -
                 )
             )
             leases[i] = reply.lease_id
+            if granted is not None:
+                granted[i].set_result(reply.lease_id)
 
     await asyncio.gather(*(one(i) for i in range(size)))
     return leases
 
 
 async def heartbeat_load(
-    stubs: list[RegistryAsyncStub], leases: list[str], seconds: float
+    stubs: list[RegistryAsyncStub],
+    leases: list[asyncio.Future[str]],
+    seconds: float,
+    registered: asyncio.Event,
 ) -> tuple[float, int]:
-    """Each instance heartbeats every TTL/3, staggered; returns (steady rate, not_found).
+    """Each instance heartbeats every TTL/3 from its Register on, staggered (its first
+    beat at a random offset within the interval); returns (steady rate, not_found).
 
-    The first interval is ramp-up (instances start at random offsets within it), so
-    the rate is counted over the rest of the phase only.
+    The phase runs `seconds` from the moment every instance is registered
+    (`registered`); its first interval is ramp-up, so the rate is counted over the
+    rest of the phase only.
     """
     interval = TTL_MS / 3000
-    steady_from = time.monotonic() + interval
-    stop = time.monotonic() + max(seconds, 2 * interval)
+    window: list[float] = []  # [steady_from, stop], once every instance is registered
     sent = not_found = 0
 
-    async def instance(i: int, lease: str) -> None:
+    async def instance(i: int) -> None:
         nonlocal sent, not_found
         stub = stubs[i % len(stubs)]
+        lease = await leases[i]
         next_at = time.monotonic() + random.uniform(0, interval)
         while True:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            if time.monotonic() >= stop:
+            if window and time.monotonic() >= window[1]:
                 return
             try:
                 await stub.Heartbeat(
@@ -118,27 +137,36 @@ async def heartbeat_load(
                         load=pb.LoadReport(in_flight=random.randint(0, 8), cpu_percent=20.0),
                     )
                 )
-                if time.monotonic() >= steady_from:
+                if window and time.monotonic() >= window[0]:
                     sent += 1
             except grpc.aio.AioRpcError:
                 not_found += 1
             next_at += interval
 
-    await asyncio.gather(*(instance(i, lease) for i, lease in enumerate(leases)))
-    return sent / (stop - steady_from), not_found
+    async def clock() -> None:
+        await registered.wait()
+        now = time.monotonic()
+        window[:] = [now + interval, now + max(seconds, 2 * interval)]
+
+    await asyncio.gather(clock(), *(instance(i) for i in range(len(leases))))
+    return sent / (window[1] - window[0]), not_found
 
 
-async def discover_probe(stub: RegistryAsyncStub, services: int, seconds: float) -> list[float]:
+async def discover_probe(
+    stub: RegistryAsyncStub, services: int, seconds: float
+) -> tuple[list[float], int]:
+    """Discover latencies, and how many answers held no instance (all lapsed)."""
     latencies = []
+    empty = 0
     stop = time.monotonic() + seconds
     while time.monotonic() < stop:
         svc = f"svc-{random.randrange(services)}"
         t0 = time.perf_counter()
         reply = await stub.Discover(pb.DiscoverRequest(service=svc))
         latencies.append((time.perf_counter() - t0) * 1000)
-        assert reply.instances, f"no instances for {svc}"
+        empty += not reply.instances
         await asyncio.sleep(0.01)
-    return latencies
+    return latencies, empty
 
 
 async def capacity(stubs: list[RegistryAsyncStub], leases: list[str], seconds: float) -> float:
@@ -167,68 +195,246 @@ async def capacity(stubs: list[RegistryAsyncStub], leases: list[str], seconds: f
     return count / (time.monotonic() - started)
 
 
-async def run_size(address: str, size: int, seconds: float) -> Result:
-    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+async def deregister_all(stubs: list[RegistryAsyncStub], leases: list[str]) -> None:
+    sem = asyncio.Semaphore(128)
+
+    async def one(i: int, lease: str) -> None:
+        async with sem:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stubs[i % len(stubs)].Deregister(pb.DeregisterRequest(lease_id=lease))
+
+    await asyncio.gather(*(one(i, lease) for i, lease in enumerate(leases)))
+
+
+async def sample_steady(
+    client: httpx.AsyncClient, dep: stores.Deployment, seconds: float
+) -> tuple[stores.Sample, stores.Sample]:
+    """Counters at the start and the end of the heartbeat phase's steady part."""
+    interval = TTL_MS / 3000
+    end = time.monotonic() + max(seconds, 2 * interval)
+    await asyncio.sleep(interval)
+    first = await stores.sample(client, dep)
+    await asyncio.sleep(max(0.0, end - time.monotonic()))
+    return first, await stores.sample(client, dep)
+
+
+class SizeFailed(Exception):
+    """A size that could not be measured (its instances did not all register)."""
+
+
+async def run_size(
+    dep: stores.Deployment,
+    pool: ProcessPoolExecutor,
+    size: int,
+    seconds: float,
+    changes: int,
+    register_limit: float,
+) -> Result:
+    # Replicas take turns: with two, instance i talks to replica i % 2.
+    addresses = [dep.registries[k % len(dep.registries)] for k in range(4)]
+    channels = [grpc.aio.insecure_channel(address) for address in addresses]
     try:
         stubs: list[RegistryAsyncStub] = [pb_grpc.RegistryStub(ch) for ch in channels]
-        leases = await register_all(stubs, size, offset=0)
-        services = (size + PER_SERVICE - 1) // PER_SERVICE
-        (rate, not_found), latencies = await asyncio.gather(
-            heartbeat_load(stubs, leases, seconds),
-            discover_probe(stubs[0], services, seconds),
-        )
+        loop = asyncio.get_running_loop()
+        granted: list[asyncio.Future[str]] = [loop.create_future() for _ in range(size)]
+        registered = asyncio.Event()
+        async with httpx.AsyncClient() as client:
+            before = await stores.sample(client, dep)
+            load = asyncio.ensure_future(heartbeat_load(stubs, granted, seconds, registered))
+            try:
+                started = time.monotonic()
+                leases = ["" for _ in range(size)]
+                try:
+                    async with asyncio.timeout(register_limit):
+                        leases = await register_all(stubs, size, 0, granted)
+                except (TimeoutError, grpc.aio.AioRpcError) as exc:
+                    done = sum(f.done() for f in granted)
+                    why = (
+                        f"not within {register_limit:g}s"
+                        if isinstance(exc, TimeoutError)
+                        else f"then {exc.code().name}: {exc.details()}"
+                    )
+                    raise SizeFailed(
+                        f"{dep.store} {size}: registered {done} of {size} in "
+                        f"{time.monotonic() - started:.0f}s, {why}"
+                    ) from exc
+                register_s = size / (time.monotonic() - started)
+                registered.set()
+                services = (size + PER_SERVICE - 1) // PER_SERVICE
+                spacing = max(0.01, 0.8 * seconds / changes)
+                probing = loop.run_in_executor(
+                    pool,
+                    stores.probe,
+                    dep.registries[0],
+                    dep.registries[-1],
+                    changes,
+                    spacing,
+                    seconds,
+                )
+                (latencies, empty), (first, last) = await asyncio.gather(
+                    discover_probe(stubs[0], services, seconds),
+                    sample_steady(client, dep, seconds),
+                )
+                rate, not_found = await load
+            finally:
+                load.cancel()
+            propagation = await probing
+            after = await stores.sample(client, dep)
         listing = await stubs[0].ListServices(pb.ListServicesRequest())
-        lapsed = size - listing.state.instances_healthy
+        healthy = sum(s.healthy for s in listing.services if s.name.startswith("svc-"))
+        lapses = after.registry.get("shoal_registry_lapses_total", 0.0) - before.registry.get(
+            "shoal_registry_lapses_total", 0.0
+        )
         cap = await capacity(stubs, leases, min(5.0, seconds))
-        for lease in leases:  # leave the registry empty for the next size
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await stubs[0].Deregister(pb.DeregisterRequest(lease_id=lease))
+        await deregister_all(stubs, leases)  # leave the registry empty for the next size
         return Result(
+            store=dep.store,
             size=size,
+            register_s=register_s,
             wanted_hb_s=size / (TTL_MS / 3000),
             sustained_hb_s=rate,
-            lapsed=lapsed + not_found,
+            lapsed=size - healthy + not_found,
             discover_p50_ms=statistics.median(latencies),
             discover_p99_ms=percentile(latencies, 0.99),
             discover_calls=len(latencies),
+            discover_empty=empty,
             capacity_hb_s=cap,
+            lapses_counted=round(lapses),
+            etcd=stores.etcd_rates(first, last, dep.etcd_leader),
+            propagation=propagation,
         )
     finally:
         for ch in channels:
             await ch.close(None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000])
-    parser.add_argument("--seconds", type=float, default=15.0, help="heartbeat phase per size")
-    args = parser.parse_args()
-    proc, address = start_registry()
-    try:
-        results = [asyncio.run(run_size(address, size, args.seconds)) for size in args.sizes]
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+async def run_all(args: argparse.Namespace, results: list[Result], failed: list[str]) -> None:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        for store in args.store:
+            async with stores.deploy(store) as dep:
+                for size in args.sizes:
+                    started = time.monotonic()
+                    try:
+                        results.append(
+                            await run_size(
+                                dep, pool, size, args.seconds, args.changes, args.register_limit
+                            )
+                        )
+                    except SizeFailed as exc:
+                        failed.append(str(exc))
+                        print(f"  {exc}", flush=True)
+                        break  # a larger size would fail too; the store is left as it is
+                    print(
+                        f"  {store} {size}: done in {time.monotonic() - started:.0f}s",
+                        flush=True,
+                    )
+
+
+def csv(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
+    return lambda text: [kind(part) for part in text.split(",") if part]
+
+
+def ms(values: list[float], q: float) -> str:
+    return f"{percentile(values, q):.1f}ms" if values else "-"
+
+
+def report(args: argparse.Namespace, results: list[Result], failed: list[str]) -> None:
     print(
-        f"registry benchmark: TTL {TTL_MS / 1000:g}s, heartbeat every TTL/3, "
-        f"{PER_SERVICE} instances per service, {args.seconds:g}s per size, "
-        f"{os.cpu_count()} cores shared by registry and load generator"
+        f"registry benchmark: TTL {TTL_MS / 1000:g}s, heartbeat every TTL/3 (with a load "
+        f"report that changes every time), {PER_SERVICE} instances per service, "
+        f"{args.seconds:g}s per size, {os.cpu_count()} cores shared by etcd, the registries "
+        f"and the load generator; etcd: 3 members, 2 registry replicas, instances half each"
     )
-    header = (
-        f"{'instances':>9} {'hb/s wanted':>11} {'hb/s sustained':>14} {'lapsed':>6} "
-        f"{'discover p50':>12} {'p99':>8} {'calls':>6} {'hb/s capacity':>13}"
+    print(
+        f"{'store':>6} {'instances':>9} {'reg/s':>6} {'hb/s wanted':>11} "
+        f"{'hb/s sustained':>14} {'lapsed':>6} {'lapses':>6} {'discover p50':>12} {'p99':>8} "
+        f"{'calls':>6} {'empty':>5} {'hb/s capacity':>13}"
     )
-    print(header)
     for r in results:
         print(
-            f"{r.size:>9} {r.wanted_hb_s:>11.0f} {r.sustained_hb_s:>14.0f} {r.lapsed:>6} "
+            f"{r.store:>6} {r.size:>9} {r.register_s:>6.0f} {r.wanted_hb_s:>11.0f} "
+            f"{r.sustained_hb_s:>14.0f} {r.lapsed:>6} {r.lapses_counted:>6} "
             f"{r.discover_p50_ms:>10.2f}ms {r.discover_p99_ms:>6.2f}ms {r.discover_calls:>6} "
-            f"{r.capacity_hb_s:>13.0f}"
+            f"{r.discover_empty:>5} {r.capacity_hb_s:>13.0f}"
         )
+    print(
+        "(reg/s: Register calls/s while the instances register, 128 at a time, each "
+        "heartbeating from its Register on; lapsed: instances not healthy after the phase, "
+        "plus heartbeats refused; empty: Discover answers with no instance; "
+        "lapses: shoal_registry_lapses_total delta over the replicas)"
+    )
+    print()
+    print(
+        f"{'store':>6} {'instances':>9} {'etcd writes/s':>13} {'txns/s':>7} {'proposals/s':>11} "
+        f"{'keepalives/s':>12} {'watch A->B p50':>14} {'p99':>8} {'max':>8} {'seen/sent':>9}"
+    )
+    for r in results:
+        e = r.etcd
+        rates = (
+            f"{e.writes_s:>13.0f} {e.txns_s:>7.0f} {e.proposals_s:>11.0f} {e.keepalives_s:>12.0f}"
+            if e
+            else f"{'-':>13} {'-':>7} {'-':>11} {'-':>12}"
+        )
+        p = r.propagation
+        print(
+            f"{r.store:>6} {r.size:>9} {rates} {ms(p.latencies_ms, 0.5):>14} "
+            f"{ms(p.latencies_ms, 0.99):>8} {ms(p.latencies_ms, 1.0):>8} "
+            f"{len(p.latencies_ms):>4}/{p.sent:<4}"
+        )
+    print(
+        "(etcd writes/s: etcd_mvcc_put_total + etcd_mvcc_delete_total on the leader, txns/s: "
+        "etcd_mvcc_txn_total (transactions of 2+ operations), "
+        "proposals/s: etcd_server_proposals_committed_total, "
+        "keepalives/s: etcd_debugging_lease_renewed_total; over the steady part of the phase. "
+        "watch A->B: a status change by Heartbeat on replica A until its UPSERT on a Watch "
+        "on replica B (memory: the same registry))"
+    )
+    print()
+    print("targets:")
+    for r in results:
+        p = r.propagation
+        p99 = percentile(p.latencies_ms, 0.99) if p.latencies_ms else float("inf")
+        lapse_ok = r.lapsed == 0 and r.lapses_counted == 0
+        prop_ok = p99 < 100 and p.missed == 0 and p.sent > 0
+        print(
+            f"  {r.store} {r.size}: lapses == 0: {'MET' if lapse_ok else 'NOT MET'} "
+            f"({r.lapsed} lapsed, {r.lapses_counted} counted); watch propagation p99 < 100 ms: "
+            f"{'MET' if prop_ok else 'NOT MET'} ({ms(p.latencies_ms, 0.99)}, {p.missed} missed)"
+        )
+    for line in failed:
+        print(f"  NOT MEASURED: {line}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=csv(str), default=["memory", "etcd"])
+    parser.add_argument("--sizes", type=csv(int), nargs="+", default=[[1000, 10_000]])
+    parser.add_argument("--seconds", type=float, default=15.0, help="heartbeat phase per size")
+    parser.add_argument("--changes", type=int, default=200, help="status changes the probe times")
+    parser.add_argument(
+        "--register-limit", type=float, default=120.0, help="seconds to register one size"
+    )
+    parser.add_argument("--time-limit", type=float, default=900.0, help="seconds for the whole run")
+    args = parser.parse_args()
+    args.sizes = [size for group in args.sizes for size in group]
+    unknown = set(args.store) - {"memory", "etcd"}
+    if unknown:
+        parser.error(f"unknown store: {', '.join(sorted(unknown))}")
+    results: list[Result] = []
+    failed: list[str] = []
+
+    async def bounded() -> None:
+        async with asyncio.timeout(args.time_limit):
+            await run_all(args, results, failed)
+
+    try:
+        asyncio.run(bounded())
+    except TimeoutError:
+        print(f"time limit ({args.time_limit:g}s) reached: the results so far")
+    except KeyboardInterrupt:
+        print("interrupted: the results so far")
+    report(args, results, failed)
 
 
 if __name__ == "__main__":
