@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 
 from identity.ca import trust_domain_of
@@ -225,3 +226,86 @@ def compose_mesh(image: str) -> Iterator[ComposeMesh]:
             yield mesh
         finally:
             mesh.run("down", "-v", "--remove-orphans", "-t", "10", check=False, files=ALL_FILES)
+
+
+# The HA mesh (docker-compose.ha.yml): three etcd members, two registry replicas.
+HA_FILE = ["-f", str(ROOT / "docker-compose.ha.yml")]
+
+
+def _etcd_image(image: str) -> str:
+    """The etcd image scripts/docker-build tags beside ``image`` (shoal:dev -> shoal-etcd:dev)."""
+    if "SHOAL_ETCD_IMAGE" in os.environ:
+        return os.environ["SHOAL_ETCD_IMAGE"]
+    name, colon, tag = image.rpartition(":")
+    return f"{name}-etcd:{tag}" if colon and "/" not in tag else f"{image}-etcd"
+
+
+@dataclass
+class HAComposeMesh(ComposeMesh):
+    """The HA mesh: the same helpers, over docker-compose.ha.yml, with both replicas."""
+
+    registries: tuple[str, ...] = ()
+
+    def run(
+        self, *args: str, check: bool = True, files: list[str] = HA_FILE
+    ) -> subprocess.CompletedProcess[str]:
+        return super().run(*args, check=check, files=files)
+
+    def container(self, service: str) -> str:
+        cid = self.run("ps", "-q", service).stdout.strip()
+        assert cid, f"no container for {service}"
+        return cid
+
+    def healthy_workers(self) -> set[str]:
+        """The worker instances the first replica that answers routes to."""
+        assert self.operator is not None, "the mesh's trust was not copied out"
+        last: Exception | None = None
+        for registry in self.registries:
+            try:
+                return healthy_workers(registry, self.operator)
+            except grpc.RpcError as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+
+@pytest.fixture(scope="module")
+def ha_compose_mesh(image: str) -> Iterator[HAComposeMesh]:
+    etcd_image = _etcd_image(image)
+    if subprocess.run(["docker", "image", "inspect", etcd_image], capture_output=True).returncode:
+        message = f"no {etcd_image}: scripts/docker-build makes it from the host's etcd"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    names = (
+        "SHOAL_REGISTRY_PORT",
+        "SHOAL_REGISTRY2_PORT",
+        "SHOAL_IDENTITY_PORT",
+        "SHOAL_CLIENT_ADMIN_PORT",
+    )
+    ports = {name: _free_port() for name in names}
+    env = {
+        **os.environ,
+        "SHOAL_IMAGE": image,
+        "SHOAL_ETCD_IMAGE": etcd_image,
+        **{k: str(v) for k, v in ports.items()},
+    }
+    mesh = HAComposeMesh(
+        project=f"shoalha{uuid.uuid4().hex[:8]}",
+        env=env,
+        compose=compose_command(),
+        registry=f"127.0.0.1:{ports['SHOAL_REGISTRY_PORT']}",
+        identity=f"127.0.0.1:{ports['SHOAL_IDENTITY_PORT']}",
+        client_admin=f"127.0.0.1:{ports['SHOAL_CLIENT_ADMIN_PORT']}",
+        registries=(
+            f"127.0.0.1:{ports['SHOAL_REGISTRY_PORT']}",
+            f"127.0.0.1:{ports['SHOAL_REGISTRY2_PORT']}",
+        ),
+    )
+    with tempfile.TemporaryDirectory(prefix="shoal-e2e-trust.") as trust:
+        try:
+            mesh.run("up", "-d")
+            mesh.trust_out(Path(trust))
+            yield mesh
+        finally:
+            mesh.run("down", "-v", "--remove-orphans", "-t", "10", check=False)
