@@ -39,8 +39,6 @@ class SelfPreservation:
         # instance id -> when it last lapsed, oldest first; at most one entry per instance.
         self._recent: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._since: float | None = None
-        # How many were overdue when it entered: leaving needs fewer (some came back).
-        self._overdue_at_entry = 0
         self._cooldown_until = float("-inf")
         self.reason = ""
         self.entered_total = 0
@@ -68,10 +66,7 @@ class SelfPreservation:
                 # The backlog now evicted must not count towards re-entering at once.
                 self._cooldown_until = now + cfg.window
                 return True
-            # Entering counts lapses over the window, some evicted already, so the held
-            # ones alone may be under the share at once: only fewer of them overdue than
-            # at entry means heartbeats came back.
-            if len(overdue) <= cfg.share * total and len(overdue) < self._overdue_at_entry:
+            if len(overdue) <= cfg.share * total:
                 self._leave(now, "heartbeats returned")
                 self._remember(now, overdue)
                 return True
@@ -84,7 +79,6 @@ class SelfPreservation:
             and now >= self._cooldown_until
         ):
             self._enter(now, lapsed, total)
-            self._overdue_at_entry = len(overdue)
             return False
         if now >= self._cooldown_until:
             self._remember(now, overdue)

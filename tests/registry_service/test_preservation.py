@@ -134,28 +134,3 @@ def test_threshold_is_strictly_more_than_the_share(
 ) -> None:
     sp = SelfPreservation(share=0.5, window=10.0, max_duration=60.0, min_instances=3)
     assert sp.allow_evictions(0.0, [f"i{n}" for n in range(overdue)], total) is expected
-
-
-def test_entered_on_lapses_split_over_sweeps_it_holds_until_heartbeats_return() -> None:
-    # 3 of 10 lapse and are evicted (a minority); 3 more lapse a sweep later: 6 of 10
-    # within the window enters. The 3 held are under half of all, yet none came back:
-    # the next sweep must keep holding them, not leave on "heartbeats returned".
-    clock = Clock()
-    store, leases = fleet(clock, removal_grace=100.0)
-    clock.now += 3.0
-    beat(store, leases[3:])
-    store.sweep()
-    clock.now += 3.0
-    beat(store, leases[6:])
-    store.sweep()
-    assert store.preservation.active
-    for _ in range(3):
-        clock.now += 1.0
-        beat(store, leases[6:])
-        store.sweep()
-        assert store.preservation.active, store.preservation.reason
-        assert sum(1 for i in store.instances() if i.lease_ok) == 7  # the 3 held still live
-    beat(store, leases[3:])  # their heartbeats return
-    clock.now += 1.0
-    store.sweep()
-    assert not store.preservation.active
