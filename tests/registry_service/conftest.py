@@ -77,7 +77,9 @@ def fit(config: RegistryConfig, backend: str) -> RegistryConfig:
     return replace(config, ttl_min=ttl_min, ttl_default=min(ttl_default, config.ttl_max))
 
 
-@pytest.fixture(scope="session")
+# Package-scoped: gone once this package's tests are, so the leak checks of the tests
+# that run after it (they look for any child process) do not find its members.
+@pytest.fixture(scope="package")
 def registry_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """One 3-member etcd for every registry test of the session; tests must not stop
     its members. Plain subprocesses, so it outlives each test's event loop."""
@@ -96,7 +98,7 @@ def registry_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdClus
 
 # Session-scoped, so that pytest runs every [memory] variant, then every [etcd] one, and
 # the cluster is up before any test begins (and before its check for leftover children).
-@pytest.fixture(scope="session", params=BACKENDS)
+@pytest.fixture(scope="package", params=BACKENDS)
 def backend_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
     if kind == ETCD_BACKEND:
