@@ -9,9 +9,12 @@ mirror shows them, so a caller reads its own write from the same replica:
   put the record and the alive key bound to the lease, in one transaction that holds
   only if the instance is as the decision saw it (no live lease at another address);
   revoke the lease it replaces.
-- heartbeat: renew the lease (a keepalive, not a write). A change of status is
-  written at once; a change of load at most once per ``load_publish_interval`` per
-  instance from this replica, the rest by the periodic task, as the memory store does.
+- heartbeat: renew the lease (a keepalive, not a write, over one gRPC stream: see
+  ``etcd.keepalive``). A change of status is written at once; a change of load at most
+  once per ``load_publish_interval`` per instance from this replica, the rest by the
+  periodic task, as the memory store does. Each write is a transaction of its own: one
+  that held several records would give them one revision, and watchers are promised
+  a revision per change.
 - deregister: delete the record and the alive key in one transaction, then revoke.
 
 A lease the mirror does not know (or knows lapsed) is not found: the servicer checks

@@ -40,6 +40,7 @@ from registry_service.etcd.model import (
     WatchEvent,
     WatchProgress,
 )
+from registry_service.etcd.tls import EtcdTls
 from registry_service.etcd.transport import Compacted, EtcdError, EtcdUnavailable, LeaseNotFound
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "Delete",
     "EtcdClient",
     "EtcdError",
+    "EtcdTls",
     "EtcdUnavailable",
     "KeyValue",
     "Lease",

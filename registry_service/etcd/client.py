@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncGenerator, Sequence
 from types import TracebackType
 
+from registry_service.etcd.keepalive import Keepalives
 from registry_service.etcd.model import (
     Compare,
     Delete,
@@ -25,6 +25,7 @@ from registry_service.etcd.model import (
     op_result,
     op_to_json,
 )
+from registry_service.etcd.tls import EtcdTls
 from registry_service.etcd.transport import (
     Compacted,
     EtcdError,
@@ -39,15 +40,19 @@ class EtcdClient:
     """An async etcd v3 client over the HTTP/JSON gateway of ``endpoints`` ("host:port").
 
     Plain HTTP, or HTTPS when ``tls`` is given (its CA, and a client certificate if etcd
-    asks for one). ``timeout`` bounds every call, failover included per endpoint; only a
-    watch's wait for its next event is unbounded unless it is given ``idle_timeout``.
+    asks for one). Lease renewals go over gRPC instead (``Keepalives``), to the same
+    ports with the same TLS. ``timeout`` bounds every call, failover included per
+    endpoint; only a watch's wait for its next event is unbounded unless it is given
+    ``idle_timeout``.
     Use as ``async with``, or call ``aclose``.
     """
 
     def __init__(
-        self, endpoints: Sequence[str], *, timeout: float = 2.0, tls: ssl.SSLContext | None = None
+        self, endpoints: Sequence[str], *, timeout: float = 2.0, tls: EtcdTls | None = None
     ) -> None:
-        self._transport = Transport(endpoints, timeout, tls)
+        self._transport = Transport(endpoints, timeout, tls.ssl_context() if tls else None)
+        credentials = tls.grpc_credentials() if tls else None
+        self._keepalives = Keepalives(endpoints, timeout, credentials)
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -59,6 +64,7 @@ class EtcdClient:
         return self._transport.current
 
     async def aclose(self) -> None:
+        await self._keepalives.aclose()
         await self._transport.aclose()
 
     async def __aenter__(self) -> EtcdClient:
@@ -128,13 +134,7 @@ class EtcdClient:
 
     async def keepalive(self, lease_id: int) -> int:
         """Renew the lease; return its TTL. ``LeaseNotFound`` once it has expired."""
-        reply = await self._transport.call("/v3/lease/keepalive", {"ID": str(lease_id)})
-        # A stream's reply, one message long. An expired lease is no error to etcd here:
-        # it answers with the id and no TTL (proto3 JSON leaves out the zero).
-        ttl = num(reply.get("result", {}), "TTL")
-        if ttl <= 0:
-            raise LeaseNotFound(f"lease {lease_id:x} has expired or does not exist", 5)
-        return ttl
+        return await self._keepalives.renew(lease_id)
 
     async def revoke(self, lease_id: int) -> None:
         """End the lease now, deleting the keys bound to it."""

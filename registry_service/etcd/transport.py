@@ -30,6 +30,10 @@ T = TypeVar("T")
 MAX_REPLY = 64 << 20
 # Unary calls return their connection at once; each open watch holds one for its life.
 LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+# etcd's require-leader option, as gRPC metadata through the gateway: a member cut off
+# from its cluster refuses calls at once (503, so they move to another member) and
+# ends the watches it serves, rather than leaving them open and silent.
+HEADERS = {"Grpc-Metadata-hasleader": "true"}
 
 
 class EtcdError(Exception):
@@ -149,7 +153,7 @@ class Transport:
         self._current = 0
         # trust_env=False: an HTTP(S)_PROXY in the environment must not reroute etcd.
         self._http = httpx.AsyncClient(
-            timeout=timeout, limits=LIMITS, verify=tls or True, trust_env=False
+            timeout=timeout, limits=LIMITS, headers=HEADERS, verify=tls or True, trust_env=False
         )
 
     @property

@@ -296,3 +296,67 @@ async def test_killing_the_leader_elects_another_and_writes_resume(tmp_path: Pat
             assert kv is not None and kv.value == b"after"
             await cluster.stop(old, signal.SIGTERM)
             assert await cluster.leader() != old
+
+
+async def keepalive_streams(endpoint: str) -> float:
+    """LeaseKeepAlive streams the member has opened (its own gRPC server metrics)."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://{endpoint}/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("grpc_server_started_total{") and 'grpc_method="LeaseKeepAlive"' in line
+    )
+
+
+async def test_concurrent_renewals_share_one_stream_and_each_gets_its_own_answer(
+    etcd_cluster: EtcdCluster,
+) -> None:
+    endpoint = etcd_cluster.endpoints[0]
+    async with EtcdClient([endpoint], timeout=5.0) as client:
+        leases = [await client.grant(30) for _ in range(20)]
+        await client.revoke(leases[-1].id)
+        before = await keepalive_streams(endpoint)
+        # Each lease renewed 10 times at once, interleaved: every answer is its lease's.
+        results = await asyncio.gather(
+            *(client.keepalive(lease.id) for _ in range(10) for lease in leases),
+            return_exceptions=True,
+        )
+        opened = await keepalive_streams(endpoint) - before
+    for i, result in enumerate(results):
+        if i % len(leases) == len(leases) - 1:
+            assert isinstance(result, LeaseNotFound), result
+        else:
+            assert result == 30, result
+    assert opened == 1, f"{opened:g} LeaseKeepAlive streams for 200 renewals"
+
+
+async def test_renewals_move_to_another_member_when_theirs_dies(tmp_path: Path) -> None:
+    async with EtcdCluster(tmp_path) as cluster:
+        used = (await cluster.leader() + 1) % cluster.size  # a follower: a leader stays
+        order = cluster.endpoints[used:] + cluster.endpoints[:used]
+        async with EtcdClient(order, timeout=3.0) as client:
+            lease = await client.grant(30)
+            assert await client.keepalive(lease.id) == 30
+            await cluster.stop(used, signal.SIGKILL)
+            assert await client.keepalive(lease.id) == 30
+            assert await keepalive_streams(order[1]) >= 1
+
+
+async def test_a_member_cut_off_from_its_leader_ends_its_watch(tmp_path: Path) -> None:
+    """etcd's require-leader option: without it, a watch on a member that has lost its
+    cluster stays open and silent, and the mirror behind it goes stale unnoticed."""
+    async with EtcdCluster(tmp_path) as cluster:
+        alone = (await cluster.leader() + 1) % cluster.size
+        async with EtcdClient([cluster.endpoints[alone]], timeout=3.0) as client:
+            revision = await client.put(b"cutoff/k", b"1")
+            watch = client.watch(b"cutoff/", start_revision=revision)
+            await next_events(watch, 1)
+            for other in range(cluster.size):
+                if other != alone:
+                    await cluster.stop(other, signal.SIGKILL)
+            # etcd notices within a few election timeouts (1 s each by default).
+            with pytest.raises(EtcdUnavailable, match="no leader"):
+                async with asyncio.timeout(20):
+                    await next_events(watch, 1)
+            await watch.aclose()
