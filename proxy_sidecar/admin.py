@@ -107,6 +107,7 @@ class AdminPages:
                     "address": server.registry_address,
                     "connected": server.discovery.connected,
                     "revision": server.discovery.revision,
+                    "watch_restarts": dict(server.discovery.restarts),
                     "held_empty": sorted(server.table.held()),
                 },
                 "services": services,

@@ -5,7 +5,10 @@ table keeps its last good set (fail-static) and the watch reconnects, to the nex
 registry replica when there are several, with exponential backoff and jitter,
 resuming after the last revision seen so the registry can replay what was missed
 (or send a fresh snapshot). Replicas over one store share revisions, so a watch that
-moves gets the missed events, not a snapshot.
+moves gets the missed events, not a snapshot. Which of the two each re-established
+watch got is counted in ``restarts``, judged by its first message: a SNAPSHOT means it
+started again from scratch, anything else (a missed event, a change, progress) that it
+resumed. The first snapshot of the sidecar's life is no restart.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from proxy_sidecar.rpc import Follower, Rpc
 from shoal_core.backoff import Attempts, Backoff
 from shoal_core.replicas import Replicas
 
-__all__ = ["Discovery", "info_from_pb"]
+__all__ = ["RESTART_OUTCOMES", "Discovery", "info_from_pb"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,8 @@ _ROUTABLE_STATUS = (pb.SERVING, pb.SERVING_STATUS_UNSPECIFIED)
 _WATCH = "/shoal.registry.v1.Registry/Watch"
 # How often held empty sets are re-examined when no event arrives.
 _TICK = 0.5
+# How a re-established watch went on: from the revision it had, or from a snapshot.
+RESTART_OUTCOMES = ("resumed", "snapshot")
 
 
 def info_from_pb(msg: pb.Instance) -> InstanceInfo:
@@ -76,6 +81,10 @@ class Discovery:
         self.epoch = ""
         self.events = 0
         self.last_event_at = 0.0
+        # Re-established watches by outcome; ``_judged`` is the follower's count of
+        # breaks when the stream under way got its first message (-1: none yet).
+        self.restarts = dict.fromkeys(RESTART_OUTCOMES, 0)
+        self._judged = -1
 
     async def start(self, rpc: Rpc) -> None:
         """Start watching through ``rpc``; wait up to ``initial_sync`` seconds for the
@@ -104,6 +113,10 @@ class Discovery:
         return self._follower.reconnects
 
     def _apply(self, event: pb.WatchEvent) -> None:
+        if (stream := self._follower.reconnects) != self._judged:
+            self._judged = stream
+            if self._synced.is_set():
+                self._restarted(event)
         self.events += 1
         self.last_event_at = time.monotonic()
         if event.registry_epoch != self.epoch and self.epoch:
@@ -124,6 +137,15 @@ class Discovery:
                 self._table.remove(inst.instance_id)
         if event.revision > self.revision:
             self.revision = event.revision
+
+    def _restarted(self, first: pb.WatchEvent) -> None:
+        """Count the watch just re-established by its ``first`` message."""
+        if first.type == pb.WatchEvent.SNAPSHOT:
+            self.restarts["snapshot"] += 1
+            logger.info("the registry's watch started again from a snapshot")
+        else:
+            self.restarts["resumed"] += 1
+            logger.info("the registry's watch resumed after revision %d", self.revision)
 
     async def _tick(self) -> None:
         while True:

@@ -111,6 +111,15 @@ class SidecarCollector(Collector):
             "Times the registry watch was re-established",
             value=self._discovery.reconnects,
         )
+        restarts = CounterMetricFamily(
+            "shoal_sidecar_registry_watch_restarts",
+            "Registry watches re-established, by how they went on: resumed after the last "
+            "revision seen, or started again from a snapshot (the first snapshot is none)",
+            labels=["outcome"],
+        )
+        for outcome, count in self._discovery.restarts.items():
+            restarts.add_metric([outcome], count)
+        yield restarts
         yield GaugeMetricFamily(
             "shoal_sidecar_channels", "Open upstream connections", self._channels()
         )
