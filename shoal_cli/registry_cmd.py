@@ -13,15 +13,15 @@ from identity.authz import Policy, load_policy
 from identity.spiffe import SpiffeId
 from registry_service import RegistryConfig, RegistryServer
 from registry_service.backend import Backend
-from shoal_cli.errors import UserError
+from registry_service.errors import StoreUnavailable
+from shoal_cli.errors import UserError, WorkFailed
 from shoal_cli.mesh.config import config_option
 from shoal_cli.mesh_tls import identity_options, mesh_identity, start_keeper
 from shoal_cli.options import LISTEN, grace_option, log_level_option, metrics_option
-from shoal_core.addresses import AddressError
+from shoal_cli.store_options import EtcdStore, parse_store, store_options
 from shoal_core.certifying import MeshIdentity
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
-from shoal_core.replicas import parse_registries
 from shoal_core.tls import server_credentials
 
 __all__ = ["registry", "registry_demo"]
@@ -123,14 +123,7 @@ _DEFAULTS = RegistryConfig()
     help="Where to keep what must outlive a restart (the policy an operator set); "
     "without it a restarted registry starts from --policy.",
 )
-@click.option(
-    "--store",
-    default="memory",
-    show_default=True,
-    metavar="memory|etcd://HOST:PORT,...",
-    help="Where the instances live: in this process, or in an etcd cluster that any "
-    "number of registry replicas share.",
-)
+@store_options()
 @identity_options()
 @grace_option(5.0)
 @log_level_option()
@@ -152,6 +145,9 @@ def registry(
     policy_file: str | None,
     state_dir: Path | None,
     store: str,
+    etcd_ca: Path | None,
+    etcd_cert: Path | None,
+    etcd_key: Path | None,
     identity_server: str | None,
     trust_bundle: Path | None,
     token_file: Path | None,
@@ -177,36 +173,26 @@ def registry(
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    etcd = _etcd_endpoints(store)
+    etcd = parse_store(store, etcd_ca, etcd_cert, etcd_key)
     if etcd is not None and ttl_min < 1.0:
         raise UserError("--store etcd: etcd leases are whole seconds; --ttl-min must be >= 1")
     mesh = mesh_identity(identity_server, trust_bundle, token_file)
     policy = None if policy_file is None else load_policy(policy_file)
-    asyncio.run(
-        _run(
-            listen,
-            config,
-            metrics_listen,
-            mesh,
-            grace,
-            policy=policy,
-            state_dir=state_dir,
-            etcd=etcd,
-        )
-    )
-
-
-def _etcd_endpoints(store: str) -> tuple[str, ...] | None:
-    """``--store``: ``None`` for memory, else the etcd endpoints; a bad one, a user error."""
-    if store == "memory":
-        return None
-    scheme, _, rest = store.partition("://")
-    if scheme != "etcd" or not rest:
-        raise UserError(f"--store must be memory or etcd://HOST:PORT[,HOST:PORT...], not {store!r}")
     try:
-        return parse_registries(rest)
-    except AddressError as exc:
-        raise UserError(f"--store {store}: {exc}") from None
+        asyncio.run(
+            _run(
+                listen,
+                config,
+                metrics_listen,
+                mesh,
+                grace,
+                policy=policy,
+                state_dir=state_dir,
+                etcd=etcd,
+            )
+        )
+    except StoreUnavailable as exc:  # etcd down or refusing us: not the user's typo
+        raise WorkFailed(str(exc)) from None
 
 
 async def _run(
@@ -218,7 +204,7 @@ async def _run(
     *,
     policy: Policy | None = None,
     state_dir: Path | None = None,
-    etcd: tuple[str, ...] | None = None,
+    etcd: EtcdStore | None = None,
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         backend = None
@@ -226,7 +212,13 @@ async def _run(
             from registry_service.etcd import EtcdClient
             from registry_service.etcd_store import EtcdBackend
 
-            client = await stack.enter_async_context(EtcdClient(etcd))
+            if etcd.tls is None:
+                logger.warning(
+                    "talking to etcd without TLS (--etcd-ca): whoever reaches %s may "
+                    "read and change the mesh's state",
+                    ",".join(etcd.endpoints),
+                )
+            client = await stack.enter_async_context(EtcdClient(etcd.endpoints, tls=etcd.tls))
             backend = EtcdBackend(config, client)
         await _serve(listen, config, metrics_listen, mesh, grace, policy, state_dir, backend)
 

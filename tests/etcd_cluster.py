@@ -33,6 +33,7 @@ import pytest
 import pytest_asyncio
 
 from registry_service.etcd import EtcdClient, EtcdError, WatchEvent
+from tests.etcd_pki import EtcdPki
 
 ETCD = shutil.which("etcd")
 MISSING = (
@@ -74,10 +75,20 @@ async def next_events(watch: AsyncIterator[object], count: int) -> list[WatchEve
 class EtcdCluster:
     """``members`` etcd processes forming one cluster; ``async with`` starts and reaps it."""
 
-    def __init__(self, tmp: Path, members: int = 3, *, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        members: int = 3,
+        *,
+        start_timeout: float = 30.0,
+        pki: EtcdPki | None = None,
+    ) -> None:
         self.tmp = tmp
         self.size = members
         self.start_timeout = start_timeout
+        # With ``pki``: clients speak TLS and must show a certificate of its CA.
+        self.pki = pki
+        self.client_tls = None if pki is None else pki.client
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * members
         self._plan()
 
@@ -121,7 +132,8 @@ class EtcdCluster:
     def _spawn(self, i: int, state: str) -> None:
         assert ETCD is not None, MISSING
         peers = ",".join(f"m{j}=http://127.0.0.1:{p}" for j, p in enumerate(self._peer_ports))
-        client, peer = f"http://{self.endpoints[i]}", f"http://127.0.0.1:{self._peer_ports[i]}"
+        scheme = "http" if self.pki is None else "https"
+        client, peer = f"{scheme}://{self.endpoints[i]}", f"http://127.0.0.1:{self._peer_ports[i]}"
         argv = [
             ETCD, "--name", f"m{i}", "--data-dir", str(self._run / f"m{i}"),
             "--listen-client-urls", client, "--advertise-client-urls", client,
@@ -132,6 +144,11 @@ class EtcdCluster:
             "--experimental-watch-progress-notify-interval", "1s",
             "--logger", "zap", "--log-outputs", "stderr",
         ]  # fmt: skip
+        if self.pki is not None:
+            argv += [
+                "--cert-file", str(self.pki.server), "--key-file", str(self.pki.server_key),
+                "--trusted-ca-file", str(self.pki.ca), "--client-cert-auth",
+            ]  # fmt: skip
         self._run.mkdir(parents=True, exist_ok=True)
         with open(self.log(i), "ab") as log:
             self._procs[i] = subprocess.Popen(
@@ -146,7 +163,7 @@ class EtcdCluster:
         that leader's index."""
         deadline = time.monotonic() + timeout
         # A member still joining holds a call rather than refusing it: ask again soon.
-        async with EtcdClient(self.endpoints, timeout=0.5) as client:
+        async with EtcdClient(self.endpoints, timeout=0.5, tls=self.client_tls) as client:
             while True:
                 for i in self.running():
                     if (proc := self._procs[i]) is not None and proc.poll() is not None:

@@ -67,6 +67,9 @@ class _Retry(Exception):
 
 def _describe(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
+    if not text and isinstance(exc, httpx.ReadError):
+        # What a TLS 1.3 server's refusal of our certificate looks like from here.
+        return "the connection closed before a reply (a refused client certificate?)"
     return text or type(exc).__name__
 
 

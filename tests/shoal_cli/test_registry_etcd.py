@@ -22,10 +22,10 @@ pytestmark = requires_etcd
 
 
 @contextmanager
-def replica(endpoints: list[str]) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def replica(endpoints: list[str], *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     proc = subprocess.Popen(
         [*SHOAL, "registry", "--listen", "127.0.0.1:0", "--store", f"etcd://{','.join(endpoints)}",
-         "--ttl-min", "1", "--sweep-interval", "0.2", "--removal-grace", "2"],
+         "--ttl-min", "1", "--sweep-interval", "0.2", "--removal-grace", "2", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
