@@ -12,9 +12,8 @@ mirror shows them, so a caller reads its own write from the same replica:
 - heartbeat: renew the lease (a keepalive, not a write, over one gRPC stream: see
   ``etcd.keepalive``). A change of status is written at once; a change of load at most
   once per ``load_publish_interval`` per instance from this replica, the rest by the
-  periodic task, as the memory store does. Each write is a transaction of its own: one
-  that held several records would give them one revision, and watchers are promised
-  a revision per change.
+  periodic task, as the memory store does. Writes that wait together go as one
+  transaction (``batch``), their records at one revision.
 - deregister: delete the record and the alive key in one transaction, then revoke.
 
 A lease the mirror does not know (or knows lapsed) is not found: the servicer checks
@@ -47,6 +46,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
+from registry_service.batch import RecordWrites
 from registry_service.config import RegistryConfig
 from registry_service.election import Election
 from registry_service.errors import AlreadyExists, LeaseNotFound, StoreUnavailable
@@ -117,7 +117,8 @@ class EtcdBackend:
         self.election = Election(client, self._keys.leader, name=name, clock=clock)
         self._mirror.on_leader = self.election.seen
         self._sweeper = Sweeper(config, client, self._keys, self._mirror, self.election)
-        self._loads = Loads(config, self._mirror, self._write, clock=clock)
+        self._writes = RecordWrites(client, self._keys)
+        self._loads = Loads(config, self._mirror, self._writes.put, clock=clock)
         # Registrations between the limits check and the mirror: counted against limits.
         self._coming: list[InstanceSpec] = []
         self._task: asyncio.Task[None] | None = None
@@ -144,6 +145,7 @@ class EtcdBackend:
         """Stop sweeping, hand the lead on, stop following; the client stays open."""
         await stop(self._task)
         self._task = None
+        await self._writes.aclose()
         await self.election.close()
         await self._feed.close()
 
@@ -222,7 +224,7 @@ class EtcdBackend:
         if self._loads.offer(inst, lease, status, load):
             changed = replace(inst, status=status, load=load)
             with _reaching_etcd():
-                revision = await self._write(changed, lease)
+                revision = await self._writes.put(changed, lease)
             if revision is None:
                 raise self._not_found(lease_id)
             return await self._settled(changed, revision)
@@ -231,16 +233,6 @@ class EtcdBackend:
     def _not_found(self, lease_id: str) -> LeaseNotFound:
         self.stats.heartbeats_not_found += 1
         return LeaseNotFound(f"lease {lease_id!r} is unknown or expired; register again")
-
-    async def _write(self, inst: Instance, lease: int) -> int | None:
-        """Put the record while ``lease`` is the instance's live lease; the revision of
-        the write, or None when the lease has ended."""
-        alive = self._keys.alive(inst.instance_id)
-        result = await self._client.txn(
-            [Compare(alive, "LEASE", lease)],
-            [Put(self._keys.record(inst.instance_id), encode_record(inst, lease))],
-        )
-        return result.revision if result.succeeded else None
 
     async def deregister(self, lease_id: str) -> None:
         lease = parse_lease(lease_id)

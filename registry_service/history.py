@@ -1,11 +1,13 @@
 """The change history watchers resume from, bounded by event count and by bytes.
 
-Events are kept in increasing revision order. Revisions may have gaps: the memory
-store's are consecutive, but an etcd mirror's are etcd's, which other keys use too. So
-the event after a revision is found by bisection, and the history knows the revision
-it is complete from (``floor``: every event after it is held), which moves up as old
-events are let go. A replay reads events one at a time: a slow resuming watcher pins
-no event the history has let go.
+Events are kept in revision order. Revisions may have gaps: the memory store's are
+consecutive, but an etcd mirror's are etcd's, which other keys use too. And one
+revision may hold several events: an etcd transaction that wrote several records
+(batched heartbeat writes) gives each the same revision; such a group is one change to
+watchers, never split. So the events after a revision are found by bisection, and the
+history knows the revision it is complete from (``floor``: every event after it is
+held), which moves up as old events are let go. A replay reads one revision's events
+at a time: a slow resuming watcher pins no other event the history has let go.
 
 What the byte bound counts (``bytes``): per event, the ``Event``, its ``Instance``
 and ``LoadReport`` objects and the list slot; per distinct ``InstanceSpec``, its
@@ -76,7 +78,9 @@ class History:
     def append(self, event: Event) -> None:
         last = self._event_at(len(self._events) - 1) if len(self) else None
         bound = last.revision if last is not None else self._floor
-        if bound is not None and event.revision <= bound:
+        if bound is not None and (
+            event.revision < bound or (event.revision == bound and last is None)
+        ):
             raise ValueError(f"revision {event.revision} does not follow {bound}")
         if self._floor is None:
             self._floor = event.revision - 1
@@ -92,7 +96,7 @@ class History:
             self._evict()
 
     def get(self, revision: int) -> Event | None:
-        """The event of ``revision``, or None when there is none (or no longer)."""
+        """The (first) event of ``revision``, or None when there is none (or no longer)."""
         event = self.next_after(revision - 1)
         return event if event is not None and event.revision == revision else None
 
@@ -100,6 +104,15 @@ class History:
         """The oldest event held after ``revision``, or None when there is none."""
         index = bisect.bisect_right(self._events, revision, lo=self._head, key=_revision)
         return self._event_at(index)
+
+    def group_after(self, revision: int) -> list[Event]:
+        """Every event of the oldest revision held after ``revision`` ([]: none)."""
+        first = bisect.bisect_right(self._events, revision, lo=self._head, key=_revision)
+        event = self._event_at(first)
+        if event is None:
+            return []
+        end = bisect.bisect_right(self._events, event.revision, lo=first, key=_revision)
+        return [e for e in self._events[first:end] if e is not None]
 
     def replay(self, *, after: int, until: int, service: str) -> Replay | None:
         """Events ``after`` < revision <= ``until`` (of ``service`` if given), read lazily;
@@ -141,15 +154,23 @@ class Replay:
         self.lost = False
 
     def __iter__(self) -> Iterator[Event]:
+        for group in self.groups():
+            yield from group
+
+    def groups(self) -> Iterator[list[Event]]:
+        """The events one revision at a time (of ``service``, if given): a revision's
+        events come whole or, once the history let them go, not at all."""
         while self._last < self._until:
             floor = self._history.floor
             if floor is not None and floor > self._last:
                 # Events after the last one read were let go before this reader got them.
                 self.lost = True
                 return
-            event = self._history.next_after(self._last)
-            if event is None or event.revision > self._until:
+            group = self._history.group_after(self._last)
+            if not group or group[0].revision > self._until:
                 return
-            self._last = event.revision
-            if not self._service or event.instance.spec.service == self._service:
-                yield event
+            self._last = group[0].revision
+            if self._service:
+                group = [e for e in group if e.instance.spec.service == self._service]
+            if group:
+                yield group

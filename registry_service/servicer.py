@@ -29,7 +29,13 @@ from registry_service.model import Instance
 from registry_service.policy_store import PolicyStore
 from registry_service.validation import MAX_TTL_MS, check_lease_id, check_service_name
 from registry_service.watch import WatchHub
-from registry_service.wire import InstanceRenderer, load_from_pb, spec_from_pb, status_from_pb
+from registry_service.wire import (
+    InstanceRenderer,
+    load_from_pb,
+    merged,
+    spec_from_pb,
+    status_from_pb,
+)
 from shoal_core.codes import ErrorCodes
 from shoal_core.config import ConfigError
 from shoal_core.peers import peer_identity
@@ -184,8 +190,9 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             # must not be dropped as duplicates.
             sent = store.revision
             if replay is not None:
-                for event in replay:
-                    yield self._render.event(event, store.epoch)
+                for group in replay.groups():
+                    for msg in merged([self._render.event(e, store.epoch) for e in group]):
+                        yield msg
             if replay is None or replay.lost:
                 sent = store.revision
                 yield self._snapshot(service)
@@ -207,12 +214,14 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                     sent = store.revision
                     yield self._snapshot(service)
                     continue
-                # One at a time, so what is not sent yet stays counted against the queue.
+                # A revision at a time, so what is not sent yet stays counted against
+                # the queue.
                 while (queued := sub.pop()) is not None:
-                    revision, msg = queued
+                    revision, msgs = queued
                     if revision > sent:
                         sent = revision
-                        yield msg
+                        for msg in merged(msgs):
+                            yield msg
         finally:
             self._hub.release(sub)
 

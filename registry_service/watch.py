@@ -6,7 +6,7 @@ that service: many watchers cost one render and N appends, never N polls. A
 watcher whose queue would pass ``limit`` events or ``limit_bytes`` (the rendered
 sizes, as ``size`` measures them) is marked overflowed and resynchronised with a
 fresh snapshot instead of holding memory without bound. The stream takes events
-off the queue one at a time, so what it has not sent yet stays counted.
+off the queue one revision at a time, so what it has not sent yet stays counted.
 """
 
 from __future__ import annotations
@@ -63,13 +63,18 @@ class Subscription(Generic[T]):
             return False
         return True
 
-    def pop(self) -> tuple[int, T] | None:
-        """The oldest queued event and its revision, or None when the queue is empty."""
+    def pop(self) -> tuple[int, list[T]] | None:
+        """The oldest queued revision and its events (one, or several that one etcd
+        transaction made), or None when the queue is empty."""
         if not self._items:
             return None
-        revision, item, size = self._items.popleft()
-        self._bytes -= size
-        return revision, item
+        revision = self._items[0][0]
+        items = []
+        while self._items and self._items[0][0] == revision:
+            _, item, size = self._items.popleft()
+            self._bytes -= size
+            items.append(item)
+        return revision, items
 
     def clear(self) -> None:
         self._items.clear()

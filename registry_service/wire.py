@@ -8,7 +8,7 @@ instance: replays of the past and removals are rendered but not kept.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
@@ -113,3 +113,27 @@ class InstanceRenderer:
         """Store listener: drop the cached message of an instance that left."""
         if event.kind is EventKind.REMOVE:
             self._cache.pop(event.instance.spec.instance_id, None)
+
+
+def merged(messages: Sequence[pb.WatchEvent]) -> list[pb.WatchEvent]:
+    """One revision's events as few messages as its kinds allow: consecutive ones of one
+    type become one message listing every instance, so that a watcher has a revision
+    whole or not at all (resuming after it must not skip the rest of it). Writers put
+    only one kind of change in one transaction, so a revision is one message."""
+    if len(messages) == 1:
+        return list(messages)
+    out: list[pb.WatchEvent] = []
+    for msg in messages:
+        if out and out[-1].type == msg.type:
+            out[-1].instances.extend(msg.instances)
+        else:
+            # A new message: rendered ones are shared by every watcher, never changed.
+            out.append(
+                pb.WatchEvent(
+                    type=msg.type,
+                    revision=msg.revision,
+                    registry_epoch=msg.registry_epoch,
+                    instances=msg.instances,
+                )
+            )
+    return out

@@ -33,7 +33,10 @@ from registry_service.etcd.transport import (
     Transport,
 )
 
-__all__ = ["EtcdClient"]
+__all__ = ["MAX_TXN_OPS", "EtcdClient"]
+
+# etcd's --max-txn-ops default: the most operations one transaction may hold.
+MAX_TXN_OPS = 128
 
 
 class EtcdClient:
@@ -119,6 +122,31 @@ class EtcdClient:
         reply = await self._transport.call("/v3/kv/txn", body)
         responses = [op_result(r) for r in reply.get("responses", ())]
         return TxnResult(bool(reply.get("succeeded")), responses, _revision(reply))
+
+    async def txn_each(
+        self, items: Sequence[tuple[Sequence[Compare], Sequence[Op]]]
+    ) -> tuple[list[bool], int]:
+        """Run each item's ops if its own compares hold, all in one transaction (etcd's
+        nested transactions, at most ``MAX_TXN_OPS``): which items held, and the
+        revision after. Their keys must differ."""
+        if len(items) > MAX_TXN_OPS:
+            raise ValueError(f"at most {MAX_TXN_OPS} items in one transaction")
+        nested = [
+            {
+                "request_txn": {
+                    "compare": [c.to_json() for c in compare],
+                    "success": [op_to_json(op) for op in ops],
+                }
+            }
+            for compare, ops in items
+        ]
+        reply = await self._transport.call("/v3/kv/txn", {"success": nested})
+        held = [
+            bool(r.get("response_txn", {}).get("succeeded")) for r in reply.get("responses", ())
+        ]
+        if len(held) != len(items):
+            raise EtcdError(f"etcd answered {len(held)} of {len(items)} nested transactions")
+        return held, _revision(reply)
 
     async def compact(self, revision: int, *, physical: bool = False) -> None:
         """Drop the history before ``revision``; watches from before it get ``Compacted``."""

@@ -148,3 +148,18 @@ def test_revisions_must_increase() -> None:
     history.append(small_event(12))
     with pytest.raises(ValueError, match="does not follow 12"):
         history.append(small_event(11))
+
+
+def test_one_revision_may_hold_several_events_and_replays_hand_them_on_whole() -> None:
+    # One etcd transaction that wrote three records: three events at revision 12.
+    history = History(max_events=100, max_bytes=1 << 30, start=10)
+    history.append(small_event(11))
+    for n in range(3):
+        history.append(Event(EventKind.UPSERT, 12, Instance(spec(n, MappingProxyType({})), "l", 1)))
+    history.append(small_event(14))
+    assert [e.instance.instance_id for e in history.group_after(11)] == ["i0", "i1", "i2"]
+    assert revisions(history.replay(after=10, until=14, service="")) == [11, 12, 12, 12, 14]
+    assert revisions(history.replay(after=12, until=14, service="")) == [14]
+    assert revisions(history.replay(after=11, until=12, service="")) == [12, 12, 12]
+    with pytest.raises(ValueError, match="does not follow 14"):
+        history.append(small_event(13))

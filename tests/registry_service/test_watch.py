@@ -272,3 +272,47 @@ async def test_rendered_messages_are_kept_for_live_instances_only(
     await stub.Register(pb.RegisterRequest(instance=instance(7)))
     await stub.Discover(pb.DiscoverRequest(service="echo"))
     assert len(registry.servicer._render) == 1
+
+
+async def test_changes_at_one_revision_arrive_whole_and_a_resume_after_them_misses_none(
+    stub: Stub, backend: str
+) -> None:
+    """Heartbeats that change at once: on etcd their records go in one transaction, at
+    one revision; a watcher gets that revision as one message, never split, so that
+    resuming after any revision it saw loses nothing."""
+    leases = [
+        (await stub.Register(pb.RegisterRequest(instance=instance(n)))).lease_id for n in range(30)
+    ]
+    call = stub.Watch(pb.WatchRequest(service="echo"))
+    snapshot = await read(call)
+    await asyncio.gather(
+        *(
+            stub.Heartbeat(pb.HeartbeatRequest(lease_id=lease, status=pb.DRAINING))
+            for lease in leases
+        )
+    )
+    messages: list[pb.WatchEvent] = []
+    changed: list[str] = []
+    while len(changed) < len(leases):
+        event = await read(call)
+        if event.type != PROGRESS:
+            assert event.type == UPSERT, event
+            messages.append(event)
+            changed += [i.instance_id for i in event.instances if i.status == pb.DRAINING]
+    call.cancel()
+    assert sorted(changed) == sorted(f"echo-{n}" for n in range(30))
+    revisions = [snapshot.revision] + [m.revision for m in messages]
+    assert revisions == sorted(set(revisions)), "one message per revision, increasing"
+    if backend != "memory":
+        assert len(messages) < len(leases), "etcd: heartbeats' writes share transactions"
+    last = messages[-1].revision
+    for k in sorted(
+        {k for k in (0, len(messages) // 2, len(messages) - 2) if k < len(messages) - 1}
+    ):
+        resumed = stub.Watch(pb.WatchRequest(service="echo", since_revision=messages[k].revision))
+        replayed = await read_until(resumed, last)
+        resumed.cancel()
+        assert [e.type for e in replayed] == [UPSERT] * len(replayed)
+        assert [i.instance_id for e in replayed for i in e.instances] == [
+            i.instance_id for m in messages[k + 1 :] for i in m.instances
+        ]
