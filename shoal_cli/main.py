@@ -31,6 +31,7 @@ _COMMANDS = {
     "call": "shoal_cli.worker_ops:call",
     "config": "shoal_cli.config_cmd:config",
     "dashboard": "shoal_cli.dashboard_cmd:dashboard",
+    "etcd-cert": "shoal_cli.etcd_cert_cmd:etcd_cert",
     "exec": "shoal_cli.worker_ops:exec_",
     "health": "shoal_cli.probe_cmd:health",
     "identity": "shoal_cli.identity_cmd:identity",
