@@ -12,8 +12,11 @@ LABEL io.shoal.image="etcd"
 
 COPY etcd etcdctl /usr/local/bin/
 # The data directory belongs to the etcd user: each member's compose volume mounts
-# there, and Docker gives a new volume this owner and mode.
-RUN useradd --system --uid 10002 --no-create-home etcd \
+# there, and Docker gives a new volume this owner and mode. The member's certificates
+# come from the shoal image's mesh-ca, in a volume it made (uid and gid 10001, key mode
+# 0640): etcd reads them as a member of that group, and stays a user of its own.
+RUN groupadd --system --gid 10001 shoal-tls \
+    && useradd --system --uid 10002 --groups shoal-tls --no-create-home etcd \
     && install -d -o etcd -g etcd -m 0700 /var/lib/etcd
 ENV ETCDCTL_API=3
 USER etcd

@@ -46,7 +46,10 @@ async def mesh_ready(mesh: HAComposeMesh) -> None:
 
 
 def _etcdctl(
-    mesh: HAComposeMesh, *args: str, via: str | None = None, endpoints: str = "127.0.0.1:2379"
+    mesh: HAComposeMesh,
+    *args: str,
+    via: str | None = None,
+    endpoints: str = "https://127.0.0.1:2379",
 ) -> str:
     """``etcdctl ARGS`` in a member's container (the first one that answers, or ``via``)."""
     for member in [via] if via else MEMBERS:
@@ -62,7 +65,7 @@ def _etcdctl(
 
 def etcd_leader(mesh: HAComposeMesh, among: tuple[str, ...] = MEMBERS) -> str:
     """The service name of the etcd leader, as the members ``among`` report it."""
-    endpoints = ",".join(f"http://{m}:2379" for m in among)
+    endpoints = ",".join(f"https://{m}:2379" for m in among)
     status = json.loads(
         _etcdctl(mesh, "endpoint", "status", "-w", "json", via=among[0], endpoints=endpoints)
     )
@@ -71,7 +74,7 @@ def etcd_leader(mesh: HAComposeMesh, among: tuple[str, ...] = MEMBERS) -> str:
     (leader,) = leaders
     for s in status:
         if s["Status"]["header"]["member_id"] == leader:
-            # "http://etcd2:2379" -> "etcd2"
+            # "https://etcd2:2379" -> "etcd2"
             return str(s["Endpoint"]).split("//")[1].split(":")[0]
     raise AssertionError(f"the leader {leader} is not among {among}: {status}")
 
@@ -324,6 +327,29 @@ async def test_calls_flow_while_every_etcd_member_is_stopped(
     assert load.failed == [], load.failed[:5]
     # Fail-static: the replicas went on listing every instance from their mirrors.
     assert watchdog.lost == [], watchdog.lost[:5]
+
+
+def test_etcd_refuses_callers_without_a_certificate_of_its_ca(
+    ha_compose_mesh: HAComposeMesh,
+) -> None:
+    """From inside the compose network (etcd1's container), with etcd's CA but no
+    client pair, over TLS and in plaintext: no member answers, where the member's own
+    pair (what ETCDCTL_* give) is answered."""
+    container = ha_compose_mesh.container("etcd1")
+
+    def get(*env: str, endpoint: str = "https://etcd2:2379") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["docker", "exec", *(a for e in env for a in ("-e", e)), container, "etcdctl",
+             "--command-timeout", "3s", "--endpoints", endpoint, "get", "/shoal/", "--prefix",
+             "--keys-only"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+
+    assert get().returncode == 0, get().stderr
+    refused = get("ETCDCTL_CERT=", "ETCDCTL_KEY=")
+    assert refused.returncode != 0 and "/shoal/" not in refused.stdout, refused
+    plain = get("ETCDCTL_CERT=", "ETCDCTL_KEY=", "ETCDCTL_CACERT=", endpoint="http://etcd2:2379")
+    assert plain.returncode != 0 and "/shoal/" not in plain.stdout, plain
 
 
 def test_compose_down_leaves_nothing(ha_compose_mesh: HAComposeMesh) -> None:
