@@ -15,12 +15,11 @@ import contextlib
 import logging
 
 from registry_service.etcd import Compacted, EtcdClient, EtcdError, WatchEvent
-from registry_service.etcd.model import num
 from registry_service.mirror import Mirror
 from registry_service.records import Keys
 from shoal_core.backoff import Attempts, Backoff
 
-__all__ = ["Feed", "cluster_id", "stop"]
+__all__ = ["Feed", "stop"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +38,6 @@ async def stop(task: asyncio.Task[None] | None) -> None:
             await task
 
 
-async def cluster_id(client: EtcdClient) -> int:
-    """etcd's id for its cluster: the same from every member, new with a new cluster."""
-    # EtcdClient keeps reply headers to itself, and the cluster id is only there.
-    reply = await client._transport.call("/v3/maintenance/status", {})
-    return num(reply.get("header", {}), "cluster_id")
-
-
 class Feed:
     """Lists ``keys.prefix`` into ``mirror`` on ``start``, then follows it until ``close``."""
 
@@ -56,7 +48,7 @@ class Feed:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._mirror.epoch = f"{await cluster_id(self._client):x}"
+        self._mirror.epoch = f"{await self._client.cluster_id():x}"
         self._mirror.reset(*await self._client.range_prefix(self._keys.prefix))
         self._task = asyncio.create_task(self._follow(), name="etcd-backend-feed")
 

@@ -50,6 +50,12 @@ class SelfPreservation:
     def seconds_active(self, now: float) -> float:
         return 0.0 if self._since is None else now - self._since
 
+    def carry_on(self, active_for: float, reason: str, now: float) -> None:
+        """Take up a state entered elsewhere ``active_for`` seconds ago (a new leader
+        carrying on its predecessor's decision): its time bound still counts from then."""
+        self._since = now - active_for
+        self.reason = reason
+
     def allow_evictions(self, now: float, overdue: Sequence[str], total: int) -> bool:
         """Called each sweep with the overdue instances' ids; False means hold every eviction.
 

@@ -176,11 +176,8 @@ class Sweeper:
         shown = self._mirror.preservation
         made.entered_total = shown.entered_total
         if shown.active:
-            # Entered under the last leader: its time bound still counts from then.
             now = self._mirror.now()
-            # SelfPreservation has no way in for this yet: set what entering would have.
-            made._since = now - shown.seconds_active(now)
-            made.reason = shown.reason
+            made.carry_on(shown.seconds_active(now), shown.reason, now)
         return made
 
     async def _publish(self, preservation: SelfPreservation, now: float) -> None:

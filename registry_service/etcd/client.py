@@ -224,6 +224,11 @@ class EtcdClient:
         reply = await self._transport.call("/v3/cluster/member/list", {})
         return [Member.from_json(m) for m in reply.get("members", ())]
 
+    async def cluster_id(self) -> int:
+        """etcd's id for its cluster: the same from every member, new with a new cluster."""
+        reply = await self._transport.call("/v3/maintenance/status", {})
+        return num(reply.get("header", {}), "cluster_id")
+
     async def status(self, endpoint: str) -> Status:
         """What the member at ``endpoint`` says of itself, asked of it alone."""
         reply = await self._transport.call("/v3/maintenance/status", {}, endpoint=endpoint)
