@@ -108,6 +108,7 @@ async def heartbeat_load(
     leases: list[asyncio.Future[str]],
     seconds: float,
     registered: asyncio.Event,
+    changing: bool,
 ) -> tuple[float, int]:
     """Each instance heartbeats every TTL/3 from its Register on, staggered (its first
     beat at a random offset within the interval); returns (steady rate, not_found).
@@ -134,7 +135,9 @@ async def heartbeat_load(
                     pb.HeartbeatRequest(
                         lease_id=lease,
                         status=pb.SERVING,
-                        load=pb.LoadReport(in_flight=random.randint(0, 8), cpu_percent=20.0),
+                        load=pb.LoadReport(
+                            in_flight=random.randint(0, 8) if changing else 1, cpu_percent=20.0
+                        ),
                     )
                 )
                 if window and time.monotonic() >= window[0]:
@@ -229,6 +232,7 @@ async def run_size(
     seconds: float,
     changes: int,
     register_limit: float,
+    changing: bool,
 ) -> Result:
     # Replicas take turns: with two, instance i talks to replica i % 2.
     addresses = [dep.registries[k % len(dep.registries)] for k in range(4)]
@@ -240,7 +244,9 @@ async def run_size(
         registered = asyncio.Event()
         async with httpx.AsyncClient() as client:
             before = await stores.sample(client, dep)
-            load = asyncio.ensure_future(heartbeat_load(stubs, granted, seconds, registered))
+            load = asyncio.ensure_future(
+                heartbeat_load(stubs, granted, seconds, registered, changing)
+            )
             try:
                 started = time.monotonic()
                 leases = ["" for _ in range(size)]
@@ -318,7 +324,13 @@ async def run_all(args: argparse.Namespace, results: list[Result], failed: list[
                     try:
                         results.append(
                             await run_size(
-                                dep, pool, size, args.seconds, args.changes, args.register_limit
+                                dep,
+                                pool,
+                                size,
+                                args.seconds,
+                                args.changes,
+                                args.register_limit,
+                                args.load == "changing",
                             )
                         )
                     except SizeFailed as exc:
@@ -342,7 +354,8 @@ def ms(values: list[float], q: float) -> str:
 def report(args: argparse.Namespace, results: list[Result], failed: list[str]) -> None:
     print(
         f"registry benchmark: TTL {TTL_MS / 1000:g}s, heartbeat every TTL/3 (with a load "
-        f"report that changes every time), {PER_SERVICE} instances per service, "
+        f"report that {'changes every time' if args.load == 'changing' else 'stays the same'}), "
+        f"{PER_SERVICE} instances per service, "
         f"{args.seconds:g}s per size, {os.cpu_count()} cores shared by etcd, the registries "
         f"and the load generator; etcd: 3 members, 2 registry replicas, instances half each"
     )
@@ -367,14 +380,16 @@ def report(args: argparse.Namespace, results: list[Result], failed: list[str]) -
     print()
     print(
         f"{'store':>6} {'instances':>9} {'etcd writes/s':>13} {'txns/s':>7} {'proposals/s':>11} "
-        f"{'keepalives/s':>12} {'watch A->B p50':>14} {'p99':>8} {'max':>8} {'seen/sent':>9}"
+        f"{'keepalives/s':>12} {'per inst/min: keepalives':>24} {'writes':>6} "
+        f"{'watch A->B p50':>14} {'p99':>8} {'max':>8} {'seen/sent':>9}"
     )
     for r in results:
         e = r.etcd
         rates = (
-            f"{e.writes_s:>13.0f} {e.txns_s:>7.0f} {e.proposals_s:>11.0f} {e.keepalives_s:>12.0f}"
+            f"{e.writes_s:>13.0f} {e.txns_s:>7.0f} {e.proposals_s:>11.0f} {e.keepalives_s:>12.0f} "
+            f"{60 * e.keepalives_s / r.size:>24.1f} {60 * e.writes_s / r.size:>6.1f}"
             if e
-            else f"{'-':>13} {'-':>7} {'-':>11} {'-':>12}"
+            else f"{'-':>13} {'-':>7} {'-':>11} {'-':>12} {'-':>24} {'-':>6}"
         )
         p = r.propagation
         print(
@@ -412,6 +427,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=csv(int), nargs="+", default=[[1000, 10_000]])
     parser.add_argument("--seconds", type=float, default=15.0, help="heartbeat phase per size")
     parser.add_argument("--changes", type=int, default=200, help="status changes the probe times")
+    parser.add_argument(
+        "--load",
+        choices=["changing", "steady"],
+        default="changing",
+        help="the load each heartbeat reports: new every time (the worst case), or the same",
+    )
     parser.add_argument(
         "--register-limit", type=float, default=120.0, help="seconds to register one size"
     )
