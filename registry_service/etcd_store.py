@@ -260,12 +260,14 @@ class EtcdBackend:
                 await self._client.revoke(lease)
         self.stats.deregistrations += 1
         self._loads.forget(inst.instance_id)
-        await self._mirror.wait_for(result.revision, SETTLE)
+        if not await self._mirror.wait_for(result.revision, SETTLE):
+            self._feed.suspect()
 
     async def _settled(self, made: Instance, revision: int) -> Instance:
         """The instance as the mirror shows it at ``revision``, once it does (or
         ``made`` at that revision, if the mirror is slow or has moved on)."""
-        await self._mirror.wait_for(revision, SETTLE)
+        if not await self._mirror.wait_for(revision, SETTLE):
+            self._feed.suspect()
         seen = self._mirror.get(made.instance_id)
         if seen is not None and seen.revision == revision:
             return seen

@@ -99,6 +99,12 @@ class EtcdClient:
         reply = await self._transport.call("/v3/kv/range", body)
         return [KeyValue.from_json(kv) for kv in reply.get("kvs", ())], _revision(reply)
 
+    async def count_changed(self, prefix: bytes, after: int) -> int:
+        """How many keys under ``prefix`` changed after revision ``after`` (a read by
+        quorum, so a member cut off from its cluster cannot answer it)."""
+        body = {**key_range(prefix, True), "count_only": True, "min_mod_revision": str(after + 1)}
+        return num(await self._transport.call("/v3/kv/range", body), "count")
+
     async def delete(self, key: bytes) -> int:
         """Delete ``key``; return how many keys went (0 or 1)."""
         return await self._delete(Delete(key))

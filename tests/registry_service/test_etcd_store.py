@@ -17,7 +17,7 @@ from types import MappingProxyType
 
 import pytest
 
-from registry_service import RegistryConfig
+from registry_service import RegistryConfig, feed
 from registry_service.backend import Backend
 from registry_service.errors import AlreadyExists, LeaseNotFound, LimitReached, StoreUnavailable
 from registry_service.etcd import EtcdClient
@@ -277,7 +277,9 @@ async def test_start_raises_store_unavailable_when_etcd_cannot_be_reached() -> N
 
 
 class Relay:
-    """A TCP relay to one etcd member, which a test cuts and restores on the same port."""
+    """A TCP relay to one etcd member, which a test cuts and restores on the same port,
+    or freezes: connections stay open and new ones are taken, but nothing gets through,
+    as when a network drops every packet."""
 
     def __init__(self, target: str) -> None:
         self._host, port = target.rsplit(":", 1)
@@ -285,6 +287,14 @@ class Relay:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._streams: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     @property
     def address(self) -> str:
@@ -303,6 +313,7 @@ class Relay:
         self._server = None
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
         try:
             up_reader, up_writer = await asyncio.open_connection(self._host, self._target_port)
         except OSError:
@@ -313,6 +324,7 @@ class Relay:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):
                 while data := await src.read(65536):
+                    await self._flowing.wait()
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()
@@ -326,6 +338,7 @@ async def relay(etcd_cluster: EtcdCluster) -> AsyncIterator[Relay]:
     relay = Relay(etcd_cluster.endpoints[0])
     await relay.open()
     yield relay
+    relay.thaw()
     if relay._server is not None:
         await relay.cut()
 
@@ -388,3 +401,24 @@ async def test_a_mirror_behind_a_compaction_lists_again_and_hands_on_the_differe
     # The history cannot bridge the gap: a watcher from before it needs a snapshot.
     assert a.view.events_since(before) is None
     assert a.view.events_since(a.view.revision) is not None
+
+
+async def test_a_watch_silent_behind_a_network_that_drops_everything_is_opened_again(
+    replicas: Replicas, relay: Relay, etcd_cluster: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica A watches through a member whose network then drops every packet: no
+    error reaches it and etcd's progress notices stop, so until its idle timeout (60 s)
+    only the feed's quorum check can tell that the watch brings nothing any more."""
+    monkeypatch.setattr(feed, "CHECK", 1.0)
+    a = await replicas(endpoints=[relay.address, *etcd_cluster.endpoints[1:]])
+    b = await replicas()
+    await a.register(spec(1), 5.0, SERVING)
+    await wait_for(lambda: b.view.get("echo-1") is not None, 10)
+    relay.freeze()
+    two = await b.register(spec(2), 5.0, SERVING)
+    # Two checks (one may fall while the change is in flight), each after a read that
+    # first times out on the frozen member (2 s) and then goes to another.
+    await wait_for(lambda: a.view.get("echo-2") == two, 15)
+    # And A's own writes show in its mirror again (read your writes).
+    three = await a.register(spec(3), 5.0, SERVING)
+    assert a.view.get("echo-3") == three
