@@ -2,7 +2,8 @@
 
 Domain modules (``model``, ``store``, ``history``, ``preservation``, ``watch``,
 ``validation``) never import grpc; ``servicer`` maps the wire onto them and
-``server`` owns the lifecycle.
+``server`` owns the lifecycle. ``xds/`` serves the same view as xDS, for gRPC clients
+with ``xds:///SERVICE`` targets.
 """
 
 from __future__ import annotations

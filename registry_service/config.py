@@ -51,6 +51,12 @@ class RegistryConfig:
     max_instances_per_service: int = 2_000
     max_instances_bytes: int = 64 * _MIB
     max_message_bytes: int = _MIB
+    # xDS (registry_service/xds): the ADS streams served at once, and the resource names
+    # one stream may subscribe to. A gRPC process holds one stream per control plane
+    # and four names per target, so 1,000 names is 250 targets; a stream costs its task
+    # and a digest per name, so 10,000 streams (one per client process) stay small.
+    xds_max_streams: int = 10_000
+    xds_max_names: int = 1_000
 
     def __post_init__(self) -> None:
         positive = {
@@ -86,6 +92,8 @@ class RegistryConfig:
             "max_instances_bytes": (self.max_instances_bytes, 64 * 1024),
             "max_instances": (self.max_instances, 1),
             "max_instances_per_service": (self.max_instances_per_service, 1),
+            "xds_max_streams": (self.xds_max_streams, 1),
+            "xds_max_names": (self.xds_max_names, 4),
         }
         for name, (value, low) in at_least.items():
             if value < low:

@@ -20,6 +20,7 @@ from registry_service.calls import CallCollector, CallCounter, CallStats
 from registry_service.config import RegistryConfig
 from registry_service.policy_store import PolicyStore
 from registry_service.servicer import RegistryServicer
+from registry_service.xds import ads
 from shoal_core.grpc_server import GrpcServer
 
 __all__ = ["RegistryServer"]
@@ -72,6 +73,9 @@ class _StoreCollector(Collector):
             len(policies.policy.rules),
         )
         yield GaugeMetricFamily(
+            "shoal_registry_xds_streams", "Open xDS (ADS) streams", self._server.xds.streams
+        )
+        yield GaugeMetricFamily(
             "shoal_registry_self_preservation",
             "1 while evictions are held",
             int(store.preservation.active),
@@ -116,13 +120,21 @@ class RegistryServer(GrpcServer):
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             keep = state_dir / "policy.yaml"
         self.policies = PolicyStore(policy, keep=keep)
+        access = Access(trust_domain)
         self.servicer = RegistryServicer(
             self.backend,
             progress_interval=self.config.watch_progress_interval,
             queue_size=self.config.watch_queue_size,
             queue_bytes=self.config.watch_queue_bytes,
-            access=Access(trust_domain),
+            access=access,
             policies=self.policies,
+        )
+        # xDS for proxyless gRPC clients, on the same port and under the same access rules.
+        self.xds = ads.AdsServicer(
+            self.store,
+            access=access,
+            max_streams=self.config.xds_max_streams,
+            max_names=self.config.xds_max_names,
         )
         # Every Registry call by method and status, counted by CallCounter as it ends.
         self.calls = CallStats()
@@ -134,7 +146,8 @@ class RegistryServer(GrpcServer):
 
     def _add_servicers(self, server: grpc.aio.Server) -> Sequence[str]:
         pb_grpc.add_RegistryServicer_to_server(self.servicer, server)
-        return [SERVICE_NAME]
+        ads.add_to_server(self.xds, server)
+        return [SERVICE_NAME, ads.SERVICE_NAME]
 
     async def start(self) -> None:
         # The state first: a registry that cannot reach its store does not serve.
@@ -150,6 +163,7 @@ class RegistryServer(GrpcServer):
         if watchers:
             logger.info("ending %d watch stream(s)", watchers)
         self.servicer.hub.close_all()
+        self.xds.close_all()
         self.policies.close_all()
 
     async def _after_stop(self) -> None:

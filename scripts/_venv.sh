@@ -17,6 +17,11 @@ if [ ! -f "$stamp" ]; then
     "$PY" -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet "$ROOT/dataplane" -e "$ROOT[dev]"
+    # xds-protos (up to 1.85.0 at least) ships stale copies of opentelemetry-proto's
+    # modules over the real ones (grpc/grpc#42926): put the real ones back.
+    "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps \
+        "opentelemetry-proto==$("$VENV/bin/python" -c \
+            'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
     rm -f "$VENV"/.installed-*
     touch "$stamp"
 fi

@@ -45,6 +45,7 @@ _COMMANDS = {
     "up": "shoal_cli.up_cmd:up",
     "watch": "shoal_cli.registry_ops:watch",
     "worker": "shoal_cli.worker_cmd:worker",
+    "xds-bootstrap": "shoal_cli.xds_cmd:xds_bootstrap",
 }
 
 

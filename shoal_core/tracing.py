@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from shoal_core.errors import ShoalUserError
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -126,7 +128,15 @@ def new_span_id(rng: random.Random) -> int:
 
 def otlp_exporter(endpoint: str) -> SpanExporter:
     """OpenTelemetry's OTLP/gRPC span exporter for ``endpoint``."""
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    try:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:
+        # What it looks like when xds-protos was installed after opentelemetry-proto: its
+        # stale copies of the OTLP modules replaced the real ones (grpc/grpc#42926).
+        raise ShoalUserError(
+            f"OpenTelemetry's OTLP modules are broken ({exc}); reinstall them with "
+            "'pip install --force-reinstall --no-deps opentelemetry-proto'"
+        ) from None
 
     # The exporter retries within its timeout; a process stopping flushes through it, so
     # a collector that is gone must not hold the stop much longer than this.

@@ -187,3 +187,26 @@ def test_the_rules_without_tls_allow_all_and_with_it_need_this_meshs_service():
         rules.write(REGISTRY, "register", "worker")
     rules.write(SpiffeId.service(TD, "worker"), "register", "worker")
     rules.write(SpiffeId(TD, "operator", "ops"), "deregister", "worker")
+
+
+async def test_xds_is_a_read_any_mesh_identity_may_make(registry, ca):
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+    from registry_service.xds.resources import ENDPOINTS
+
+    await _registered_worker(registry, ca)
+    ask = discovery_pb2.DiscoveryRequest(type_url=ENDPOINTS, resource_names=["worker"])
+    async with _channel(registry, credentials(ca, "client")) as channel:
+        ads = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        call = ads.StreamAggregatedResources(timeout=5)
+        await call.write(ask)
+        reply = await call.read()
+        assert isinstance(reply, discovery_pb2.DiscoveryResponse) and len(reply.resources) == 1
+        call.cancel()
+    async with grpc.aio.insecure_channel(registry.address) as channel:
+        ads = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        call = ads.StreamAggregatedResources(timeout=3)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.write(ask)
+            await call.read()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

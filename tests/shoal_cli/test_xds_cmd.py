@@ -1,0 +1,51 @@
+"""``shoal xds-bootstrap``: the file gRPC's xDS client reads, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHOAL = [sys.executable, "-m", "shoal_cli.main", "xds-bootstrap"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SHOAL, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_it_writes_the_bootstrap_and_names_the_variable(tmp_path: Path) -> None:
+    out = tmp_path / "xds.json"
+    done = run("--registry", "10.0.0.1:7700", "--node-id", "app-1", "--cluster", "app",
+               "--zone", "z1", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(f"set GRPC_XDS_BOOTSTRAP={out} in the client's environment")
+    assert json.loads(out.read_text()) == {
+        "xds_servers": [
+            {
+                "server_uri": "10.0.0.1:7700",
+                "channel_creds": [{"type": "insecure"}],
+                "server_features": ["xds_v3"],
+            }
+        ],
+        "node": {"id": "app-1", "cluster": "app", "locality": {"zone": "z1"}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--registry", "nowhere"], "--registry"),
+        (["--zone", "bad zone"], "--zone"),
+        (["--node-id", "two words"], "--node-id"),
+        (["--out", "/nonexistent/dir/xds.json"], "cannot write /nonexistent/dir/xds.json"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(args: list[str], says: str, tmp_path: Path) -> None:
+    done = run(*args) if "--out" in args else run(*args, "--out", str(tmp_path / "x.json"))
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("shoal: error:") and says in line
+    assert not (tmp_path / "x.json").exists()
