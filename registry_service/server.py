@@ -21,6 +21,7 @@ from registry_service.config import RegistryConfig
 from registry_service.policy_store import PolicyStore
 from registry_service.servicer import RegistryServicer
 from registry_service.xds import ads
+from registry_service.xds.policy import XdsPolicies
 from shoal_core.grpc_server import GrpcServer
 
 __all__ = ["RegistryServer"]
@@ -96,6 +97,7 @@ class RegistryServer(GrpcServer):
         policy: Policy | None = None,
         state_dir: Path | None = None,
         backend: Backend | None = None,
+        xds_policies: XdsPolicies | None = None,
     ) -> None:
         """``credentials`` (mTLS, see ``shoal_core.tls``) and ``trust_domain`` go together:
         with them every call is authorized by the caller's certificate (``access``).
@@ -103,7 +105,8 @@ class RegistryServer(GrpcServer):
         (default: allow everything). ``state_dir``: where what must outlive a restart is
         kept (the policy an operator set, as ``policy.yaml``). ``backend``: where the
         instances live (default: in this process, ``MemoryBackend``); the server starts
-        and closes it."""
+        and closes it. ``xds_policies``: what xDS clients are told of balancing, retries,
+        breakers and ejection (``xds.policy``; default: round robin only)."""
         if (credentials is None) != (trust_domain is None):
             raise ValueError("credentials and trust_domain go together")
         self.config = config or RegistryConfig()
@@ -135,6 +138,7 @@ class RegistryServer(GrpcServer):
             access=access,
             max_streams=self.config.xds_max_streams,
             max_names=self.config.xds_max_names,
+            policies=xds_policies,
         )
         # Every Registry call by method and status, counted by CallCounter as it ends.
         self.calls = CallStats()

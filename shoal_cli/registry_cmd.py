@@ -14,6 +14,8 @@ from identity.spiffe import SpiffeId
 from registry_service import RegistryConfig, RegistryServer
 from registry_service.backend import Backend
 from registry_service.errors import StoreUnavailable
+from registry_service.xds.policy import XdsPolicies
+from registry_service.xds.policy import load as load_xds_policies
 from shoal_cli.errors import UserError, WorkFailed
 from shoal_cli.mesh.config import config_option
 from shoal_cli.mesh_tls import identity_options, mesh_identity, start_keeper
@@ -123,6 +125,15 @@ _DEFAULTS = RegistryConfig()
     help="Where to keep what must outlive a restart (the policy an operator set); "
     "without it a restarted registry starts from --policy.",
 )
+@click.option(
+    "--xds-config",
+    type=click.Path(dir_okay=False),
+    envvar="SHOAL_XDS_CONFIG",
+    default=None,
+    help="A sidecar config (YAML) whose per-service policies xDS clients are served: "
+    "its services are xds:/// target names; what gRPC cannot do is logged (env "
+    "SHOAL_XDS_CONFIG).",
+)
 @store_options()
 @identity_options()
 @grace_option(5.0)
@@ -144,6 +155,7 @@ def registry(
     history_bytes: int,
     policy_file: str | None,
     state_dir: Path | None,
+    xds_config: str | None,
     store: str,
     etcd_ca: Path | None,
     etcd_cert: Path | None,
@@ -178,6 +190,8 @@ def registry(
         raise UserError("--store etcd: etcd leases are whole seconds; --ttl-min must be >= 1")
     mesh = mesh_identity(identity_server, trust_bundle, token_file)
     policy = None if policy_file is None else load_policy(policy_file)
+    # After setup_logging: loading logs, once, each setting xDS cannot carry.
+    xds_policies = None if xds_config is None else load_xds_policies(xds_config)
     try:
         asyncio.run(
             _run(
@@ -189,6 +203,7 @@ def registry(
                 policy=policy,
                 state_dir=state_dir,
                 etcd=etcd,
+                xds_policies=xds_policies,
             )
         )
     except StoreUnavailable as exc:  # etcd down or refusing us: not the user's typo
@@ -205,6 +220,7 @@ async def _run(
     policy: Policy | None = None,
     state_dir: Path | None = None,
     etcd: EtcdStore | None = None,
+    xds_policies: XdsPolicies | None = None,
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         backend = None
@@ -220,7 +236,9 @@ async def _run(
                 )
             client = await stack.enter_async_context(EtcdClient(etcd.endpoints, tls=etcd.tls))
             backend = EtcdBackend(config, client)
-        await _serve(listen, config, metrics_listen, mesh, grace, policy, state_dir, backend)
+        await _serve(
+            listen, config, metrics_listen, mesh, grace, policy, state_dir, backend, xds_policies
+        )
 
 
 async def _serve(
@@ -232,6 +250,7 @@ async def _serve(
     policy: Policy | None,
     state_dir: Path | None,
     backend: Backend | None,
+    xds_policies: XdsPolicies | None,
 ) -> None:
     keeper = None
     if mesh is None:
@@ -242,6 +261,7 @@ async def _serve(
             policy=policy,
             state_dir=state_dir,
             backend=backend,
+            xds_policies=xds_policies,
         )
     else:
         keeper = await start_keeper(mesh, SpiffeId(mesh.trust_domain, "registry"))
@@ -254,6 +274,7 @@ async def _serve(
             policy=policy,
             state_dir=state_dir,
             backend=backend,
+            xds_policies=xds_policies,
         )
 
     def ready() -> None:

@@ -27,6 +27,7 @@ from registry_service.errors import LimitReached, RegistryError
 from registry_service.model import Event
 from registry_service.servicer import CODES
 from registry_service.xds.catalog import Catalog
+from registry_service.xds.policy import XdsPolicies
 from registry_service.xds.streams import StreamState
 from shoal_core.peers import peer_identity
 from shoal_core.servicing import maps_errors
@@ -56,12 +57,19 @@ class _Stream:
 
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     """Serves ``view`` as xDS to at most ``max_streams`` streams at once, each with at
-    most ``max_names`` resource names; reads are allowed as ``access`` says."""
+    most ``max_names`` resource names; reads are allowed as ``access`` says; ``policies``
+    shape the routes and clusters (``policy``)."""
 
     def __init__(
-        self, view: RegistryView, *, access: Access, max_streams: int, max_names: int
+        self,
+        view: RegistryView,
+        *,
+        access: Access,
+        max_streams: int,
+        max_names: int,
+        policies: XdsPolicies | None = None,
     ) -> None:
-        self._catalog = Catalog(view)
+        self._catalog = Catalog(view, policies)
         self._access = access
         self._max_streams = max_streams
         self._max_names = max_names

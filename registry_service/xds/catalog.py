@@ -31,6 +31,7 @@ from registry_service.errors import InvalidArgument
 from registry_service.model import Event
 from registry_service.validation import check_service_name
 from registry_service.xds import resources
+from registry_service.xds.policy import DEFAULT, XdsPolicies, XdsPolicy
 from registry_service.xds.resources import CLUSTER, ENDPOINTS, LISTENER, ROUTE
 
 __all__ = ["WILDCARD_TYPES", "Catalog", "Resource"]
@@ -66,24 +67,25 @@ def _valid(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=_NAME_ONLY_CACHE)
-def _by_name(type_url: str, service: str) -> Resource:
-    """The resources that depend on the service's name alone (an empty endpoint list
-    included)."""
+def _by_name(type_url: str, service: str, policy: XdsPolicy) -> Resource:
+    """The resources that depend on the service's name and policy alone (an empty
+    endpoint list included); policies are frozen values, so they key the cache."""
     if type_url == LISTENER:
         return _resource(resources.listener(service))
     if type_url == ROUTE:
-        return _resource(resources.route_config(service))
+        return _resource(resources.route_config(service, policy))
     if type_url == CLUSTER:
-        return _resource(resources.cluster(service))
+        return _resource(resources.cluster(service, policy))
     return _resource(resources.load_assignment(service, ()))
 
 
 class Catalog:
-    """The resources of every service in ``view``; ``changed`` drops a service's
-    endpoints from the cache."""
+    """The resources of every service in ``view``, with ``policies`` (default: round
+    robin and nothing else); ``changed`` drops a service's endpoints from the cache."""
 
-    def __init__(self, view: RegistryView) -> None:
+    def __init__(self, view: RegistryView, policies: XdsPolicies | None = None) -> None:
         self._view = view
+        self._policies = policies or XdsPolicies({})
         # service -> its ClusterLoadAssignment; absent: not built since the last change.
         self._endpoints: dict[str, Resource] = {}
 
@@ -99,12 +101,12 @@ class Catalog:
 
     def _get(self, type_url: str, service: str) -> Resource:
         if type_url != ENDPOINTS:
-            return _by_name(type_url, service)
+            return _by_name(type_url, service, self._policies.of(service))
         built = self._endpoints.get(service)
         if built is None:
             members = self._view.instances(service)
             if not members:
-                return _by_name(ENDPOINTS, service)
+                return _by_name(ENDPOINTS, service, DEFAULT)
             built = self._endpoints[service] = _resource(
                 resources.load_assignment(service, members)
             )

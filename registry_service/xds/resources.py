@@ -34,6 +34,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import any_pb2, message, wrappers_pb2
 
 from registry_service.model import Instance, ServingStatus
+from registry_service.xds import policy_resources
+from registry_service.xds.policy import DEFAULT, XdsPolicy
 from shoal_core.addresses import parse_address
 
 __all__ = [
@@ -90,33 +92,32 @@ def listener(service: str) -> listener_pb2.Listener:
     )
 
 
-def route_config(service: str) -> route_pb2.RouteConfiguration:
-    """Every call of ``service``'s channel (prefix "") goes to its one cluster."""
+def route_config(service: str, policy: XdsPolicy = DEFAULT) -> route_pb2.RouteConfiguration:
+    """Every call of ``service``'s channel goes to its one cluster, by routes that carry
+    ``policy``'s retries and hashing (``policy_resources``)."""
     return route_pb2.RouteConfiguration(
         name=service,
         virtual_hosts=[
             route_components_pb2.VirtualHost(
                 name=service,
                 domains=["*"],
-                routes=[
-                    route_components_pb2.Route(
-                        match=route_components_pb2.RouteMatch(prefix=""),
-                        route=route_components_pb2.RouteAction(cluster=service),
-                    )
-                ],
+                routes=policy_resources.routes(service, policy),
             )
         ],
     )
 
 
-def cluster(service: str) -> cluster_pb2.Cluster:
-    """An EDS cluster balanced round robin; its endpoints come over ADS too."""
-    return cluster_pb2.Cluster(
+def cluster(service: str, policy: XdsPolicy = DEFAULT) -> cluster_pb2.Cluster:
+    """An EDS cluster, balanced round robin unless ``policy`` says otherwise; its
+    endpoints come over ADS too."""
+    out = cluster_pb2.Cluster(
         name=service,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
     )
+    policy_resources.tune_cluster(out, policy)
+    return out
 
 
 def _health(inst: Instance) -> health_check_pb2.HealthStatus.ValueType:

@@ -31,6 +31,7 @@ from registry_service.backend import Backend, MemoryBackend
 from registry_service.etcd import EtcdClient
 from registry_service.etcd_store import EtcdBackend
 from registry_service.store import RegistryStore
+from registry_service.xds.policy import XdsPolicies
 from tests.etcd_cluster import ETCD, MISSING, EtcdCluster, requires_etcd
 
 MEMORY, ETCD_BACKEND = "memory", "etcd"
@@ -157,10 +158,15 @@ class StartRegistry:
         config: RegistryConfig = FAST,
         listen: str = "127.0.0.1:0",
         metrics_listen: str | None = None,
+        xds_policies: XdsPolicies | None = None,
     ) -> RegistryServer:
         config = fit(config, self.backend)
         server = RegistryServer(
-            listen, config, metrics_listen=metrics_listen, backend=self._make_backend(config)
+            listen,
+            config,
+            metrics_listen=metrics_listen,
+            backend=self._make_backend(config),
+            xds_policies=xds_policies,
         )
         await server.start()
         self.servers.append(server)

@@ -32,10 +32,12 @@ LONG_TTL_MS = 30_000  # no heartbeats needed while a test runs
 Health = health_check_pb2.HealthStatus
 
 
-async def start_echo(name: str) -> tuple[grpc.aio.Server, int]:
-    """A real gRPC server whose /test.Echo/Who answers its own name."""
+async def start_echo(name: str, delay: float = 0.0) -> tuple[grpc.aio.Server, int]:
+    """A real gRPC server whose /test.Echo/Who answers its own name after ``delay``."""
 
     async def who(request: bytes, context: Any) -> bytes:
+        if delay:
+            await asyncio.sleep(delay)
         return name.encode()
 
     server = grpc.aio.server()
@@ -56,10 +58,12 @@ class Echoes:
 
     def __init__(self) -> None:
         self._servers: list[grpc.aio.Server] = []
+        self.by_name: dict[str, grpc.aio.Server] = {}
 
-    async def start(self, name: str) -> int:
-        server, port = await start_echo(name)
+    async def start(self, name: str, delay: float = 0.0) -> int:
+        server, port = await start_echo(name, delay)
         self._servers.append(server)
+        self.by_name[name] = server
         return port
 
     async def close(self) -> None:
@@ -77,10 +81,11 @@ async def echoes() -> AsyncIterator[Echoes]:
 class Client:
     """``xds_client.py`` in its own process, its lines gathered as (time, answer)."""
 
-    def __init__(self, bootstrap: Path) -> None:
+    def __init__(self, bootstrap: Path, *args: str, target: str = "xds:///echo") -> None:
+        """``args``: the client's optional KEYS and THREADS (see ``xds_client``)."""
         env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(bootstrap), "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.registry_service.xds_client", "xds:///echo", "0.02"],
+            [sys.executable, "-m", "tests.registry_service.xds_client", target, "0.02", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
