@@ -13,7 +13,6 @@ memory write is done when it returns, an etcd write once etcd has it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from registry_service.config import RegistryConfig
 from registry_service.history import Replay
 from registry_service.model import Event, Instance, InstanceSpec, LoadReport, ServingStatus
 from registry_service.store import RegistryStore, ServiceSummary, StoreStats
+from shoal_core.lifecycle import stop_task
 
 __all__ = ["Backend", "MemoryBackend", "PreservationView", "RegistryView"]
 
@@ -102,11 +102,8 @@ class MemoryBackend:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="registry-sweeper")
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await stop_task(self._sweeper)
+        self._sweeper = None
 
     async def register(
         self, spec: InstanceSpec, ttl_requested: float, status: ServingStatus

@@ -17,13 +17,13 @@ are one: the later record wins, as writing both in turn would have left it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 
 from registry_service.etcd import Compare, EtcdClient, Put
 from registry_service.etcd.client import MAX_TXN_OPS
 from registry_service.model import Instance
 from registry_service.records import Keys, encode_record
+from shoal_core.lifecycle import stop_task
 
 __all__ = ["BATCH", "RecordWrites"]
 
@@ -91,10 +91,7 @@ class RecordWrites:
     async def aclose(self) -> None:
         """Stop sending; writes still waiting are cancelled."""
         sender, self._sender = self._sender, None
-        if sender is not None:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+        await stop_task(sender)
         _fail(list(self._waiting.items()), None)
         self._waiting.clear()
 

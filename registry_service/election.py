@@ -28,7 +28,7 @@ from registry_service.etcd import (
     Put,
     Range,
 )
-from registry_service.feed import stop
+from shoal_core.lifecycle import stop_task
 
 __all__ = ["Election"]
 
@@ -93,7 +93,7 @@ class Election:
 
     async def close(self) -> None:
         """Stop renewing and give the key up at once (revoking the lease deletes it)."""
-        await stop(self._task)
+        await stop_task(self._task)
         self._task = None
         self._holds = False
         # Let go of the lease first, so that what the mirror shows meanwhile (a campaign

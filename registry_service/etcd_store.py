@@ -53,13 +53,14 @@ from registry_service.errors import AlreadyExists, LeaseNotFound, StoreUnavailab
 from registry_service.etcd import Compare, Delete, EtcdClient, EtcdError, KeyValue, Put, Range
 from registry_service.etcd import LeaseNotFound as EtcdLeaseNotFound
 from registry_service.etcd.model import TxnResult
-from registry_service.feed import Feed, stop
+from registry_service.feed import Feed
 from registry_service.mirror import Mirror
 from registry_service.model import Instance, InstanceSpec, LoadReport, ServingStatus
 from registry_service.records import Keys, encode_record, lease_text, parse_lease, read_record
 from registry_service.store import StoreStats
 from registry_service.sweep import Loads, Sweeper
 from registry_service.table import check_room
+from shoal_core.lifecycle import stop_task
 
 __all__ = ["EtcdBackend"]
 
@@ -143,7 +144,7 @@ class EtcdBackend:
 
     async def close(self) -> None:
         """Stop sweeping, hand the lead on, stop following; the client stays open."""
-        await stop(self._task)
+        await stop_task(self._task)
         self._task = None
         await self._writes.aclose()
         await self.election.close()

@@ -25,8 +25,9 @@ from registry_service.etcd import Compacted, EtcdClient, EtcdError, WatchEvent
 from registry_service.mirror import Mirror
 from registry_service.records import Keys
 from shoal_core.backoff import Attempts, Backoff
+from shoal_core.lifecycle import stop_task
 
-__all__ = ["Feed", "stop"]
+__all__ = ["Feed"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,6 @@ RECONNECT = Backoff(initial=0.2, maximum=5.0)
 WATCH_IDLE = 60.0
 # How often the feed checks that the watch still brings what etcd has.
 CHECK = 5.0
-
-
-async def stop(task: asyncio.Task[None] | None) -> None:
-    """Cancel ``task`` (if any) and wait until it has ended."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 class Feed:
@@ -66,8 +59,8 @@ class Feed:
         self._guard = asyncio.create_task(self._check(), name="etcd-backend-feed-check")
 
     async def close(self) -> None:
-        await stop(self._guard)
-        await stop(self._task)
+        await stop_task(self._guard)
+        await stop_task(self._task)
         self._guard = self._task = None
 
     def suspect(self) -> None:
@@ -97,7 +90,7 @@ class Feed:
             )
             self.restarts += 1
             unseen_at = None
-            await stop(self._task)
+            await stop_task(self._task)
             self._task = asyncio.create_task(self._follow(), name="etcd-backend-feed")
 
     async def _follow(self) -> None:

@@ -21,11 +21,11 @@ import signal
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 from shoal_core.errors import Isolated
 
-__all__ = ["Service", "ServiceBase", "only_loopback", "serve"]
+__all__ = ["Service", "ServiceBase", "only_loopback", "serve", "stop_task"]
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,12 @@ async def serve(
         for sig in _STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
+
+
+async def stop_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` (if any) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -17,13 +17,13 @@ data plane's own calls for the sidecar).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
 
 from identity.workload import Credentials, renew_after
 from shoal_core.backoff import Attempts, Backoff
+from shoal_core.lifecycle import stop_task
 
 __all__ = ["CertificateKeeper", "Certify"]
 
@@ -102,8 +102,5 @@ class CertificateKeeper:
             logger.info("renewed %s; next renewal in %.0fs", fresh.identity, pause)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None

@@ -16,7 +16,6 @@ is tried on the next, each member once per call, like the gateway's calls.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -26,6 +25,7 @@ import grpc
 from protos import etcd_lease_pb2 as pb
 from protos import etcd_lease_pb2_grpc as pb_grpc
 from registry_service.etcd.transport import EtcdUnavailable, LeaseNotFound
+from shoal_core.lifecycle import stop_task
 
 __all__ = ["Keepalives"]
 
@@ -112,9 +112,7 @@ class _Stream:
 
     async def aclose(self) -> None:
         self._call.cancel()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        await stop_task(self._reader)
         await self._channel.close(None)
 
 

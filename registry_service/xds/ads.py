@@ -13,7 +13,6 @@ streams whose resources did not change send nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,6 +28,7 @@ from registry_service.servicer import CODES
 from registry_service.xds.catalog import Catalog
 from registry_service.xds.policy import XdsPolicies
 from registry_service.xds.streams import StreamState
+from shoal_core.lifecycle import stop_task
 from shoal_core.peers import peer_identity
 from shoal_core.servicing import maps_errors
 
@@ -119,9 +119,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     yield response
         finally:
             self._streams.discard(stream)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await stop_task(reader)
 
     async def _read(
         self, stream: _Stream, requests: AsyncIterator[discovery_pb2.DiscoveryRequest]
