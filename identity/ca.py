@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from identity.spiffe import SpiffeId
 
-__all__ = ["CA", "CAError", "Leaf", "init_ca", "load_ca", "trust_domain_of"]
+__all__ = ["CA", "CAError", "Leaf", "init_ca", "key_pem", "load_ca", "trust_domain_of"]
 
 ROOT_TTL = dt.timedelta(days=365)
 LEAF_TTL = dt.timedelta(hours=24)
@@ -181,7 +181,8 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         f.write(data)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """An unencrypted PKCS#8 PEM of ``key``: what every key file of ours holds."""
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -213,8 +214,8 @@ def init_ca(directory: Path, trust_domain: str, ttl: dt.timedelta = ROOT_TTL) ->
         trust_domain,
     )
     root_pem = root.public_bytes(serialization.Encoding.PEM)
-    _write(directory / "root.key", _key_pem(root_key), 0o600)
-    _write(directory / "issuer.key", _key_pem(issuer_key), 0o600)
+    _write(directory / "root.key", key_pem(root_key), 0o600)
+    _write(directory / "issuer.key", key_pem(issuer_key), 0o600)
     _write(directory / "root.crt", root_pem, 0o644)
     _write(directory / "issuer.crt", issuer.public_bytes(serialization.Encoding.PEM), 0o644)
     _write(directory / "bundle.crt", root_pem, 0o644)

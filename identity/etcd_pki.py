@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from identity.ca import key_pem
+
 __all__ = ["EtcdCa", "IssuedPair", "load_or_init"]
 
 CA_TTL = dt.timedelta(days=3650)
@@ -52,12 +54,6 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         out.write(data)
     os.chmod(tmp, mode)  # the umask may have narrowed it
     tmp.replace(path)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 class EtcdCa:
@@ -99,7 +95,7 @@ class EtcdCa:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         _write(directory / "ca.pem", self.cert_pem, 0o644)
-        _write(directory / "ca-key.pem", _key_pem(self.key), 0o600)
+        _write(directory / "ca-key.pem", key_pem(self.key), 0o600)
 
     def issue(
         self,
@@ -130,7 +126,7 @@ class EtcdCa:
         cert = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False).sign(
             self.key, hashes.SHA256()
         )
-        return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
 
     def write_pair(
         self,

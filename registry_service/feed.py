@@ -9,10 +9,9 @@ option would send. So the feed also asks etcd, by a quorum read, whether keys un
 the prefix changed after the mirror's revision: every ``CHECK`` seconds, and at once
 when a write of this replica did not reach the mirror (``suspect``). Changes the
 watch did not bring on two checks in a row mean it is stale: it is opened again, on
-the member the read reached. If etcd
-has compacted its history past that revision, the prefix is listed again and the
-mirror hands on the differences. Meanwhile the mirror keeps answering reads with what
-it has: fail-static.
+the member the read reached. If etcd has compacted its history past that revision,
+the prefix is listed again and the mirror hands on the differences. Meanwhile the
+mirror keeps answering reads with what it has: fail-static.
 """
 
 from __future__ import annotations
@@ -50,7 +49,6 @@ class Feed:
         self._task: asyncio.Task[None] | None = None
         self._guard: asyncio.Task[None] | None = None
         self._suspect = asyncio.Event()
-        self.restarts = 0  # stale watches opened again
 
     async def start(self) -> None:
         self._mirror.epoch = f"{await self._client.cluster_id():x}"
@@ -88,7 +86,6 @@ class Feed:
                 unseen,
                 seen,
             )
-            self.restarts += 1
             unseen_at = None
             await stop_task(self._task)
             self._task = asyncio.create_task(self._follow(), name="etcd-backend-feed")
