@@ -41,7 +41,12 @@ def read_until(fd: int, marker: bytes, timeout: float = 90.0) -> bytes:
         assert left > 0, f"never saw {marker!r} in {seen[-2000:]!r}"
         ready, _, _ = select.select([fd], [], [], left)
         if ready:
-            chunk = os.read(fd, 65536)
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError as exc:  # a pty whose other side every process closed: EIO
+                raise AssertionError(
+                    f"output ended ({exc}) before {marker!r}: {seen[-2000:]!r}"
+                ) from None
             assert chunk, f"output ended before {marker!r}: {seen[-2000:]!r}"
             seen += chunk
     return seen
