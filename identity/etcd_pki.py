@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from identity.ca import key_pem
+from shoal_core.files import write_atomic
 
 __all__ = ["EtcdCa", "IssuedPair", "load_or_init"]
 
@@ -45,15 +45,6 @@ class IssuedPair:
 
 def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.chmod(tmp, mode)  # the umask may have narrowed it
-    tmp.replace(path)
 
 
 class EtcdCa:
@@ -94,8 +85,8 @@ class EtcdCa:
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        _write(directory / "ca.pem", self.cert_pem, 0o644)
-        _write(directory / "ca-key.pem", key_pem(self.key), 0o600)
+        write_atomic(directory / "ca.pem", self.cert_pem, 0o644)
+        write_atomic(directory / "ca-key.pem", key_pem(self.key), 0o600)
 
     def issue(
         self,
@@ -140,9 +131,9 @@ class EtcdCa:
         directory.mkdir(parents=True, exist_ok=True)
         cert, key = self.issue(common, server_names=server_names)
         pair = IssuedPair(directory / f"{common}.pem", directory / f"{common}-key.pem")
-        _write(directory / "ca.pem", self.cert_pem, 0o644)
-        _write(pair.key, key, key_mode)
-        _write(pair.cert, cert, 0o644)
+        write_atomic(directory / "ca.pem", self.cert_pem, 0o644)
+        write_atomic(pair.key, key, key_mode)
+        write_atomic(pair.cert, cert, 0o644)
         return pair
 
 

@@ -37,6 +37,7 @@ from shoal_cli.mesh_tls import join_token
 from shoal_core.addresses import parse_address
 from shoal_core.certify_client import certify_as
 from shoal_core.certifying import MeshIdentity
+from shoal_core.files import write_atomic
 from shoal_core.replicas import parse_registries
 from shoal_core.tls import channel_credentials, target_options
 
@@ -75,10 +76,7 @@ def record_mesh(registry: str, identity_server: str, bundle: Path, token_file: P
         "token_file": str(token_file),
         "pid": os.getpid(),
     }
-    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump(body, out)
-    os.replace(path.with_suffix(".tmp"), path)
+    write_atomic(path, json.dumps(body).encode(), 0o600)
     return path
 
 
