@@ -8,13 +8,18 @@ rotation). Private keys are written 0600 and never printed.
 
 A leaf carries exactly one URI SAN, the workload's SPIFFE ID (and the same ID as a DNS
 name, see ``SpiffeId.dns_name``), whatever the CSR asked for: the CA decides who a
-workload is, the CSR only brings its public key.
+workload is, the CSR only brings its public key. The one exception is the registry's:
+it may also name the hosts clients dial it by (``HOST_NAMES_FOR``), because a plain gRPC
+client (a proxyless xDS client reading its bootstrap) checks the server's name against
+the host in its target and cannot be told to expect a SPIFFE ID instead.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +38,10 @@ LEAF_TTL = dt.timedelta(hours=24)
 # Leaves start a little in the past: a peer whose clock is behind still accepts them.
 _SKEW = dt.timedelta(minutes=1)
 _FILES = ("root.crt", "root.key", "issuer.crt", "issuer.key", "bundle.crt")
+# Only these kinds may name hosts in their leaves: a service that could would pass a
+# proxyless client's check of the registry's name and then hand it any endpoints.
+HOST_NAMES_FOR = frozenset({"registry"})
+MAX_HOST_NAMES = 16
 
 
 class CAError(Exception):
@@ -72,10 +81,15 @@ class CA:
         return self.bundle_pem.count(b"BEGIN CERTIFICATE")
 
     def issue(
-        self, public_key: CertificatePublicKeyTypes, who: SpiffeId, ttl: dt.timedelta = LEAF_TTL
+        self,
+        public_key: CertificatePublicKeyTypes,
+        who: SpiffeId,
+        ttl: dt.timedelta = LEAF_TTL,
+        hosts: Sequence[str] = (),
     ) -> Leaf:
         """A leaf for ``public_key`` (ECDSA P-256) naming ``who``, valid for ``ttl`` (within
-        the issuer's)."""
+        the issuer's), and ``hosts`` (DNS names or IP addresses: the registry's only)."""
+        names = _host_names(who, hosts)
         if who.trust_domain != self.trust_domain:
             raise CAError(f"{who} is not in this mesh's trust domain {self.trust_domain}")
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
@@ -98,7 +112,7 @@ class CA:
             # for grpcio's server-name check only; the URI is who the workload is.
             .add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(str(who)), x509.DNSName(who.dns_name)]
+                    [x509.UniformResourceIdentifier(str(who)), x509.DNSName(who.dns_name), *names]
                 ),
                 critical=True,
             )
@@ -126,7 +140,47 @@ class CA:
             raise CAError(f"not a PEM certificate signing request: {exc}") from None
         if not csr.is_signature_valid:
             raise CAError("the CSR's signature does not match its key")
-        return self.issue(csr.public_key(), who, ttl)
+        return self.issue(csr.public_key(), who, ttl, hosts_of(csr))
+
+
+def hosts_of(csr: x509.CertificateSigningRequest) -> list[str]:
+    """The DNS names and IP addresses a CSR asks for (its URIs are ignored: the CA
+    names the workload)."""
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return [*san.get_values_for_type(x509.DNSName), *ips]
+
+
+def _host_names(who: SpiffeId, hosts: Sequence[str]) -> list[x509.GeneralName]:
+    if not hosts:
+        return []
+    if who.kind not in HOST_NAMES_FOR:
+        raise CAError(f"{who} may not name hosts in its certificate (only the registry may)")
+    if len(hosts) > MAX_HOST_NAMES:
+        raise CAError(f"at most {MAX_HOST_NAMES} host names, not {len(hosts)}")
+    names: list[x509.GeneralName] = []
+    for host in dict.fromkeys(hosts):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(_dns_name(host)))
+    return names
+
+
+def _dns_name(host: str) -> str:
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(
+        0 < len(label) <= 63
+        and label.replace("-", "").isalnum()
+        and label.isascii()
+        and not label.startswith("-")
+        for label in labels
+    ):
+        raise CAError(f"{host!r} is neither an IP address nor a DNS name")
+    return host.rstrip(".").lower()
 
 
 def _usage(*, cert_sign: bool) -> x509.KeyUsage:

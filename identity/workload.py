@@ -8,7 +8,9 @@ workloads certified together do not all come back together.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -54,15 +56,25 @@ class Credentials:
         return Renewal(leaf_pem, self.key.sign(csr_pem, ec.ECDSA(hashes.SHA256())))
 
 
-def new_request() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
-    """A fresh key and a PEM CSR for it (the CA sets the identity, so the CSR names none)."""
+def new_request(hosts: Sequence[str] = ()) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """A fresh key and a PEM CSR for it. The CA sets the identity, so the CSR names none;
+    ``hosts`` are DNS names or IP addresses to be named too (``identity.ca``: only the
+    registry may)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .sign(key, hashes.SHA256())
-    )
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    if hosts:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([_general_name(host) for host in hosts]), critical=False
+        )
+    csr = builder.sign(key, hashes.SHA256())
     return key, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
 
 
 def renew_after(leaf: x509.Certificate, *, rng: random.Random | None = None) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from shoal_cli.mesh.config import config_option
 from shoal_cli.mesh_tls import identity_options, mesh_identity, start_keeper
 from shoal_cli.options import LISTEN, grace_option, log_level_option, metrics_option
 from shoal_cli.store_options import EtcdStore, parse_store, store_options
+from shoal_core.addresses import parse_address
 from shoal_core.certifying import MeshIdentity
 from shoal_core.lifecycle import serve
 from shoal_core.logs import setup_logging
@@ -136,6 +138,15 @@ _DEFAULTS = RegistryConfig()
 )
 @store_options()
 @identity_options()
+@click.option(
+    "--tls-name",
+    "tls_names",
+    multiple=True,
+    envvar="SHOAL_REGISTRY_TLS_NAMES",
+    help="A host name or IP address clients dial this registry by, for its certificate "
+    "(repeatable; default: --listen's host unless it is a wildcard). Proxyless xDS "
+    "clients check it (env SHOAL_REGISTRY_TLS_NAMES, space-separated).",
+)
 @grace_option(5.0)
 @log_level_option()
 def registry(
@@ -163,6 +174,7 @@ def registry(
     identity_server: str | None,
     trust_bundle: Path | None,
     token_file: Path | None,
+    tls_names: tuple[str, ...],
     grace: float,
     log_level: str | None,
 ) -> None:
@@ -189,6 +201,10 @@ def registry(
     if etcd is not None and ttl_min < 1.0:
         raise UserError("--store etcd: etcd leases are whole seconds; --ttl-min must be >= 1")
     mesh = mesh_identity(identity_server, trust_bundle, token_file)
+    if mesh is not None:
+        mesh = dataclasses.replace(mesh, hosts=tls_names or _listen_host(listen))
+    elif tls_names:
+        raise UserError("--tls-name names an mTLS registry's certificate: give --identity-server")
     policy = None if policy_file is None else load_policy(policy_file)
     # After setup_logging: loading logs, once, each setting xDS cannot carry.
     xds_policies = None if xds_config is None else load_xds_policies(xds_config)
@@ -239,6 +255,11 @@ async def _run(
         await _serve(
             listen, config, metrics_listen, mesh, grace, policy, state_dir, backend, xds_policies
         )
+
+
+def _listen_host(listen: str) -> tuple[str, ...]:
+    host = parse_address(listen, allow_port_zero=True).host.strip("[]")
+    return () if host in ("", "0.0.0.0", "::") else (host,)
 
 
 async def _serve(

@@ -20,11 +20,13 @@ async def certify(
     trust_domain: str,
     token: str = "",
     current: Credentials | None = None,
+    hosts: tuple[str, ...] = (),
     timeout: float = 5.0,
 ) -> Credentials:
     """Certify at the identity server at ``address`` (verified as the mesh's identity
-    server against ``bundle_pem``), by ``token`` or, renewing, by ``current``."""
-    key, request = request_for(token, current)
+    server against ``bundle_pem``), by ``token`` or, renewing, by ``current``; the
+    certificate names ``hosts`` too (the registry's only)."""
+    key, request = request_for(token, current, hosts)
     options = target_options(SpiffeId(trust_domain, "identity"))
     async with grpc.aio.secure_channel(
         address, bootstrap_credentials(bundle_pem), options=options
@@ -44,6 +46,7 @@ async def certify_as(mesh: MeshIdentity, held: Credentials | None = None) -> Cre
             trust_domain=mesh.trust_domain,
             token=mesh.token,
             current=held,
+            hosts=mesh.hosts,
         )
     except grpc.aio.AioRpcError as exc:
         raise mesh.refused(exc.code().name, exc.details() or "") from None

@@ -39,6 +39,8 @@ class MeshIdentity:
     bundle_pem: bytes
     trust_domain: str
     token: str
+    # Host names the certificate should also carry (the registry's, see identity.ca).
+    hosts: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, server: str, bundle: Path, token: str) -> MeshIdentity:
@@ -64,10 +66,11 @@ def check_admitted(held: Credentials, expected: SpiffeId | None) -> None:
 
 
 def request_for(
-    token: str, current: Credentials | None
+    token: str, current: Credentials | None, hosts: tuple[str, ...] = ()
 ) -> tuple[ec.EllipticCurvePrivateKey, pb.CertifyRequest]:
-    """A fresh key and its CSR, proven by ``token`` or, renewing, by ``current``."""
-    key, csr = new_request()
+    """A fresh key and its CSR (naming ``hosts``), proven by ``token`` or, renewing, by
+    ``current``."""
+    key, csr = new_request(hosts)
     request = pb.CertifyRequest(csr_pem=csr)
     if current is not None:
         proof = current.renewal(csr)

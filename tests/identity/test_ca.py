@@ -13,6 +13,7 @@ from cryptography.x509.oid import NameOID
 
 from identity.ca import CAError, init_ca, load_ca
 from identity.spiffe import SpiffeError, SpiffeId
+from identity.workload import new_request
 
 
 def _csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, uri: str = "") -> bytes:
@@ -71,6 +72,35 @@ def test_a_leaf_names_only_the_identity_the_ca_gives_whatever_the_csr_asks(tmp_p
     assert dt.timedelta(seconds=20) < life <= dt.timedelta(seconds=30)
     chain = x509.load_pem_x509_certificates(leaf.chain_pem)
     assert chain == [ca.issuer]
+
+
+def test_the_registrys_leaf_also_names_the_hosts_its_csr_asks_for(tmp_path):
+    ca = init_ca(tmp_path, "shoal.local")
+    key, csr = new_request(("127.0.0.1", "registry.example", "::1"))
+    leaf = ca.issue_for_csr(csr, SpiffeId("shoal.local", "registry"))
+    san = leaf.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://shoal.local/registry"
+    ]
+    assert san.get_values_for_type(x509.DNSName) == ["registry.shoal.local", "registry.example"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    assert leaf.cert.public_key() == key.public_key()
+
+
+def test_no_leaf_but_the_registrys_may_name_hosts(tmp_path):
+    # A service that could would pass a proxyless client's check of the registry.
+    ca = init_ca(tmp_path, "shoal.local")
+    _, csr = new_request(("127.0.0.1",))
+    for who in (SpiffeId.service("shoal.local", "worker"), SpiffeId("shoal.local", "identity")):
+        with pytest.raises(CAError, match="may not name hosts"):
+            ca.issue_for_csr(csr, who)
+    registry = SpiffeId("shoal.local", "registry")
+    _, bad = new_request(("not a host!",))
+    with pytest.raises(CAError, match="neither an IP address nor a DNS name"):
+        ca.issue_for_csr(bad, registry)
+    _, many = new_request(tuple(f"10.0.0.{i}" for i in range(17)))
+    with pytest.raises(CAError, match="at most 16 host names"):
+        ca.issue_for_csr(many, registry)
 
 
 def test_the_ca_refuses_bad_csrs_other_keys_and_other_trust_domains(tmp_path):

@@ -185,6 +185,10 @@ async def test_shoal_registry_certifies_with_its_token_and_serves_mtls_only(tmp_
                 pb.RegisterRequest(instance=instance(1, "worker")), timeout=5
             )
             assert reply.lease_id
+        # Its certificate names the host it listens on too: a client that checks that
+        # and not the SPIFFE ID (a proxyless xDS client's bootstrap) connects.
+        async with grpc.aio.secure_channel(registry_at, channel_credentials(worker)) as channel:
+            await pb_grpc.RegistryStub(channel).Discover(pb.DiscoverRequest(), timeout=5)
         async with grpc.aio.insecure_channel(registry_at) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await pb_grpc.RegistryStub(channel).Discover(pb.DiscoverRequest(), timeout=3)
@@ -207,5 +211,11 @@ def test_shoal_registry_with_half_the_mtls_settings_is_a_one_line_user_error(tmp
     got = _shoal(
         "registry", "--listen", "127.0.0.1:0", "--trust-bundle", str(ca_dir / "bundle.crt")
     )
+    assert got.returncode == 2
+    assert got.stderr.strip().count("\n") == 0 and "--identity-server" in got.stderr
+
+
+def test_shoal_registry_tls_name_without_mtls_is_a_one_line_user_error():
+    got = _shoal("registry", "--listen", "127.0.0.1:0", "--tls-name", "registry.example")
     assert got.returncode == 2
     assert got.stderr.strip().count("\n") == 0 and "--identity-server" in got.stderr
