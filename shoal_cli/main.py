@@ -35,6 +35,7 @@ _COMMANDS = {
     "exec": "shoal_cli.worker_ops:exec_",
     "health": "shoal_cli.probe_cmd:health",
     "identity": "shoal_cli.identity_cmd:identity",
+    "identity-agent": "shoal_cli.agent_cmd:identity_agent",
     "ls": "shoal_cli.registry_ops:ls",
     "policy": "shoal_cli.policy_cmd:policy",
     "registry": "shoal_cli.registry_cmd:registry",
