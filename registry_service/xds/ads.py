@@ -58,7 +58,8 @@ class _Stream:
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     """Serves ``view`` as xDS to at most ``max_streams`` streams at once, each with at
     most ``max_names`` resource names; reads are allowed as ``access`` says; ``policies``
-    shape the routes and clusters (``policy``)."""
+    shape the routes and clusters (``policy``). A registry on mTLS (``access`` has a
+    trust domain) tells clients to call on mTLS too (``tls``)."""
 
     def __init__(
         self,
@@ -69,7 +70,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         max_names: int,
         policies: XdsPolicies | None = None,
     ) -> None:
-        self._catalog = Catalog(view, policies)
+        self._catalog = Catalog(view, policies, access.trust_domain)
         self._access = access
         self._max_streams = max_streams
         self._max_names = max_names

@@ -67,25 +67,32 @@ def _valid(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=_NAME_ONLY_CACHE)
-def _by_name(type_url: str, service: str, policy: XdsPolicy) -> Resource:
-    """The resources that depend on the service's name and policy alone (an empty
+def _by_name(type_url: str, service: str, policy: XdsPolicy, trust_domain: str | None) -> Resource:
+    """The resources that depend on the service's name, policy and mesh alone (an empty
     endpoint list included); policies are frozen values, so they key the cache."""
     if type_url == LISTENER:
         return _resource(resources.listener(service))
     if type_url == ROUTE:
         return _resource(resources.route_config(service, policy))
     if type_url == CLUSTER:
-        return _resource(resources.cluster(service, policy))
+        return _resource(resources.cluster(service, policy, trust_domain))
     return _resource(resources.load_assignment(service, ()))
 
 
 class Catalog:
     """The resources of every service in ``view``, with ``policies`` (default: round
-    robin and nothing else); ``changed`` drops a service's endpoints from the cache."""
+    robin and nothing else), on mTLS in mesh ``trust_domain`` if given; ``changed``
+    drops a service's endpoints from the cache."""
 
-    def __init__(self, view: RegistryView, policies: XdsPolicies | None = None) -> None:
+    def __init__(
+        self,
+        view: RegistryView,
+        policies: XdsPolicies | None = None,
+        trust_domain: str | None = None,
+    ) -> None:
         self._view = view
         self._policies = policies or XdsPolicies({})
+        self._trust_domain = trust_domain
         # service -> its ClusterLoadAssignment; absent: not built since the last change.
         self._endpoints: dict[str, Resource] = {}
 
@@ -101,12 +108,12 @@ class Catalog:
 
     def _get(self, type_url: str, service: str) -> Resource:
         if type_url != ENDPOINTS:
-            return _by_name(type_url, service, self._policies.of(service))
+            return _by_name(type_url, service, self._policies.of(service), self._trust_domain)
         built = self._endpoints.get(service)
         if built is None:
             members = self._view.instances(service)
             if not members:
-                return _by_name(ENDPOINTS, service, DEFAULT)
+                return _by_name(ENDPOINTS, service, DEFAULT, None)
             built = self._endpoints[service] = _resource(
                 resources.load_assignment(service, members)
             )

@@ -36,6 +36,7 @@ from google.protobuf import any_pb2, message, wrappers_pb2
 from registry_service.model import Instance, ServingStatus
 from registry_service.xds import policy_resources
 from registry_service.xds.policy import DEFAULT, XdsPolicy
+from registry_service.xds.tls import upstream_tls
 from shoal_core.addresses import parse_address
 
 __all__ = [
@@ -107,15 +108,20 @@ def route_config(service: str, policy: XdsPolicy = DEFAULT) -> route_pb2.RouteCo
     )
 
 
-def cluster(service: str, policy: XdsPolicy = DEFAULT) -> cluster_pb2.Cluster:
+def cluster(
+    service: str, policy: XdsPolicy = DEFAULT, trust_domain: str | None = None
+) -> cluster_pb2.Cluster:
     """An EDS cluster, balanced round robin unless ``policy`` says otherwise; its
-    endpoints come over ADS too."""
+    endpoints come over ADS too. In an mTLS mesh (``trust_domain``) its calls go on
+    mTLS to the service's identity (``xds.tls``)."""
     out = cluster_pb2.Cluster(
         name=service,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
     )
+    if trust_domain is not None:
+        out.transport_socket.CopyFrom(upstream_tls(trust_domain, service))
     policy_resources.tune_cluster(out, policy)
     return out
 

@@ -20,6 +20,7 @@ from envoy.config.core.v3 import health_check_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
@@ -202,6 +203,7 @@ def test_resources_are_what_grpcs_xds_client_validates() -> None:
     assert cluster.type == cluster_pb2.Cluster.EDS
     assert cluster.eds_cluster_config.eds_config.HasField("ads")
     assert cluster.lb_policy == cluster_pb2.Cluster.ROUND_ROBIN
+    assert not cluster.HasField("transport_socket")  # a plaintext mesh
 
     members = [
         _instance(1, zone="a", weight=5),
@@ -228,4 +230,19 @@ def test_resources_are_what_grpcs_xds_client_validates() -> None:
         ("10.0.0.3", 8003, Health.UNHEALTHY, 100),
         ("10.0.0.4", 8004, Health.UNHEALTHY, 100),
         ("10.0.0.5", 8005, Health.HEALTHY, 7),
+    ]
+
+
+def test_an_mtls_meshs_clusters_call_on_mtls_to_the_services_own_identity() -> None:
+    cluster = resources.cluster("echo", trust_domain="shoal.local")
+    assert cluster.transport_socket.name == "envoy.transport_sockets.tls"
+    context = tls_pb2.UpstreamTlsContext()
+    assert cluster.transport_socket.typed_config.Unpack(context)
+    common = context.common_tls_context
+    # Certificates from the provider instance the bootstrap defines, not from files.
+    assert common.tls_certificate_provider_instance.instance_name == "shoal"
+    validation = common.validation_context
+    assert validation.ca_certificate_provider_instance.instance_name == "shoal"
+    assert [m.exact for m in validation.match_subject_alt_names] == [
+        "spiffe://shoal.local/svc/echo"
     ]

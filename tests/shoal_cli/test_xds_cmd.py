@@ -34,6 +34,30 @@ def test_it_writes_the_bootstrap_and_names_the_variable(tmp_path: Path) -> None:
     }
 
 
+def test_with_a_cert_dir_it_reads_the_agents_files_for_the_registry_and_the_instances(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    done = run("--registry", "10.0.0.1:7700", "--node-id", "app-1", "--cert-dir", "certs",
+               "--cert-refresh", "5", "--out", "xds.json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # Nothing there yet: said, not refused (the agent may start after).
+    assert f"no {tmp_path}/certs/svid.pem yet; run shoal identity-agent" in done.stdout
+    files = {
+        # Absolute: the client may start from any directory.
+        "certificate_file": f"{tmp_path}/certs/svid.pem",
+        "private_key_file": f"{tmp_path}/certs/svid_key.pem",
+        "ca_certificate_file": f"{tmp_path}/certs/svid_bundle.pem",
+        "refresh_interval": "5s",
+    }
+    document = json.loads((tmp_path / "xds.json").read_text())
+    (server,) = document["xds_servers"]
+    assert server["channel_creds"] == [{"type": "tls", "config": files}]
+    assert document["certificate_providers"] == {
+        "shoal": {"plugin_name": "file_watcher", "config": files}
+    }
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
