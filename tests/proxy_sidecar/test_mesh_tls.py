@@ -81,6 +81,7 @@ class SecureMesh:
         self.stack = contextlib.AsyncExitStack()
         self.sidecars: list[SidecarServer] = []
         self.upstreams: list[Upstream] = []
+        self.client: SidecarServer | None = None
 
     def sidecar(self, service: str | None, app: Upstream | None = None) -> SidecarServer:
         return SidecarServer(
@@ -100,7 +101,7 @@ class SecureMesh:
             self.sidecars.append(
                 await self.stack.enter_async_context(self.sidecar("echo", upstream))
             )
-        client = await self.stack.enter_async_context(self.sidecar("client"))
+        client = self.client = await self.stack.enter_async_context(self.sidecar("client"))
         await wait_for(lambda: routable(client) == upstreams, what="all upstreams routable")
         return client
 

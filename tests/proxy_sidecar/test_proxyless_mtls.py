@@ -15,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 
@@ -27,7 +28,7 @@ from registry_service import RegistryServer
 from shoal_cli.xds_cmd import bootstrap_document
 from shoal_core.tls import server_credentials
 from tests.mesh_identity import TD, credentials
-from tests.proxy_sidecar.conftest import FAST_REGISTRY
+from tests.proxy_sidecar.conftest import FAST_REGISTRY, Echo, served_by
 from tests.proxy_sidecar.test_mesh_tls import SecureMesh, set_policy
 from tests.proxy_sidecar.upstream import SERVICE
 
@@ -146,7 +147,7 @@ def serial(path: Path) -> int:
     return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
 
 
-async def test_a_proxyless_client_calls_every_upstream_on_mtls_with_its_agents_certificate(
+async def test_a_proxyless_client_calls_every_upstream_on_mtls_beside_a_sidecar_user(
     ca: CA, registry: RegistryServer, tmp_path: Path
 ):
     async with (
@@ -155,9 +156,20 @@ async def test_a_proxyless_client_calls_every_upstream_on_mtls_with_its_agents_c
     ):
         certs = CertFiles(tmp_path / "certs")
         assert certs.key.stat().st_mode & 0o777 == 0o600
-        seen = await run_client(registry, tmp_path, certs)
+
+        async def through_the_client_sidecar() -> set[str]:
+            assert mesh.client is not None
+            async with grpc.aio.insecure_channel(mesh.client.address) as channel:
+                echo = Echo(channel)
+                return {await served_by(echo.unary(b"x", timeout=10)) for _ in range(20)}
+
+        seen, by_sidecar = await asyncio.gather(
+            run_client(registry, tmp_path, certs), through_the_client_sidecar()
+        )
+    upstreams = {u.name for u in mesh.upstreams}
     assert all("served_by" in call for call in seen), seen
-    assert {call["served_by"] for call in seen} == {u.name for u in mesh.upstreams}
+    assert {call["served_by"] for call in seen} == upstreams
+    assert by_sidecar == upstreams
 
 
 async def test_the_upstream_sidecar_authorizes_a_proxyless_caller_by_its_certificate(
