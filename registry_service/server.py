@@ -171,4 +171,5 @@ class RegistryServer(GrpcServer):
         self.policies.close_all()
 
     async def _after_stop(self) -> None:
+        await self.xds.names.close()
         await self.backend.close()

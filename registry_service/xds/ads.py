@@ -25,7 +25,8 @@ from registry_service.backend import RegistryView
 from registry_service.errors import LimitReached, RegistryError
 from registry_service.model import Event
 from registry_service.servicer import CODES
-from registry_service.xds.catalog import Catalog
+from registry_service.xds.catalog import Catalog, registered_hosts
+from registry_service.xds.names import HostNames
 from registry_service.xds.policy import XdsPolicies
 from registry_service.xds.streams import StreamState
 from shoal_core.lifecycle import stop_task
@@ -70,7 +71,9 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         max_names: int,
         policies: XdsPolicies | None = None,
     ) -> None:
-        self._catalog = Catalog(view, policies, access.trust_domain)
+        # Registered host names, resolved: gRPC takes only IP literals in EDS.
+        self.names = HostNames(self._names_changed, lambda: registered_hosts(view))
+        self._catalog = Catalog(view, policies, access.trust_domain, self.names)
         self._access = access
         self._max_streams = max_streams
         self._max_names = max_names
@@ -138,6 +141,13 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
 
     def _on_event(self, event: Event) -> None:
         self._catalog.changed(event)
+        self._soon()
+
+    def _names_changed(self) -> None:
+        self._catalog.names_changed()
+        self._soon()
+
+    def _soon(self) -> None:
         if self._flush is None and self._streams:
             loop = asyncio.get_running_loop()
             self._flush = loop.call_later(COALESCE, self._wake_all)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from google.protobuf import any_pb2, message
@@ -31,10 +31,12 @@ from registry_service.errors import InvalidArgument
 from registry_service.model import Event
 from registry_service.validation import check_service_name
 from registry_service.xds import resources
+from registry_service.xds.names import HostNames
 from registry_service.xds.policy import DEFAULT, XdsPolicies, XdsPolicy
 from registry_service.xds.resources import CLUSTER, ENDPOINTS, LISTENER, ROUTE
+from shoal_core.addresses import parse_address
 
-__all__ = ["WILDCARD_TYPES", "Catalog", "Resource"]
+__all__ = ["WILDCARD_TYPES", "Catalog", "Resource", "registered_hosts"]
 
 # The types whose empty subscription means "all of them" (the xDS spec's wildcard).
 WILDCARD_TYPES = frozenset({LISTENER, CLUSTER})
@@ -79,6 +81,13 @@ def _by_name(type_url: str, service: str, policy: XdsPolicy, trust_domain: str |
     return _resource(resources.load_assignment(service, ()))
 
 
+def registered_hosts(view: RegistryView) -> Iterator[str]:
+    """The host of every instance's address (``names`` keeps those resolved)."""
+    for summary in view.services():
+        for inst in view.instances(summary.name):
+            yield parse_address(inst.spec.address).host
+
+
 class Catalog:
     """The resources of every service in ``view``, with ``policies`` (default: round
     robin and nothing else), on mTLS in mesh ``trust_domain`` if given; ``changed``
@@ -89,15 +98,21 @@ class Catalog:
         view: RegistryView,
         policies: XdsPolicies | None = None,
         trust_domain: str | None = None,
+        names: HostNames | None = None,
     ) -> None:
         self._view = view
         self._policies = policies or XdsPolicies({})
         self._trust_domain = trust_domain
+        self._names = names
         # service -> its ClusterLoadAssignment; absent: not built since the last change.
         self._endpoints: dict[str, Resource] = {}
 
     def changed(self, event: Event) -> None:
         self._endpoints.pop(event.instance.spec.service, None)
+
+    def names_changed(self) -> None:
+        """A host name resolves to another address: every endpoint list may hold it."""
+        self._endpoints.clear()
 
     def lookup(self, type_url: str, names: Iterable[str] | None) -> dict[str, Resource]:
         """The resources of ``type_url`` named ``names`` (``None``: those of every
@@ -114,7 +129,8 @@ class Catalog:
             members = self._view.instances(service)
             if not members:
                 return _by_name(ENDPOINTS, service, DEFAULT, None)
+            address_of = None if self._names is None else self._names.address_of
             built = self._endpoints[service] = _resource(
-                resources.load_assignment(service, members)
+                resources.load_assignment(service, members, address_of)
             )
         return built

@@ -20,7 +20,7 @@ ones stay listed (an operator can see them in a config dump) but get no new call
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
@@ -135,12 +135,11 @@ def _health(inst: Instance) -> health_check_pb2.HealthStatus.ValueType:
     return _Health.HEALTHY
 
 
-def _endpoint(inst: Instance) -> endpoint_components_pb2.LbEndpoint:
-    where = parse_address(inst.spec.address)
+def _endpoint(inst: Instance, ip: str, port: int) -> endpoint_components_pb2.LbEndpoint:
     return endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(
             address=address_pb2.Address(
-                socket_address=address_pb2.SocketAddress(address=where.host, port_value=where.port)
+                socket_address=address_pb2.SocketAddress(address=ip, port_value=port)
             )
         ),
         health_status=_health(inst),
@@ -150,25 +149,35 @@ def _endpoint(inst: Instance) -> endpoint_components_pb2.LbEndpoint:
 
 
 def load_assignment(
-    service: str, instances: Iterable[Instance]
+    service: str,
+    instances: Iterable[Instance],
+    address_of: Callable[[str], str | None] | None = None,
 ) -> endpoint_pb2.ClusterLoadAssignment:
     """``service``'s instances, one locality per zone, sorted so that the same state
     always serializes to the same bytes (streams compare them to tell a change).
+    ``address_of`` gives a registered host as an IP literal, which is all gRPC takes
+    (``names``; None: hosts are IPs already); an instance whose host it cannot give
+    yet is left out.
 
     gRPC first picks a locality by its weight, then an endpoint round robin within it:
     a zone weighs what its routable instances weigh together, so a zone of one
     instance gets no more calls per instance than a zone of ten.
     """
-    by_zone: dict[str, list[Instance]] = defaultdict(list)
+    by_zone: dict[str, list[tuple[Instance, str, int]]] = defaultdict(list)
     for inst in instances:
-        by_zone[inst.spec.zone].append(inst)
+        where = parse_address(inst.spec.address)
+        host = where.host.strip("[]")
+        ip = host if address_of is None else address_of(host)
+        if ip is not None:
+            by_zone[inst.spec.zone].append((inst, ip, where.port))
     out = endpoint_pb2.ClusterLoadAssignment(cluster_name=service)
     for zone in sorted(by_zone):
-        members = sorted(by_zone[zone], key=lambda inst: inst.spec.instance_id)
+        placed = sorted(by_zone[zone], key=lambda each: each[0].spec.instance_id)
+        members = [inst for inst, _, _ in placed]
         out.endpoints.append(
             endpoint_components_pb2.LocalityLbEndpoints(
                 locality=base_pb2.Locality(zone=zone),
-                lb_endpoints=[_endpoint(inst) for inst in members],
+                lb_endpoints=[_endpoint(inst, ip, port) for inst, ip, port in placed],
                 # Never 0: gRPC drops a locality of weight 0 and we want its
                 # endpoints listed, with their health, all the same.
                 load_balancing_weight=wrappers_pb2.UInt32Value(

@@ -176,6 +176,38 @@ async def test_plain_grpc_clients_spread_over_instances_and_follow_changes(
             await client.close()
 
 
+async def test_instances_registered_by_host_name_are_served_as_addresses_grpc_takes(
+    start_registry: StartRegistry,
+    echoes: Echoes,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # gRPC NACKs a whole endpoint list holding a name: the registry resolves it.
+    registry = await start_registry()
+    async with grpc.aio.insecure_channel(registry.address) as channel:
+        stub = pb_grpc.RegistryStub(channel)
+        for n in (1, 2):
+            port = await echoes.start(f"echo-{n}")
+            await stub.Register(
+                pb.RegisterRequest(
+                    instance=instance(n, address=f"localhost:{port}"), ttl_ms=LONG_TTL_MS
+                )
+            )
+        await register(stub, 3, await echoes.start("echo-3"))  # beside an IP literal
+        write_bootstrap(registry.address, tmp_path / "bootstrap.json")
+        client = Client(tmp_path / "bootstrap.json")
+        try:
+            await client.wait_for(
+                lambda: {a for _, a in client.lines} >= {"echo-1", "echo-2", "echo-3"},
+                20,
+                "calls to all three",
+            )
+            assert not [a for _, a in client.lines if a.startswith("ERR")]
+            assert not [r for r in caplog.records if "rejected" in r.getMessage()]  # no NACK
+        finally:
+            await client.close()
+
+
 def _instance(n: int, **fields: Any) -> Instance:
     spec = InstanceSpec(
         f"echo-{n}", "echo", f"10.0.0.{n}:{8000 + n}", weight=fields.pop("weight", 100),
