@@ -199,6 +199,69 @@ async def test_every_mesh_hop_is_mtls_and_each_container_holds_only_its_secrets(
     assert _files(compose_mesh, "client") == set()
 
 
+# Plain grpcio in the client's pod, no sidecar on its path: `upper` on xds:///worker.
+PROXYLESS = """
+import grpc, grpc.experimental, sys
+from protos import worker_pb2, worker_pb2_grpc
+creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
+with grpc.secure_channel("xds:///worker", creds) as channel:
+    stub = worker_pb2_grpc.WorkerStub(channel)
+    for _ in range(int(sys.argv[1])):
+        request = worker_pb2.CallRequest(function="upper", payload=b"proxyless")
+        print(stub.Call(request, timeout=10, wait_for_ready=True).result.decode())
+"""
+# The user's steps, in the client sidecar's container (it holds the client's token).
+PROXYLESS_STEPS = """set -e
+shoal identity-agent --token-file "$SHOAL_TOKEN_FILE" --service client --out /tmp/certs \
+    > /tmp/agent.log 2>&1 &
+agent=$!
+for _ in $(seq 100); do [ -f /tmp/certs/svid.pem ] && break; sleep 0.1; done
+shoal xds-bootstrap --registry registry:7700 --node-id e2e --cert-dir /tmp/certs \
+    --out /tmp/xds.json > /dev/null
+GRPC_XDS_BOOTSTRAP=/tmp/xds.json python -c "$PROXYLESS" 60
+kill $agent
+"""
+
+
+def _inbound_ok(mesh: ComposeMesh, service: str) -> int:
+    """Calls ``service``'s sidecar carried in to its app that ended OK."""
+    read = (
+        "import urllib.request\n"
+        "print(urllib.request.urlopen('http://127.0.0.1:7902/metrics', timeout=5).read().decode())"
+    )
+    text = subprocess.run(
+        ["docker", "exec", mesh.container(service), "python", "-c", read],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("shoal_sidecar_requests_total{")
+        and 'direction="inbound"' in line
+        and 'code="OK"' in line
+    )
+
+
+async def test_a_proxyless_client_calls_every_worker_on_mtls_by_the_registrys_xds(
+    compose_mesh: ComposeMesh,
+) -> None:
+    await mesh_ready(compose_mesh)
+    sidecars = [f"worker{n}-sidecar" for n in (1, 2, 3)]
+    before = [_inbound_ok(compose_mesh, s) for s in sidecars]
+    done = subprocess.run(
+        ["docker", "exec", "-e", f"PROXYLESS={PROXYLESS}", compose_mesh.container("client-sidecar"),
+         "bash", "-c", PROXYLESS_STEPS],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    assert done.stdout.split() == ["PROXYLESS"] * 60
+    # The workers registered as worker1:7900 and so on: the registry resolved the names,
+    # and each worker's own sidecar carried some of the calls.
+    after = [_inbound_ok(compose_mesh, s) for s in sidecars]
+    assert all(b > a for a, b in zip(before, after, strict=True)), (before, after)
+    assert sum(after) - sum(before) >= 60
+
+
 def test_health_checks_of_an_idle_mesh_cost_a_small_share_of_a_core(
     compose_mesh: ComposeMesh,
 ) -> None:
