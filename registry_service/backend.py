@@ -20,8 +20,15 @@ from typing import Protocol
 
 from registry_service.config import RegistryConfig
 from registry_service.history import Replay
-from registry_service.model import Event, Instance, InstanceSpec, LoadReport, ServingStatus
-from registry_service.store import RegistryStore, ServiceSummary, StoreStats
+from registry_service.model import (
+    Event,
+    Instance,
+    InstanceSpec,
+    LoadReport,
+    ServiceSummary,
+    ServingStatus,
+)
+from registry_service.store import RegistryStore, StoreStats
 from shoal_core.lifecycle import stop_task
 
 __all__ = ["Backend", "MemoryBackend", "PreservationView", "RegistryView"]
@@ -47,7 +54,9 @@ class RegistryView(Protocol):
     config: RegistryConfig
     epoch: str
     stats: StoreStats
-    instances_bytes: int
+
+    @property
+    def instances_bytes(self) -> int: ...
 
     @property
     def preservation(self) -> PreservationView: ...

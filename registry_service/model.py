@@ -15,6 +15,7 @@ __all__ = [
     "Instance",
     "InstanceSpec",
     "LoadReport",
+    "ServiceSummary",
     "ServingStatus",
 ]
 
@@ -99,3 +100,14 @@ class Event:
     kind: EventKind
     revision: int
     instance: Instance
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSummary:
+    """A service as listings show it: its instances, how many are healthy, and the
+    gRPC services they say they serve."""
+
+    name: str
+    instances: int
+    healthy: int
+    grpc_services: tuple[str, ...]

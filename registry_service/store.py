@@ -11,14 +11,13 @@ bytes (``LimitReached`` beyond), and the history in events and in bytes.
 
 from __future__ import annotations
 
-import collections
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from registry_service.config import RegistryConfig
-from registry_service.errors import AlreadyExists, LeaseNotFound, LimitReached
+from registry_service.errors import AlreadyExists, LeaseNotFound
 from registry_service.history import History, Replay
 from registry_service.model import (
     Event,
@@ -26,11 +25,13 @@ from registry_service.model import (
     Instance,
     InstanceSpec,
     LoadReport,
+    ServiceSummary,
     ServingStatus,
 )
 from registry_service.preservation import SelfPreservation
+from registry_service.table import InstanceTable, check_room
 
-__all__ = ["RegistryStore", "ServiceSummary", "StoreStats"]
+__all__ = ["RegistryStore", "StoreStats"]
 
 Listener = Callable[[Event], None]
 
@@ -58,33 +59,20 @@ class StoreStats:
     removals: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceSummary:
-    name: str
-    instances: int
-    healthy: int
-    grpc_services: tuple[str, ...]
-
-
 class RegistryStore:
-    """Instances by id, indexed by service and by gRPC service name."""
+    """Instances (an ``InstanceTable``, which answers the reads) and their leases."""
 
     def __init__(
         self, config: RegistryConfig, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.config = config
         self._clock = clock
-        self._instances: dict[str, Instance] = {}
+        self._table = InstanceTable()
         self._leases: dict[str, _Lease] = {}
         self._lease_by_instance: dict[str, _Lease] = {}
         self._lapsed_at: dict[str, float] = {}
-        self._by_service: dict[str, set[str]] = collections.defaultdict(set)
-        self._by_grpc: dict[str, set[str]] = collections.defaultdict(set)
-        self._by_address: dict[str, set[str]] = collections.defaultdict(set)
         self._revision = time.time_ns() // 1000
         self.history = History(max_events=config.history_size, max_bytes=config.history_bytes)
-        # The retained_bytes() of every registered spec, bounded by max_instances_bytes.
-        self.instances_bytes = 0
         self._listeners: list[Listener] = []
         self.epoch = uuid.uuid4().hex[:12]
         self.stats = StoreStats()
@@ -104,16 +92,26 @@ class RegistryStore:
     def revision(self) -> int:
         return self._revision
 
+    @property
+    def instances_bytes(self) -> int:
+        """The retained_bytes() of every registered spec, bounded by max_instances_bytes."""
+        return self._table.instances_bytes
+
     def __len__(self) -> int:
-        return len(self._instances)
+        return len(self._table)
 
     def get(self, instance_id: str) -> Instance | None:
-        return self._instances.get(instance_id)
+        return self._table.get(instance_id)
+
+    def _held(self, instance_id: str) -> Instance:
+        inst = self._table.get(instance_id)
+        assert inst is not None, f"a lease of {instance_id!r} outlived its instance"
+        return inst
 
     def service_of_lease(self, lease_id: str) -> str | None:
         """The service whose instance holds ``lease_id``, if the lease is live."""
         lease = self._leases.get(lease_id)
-        return None if lease is None else self._instances[lease.instance_id].spec.service
+        return None if lease is None else self._held(lease.instance_id).spec.service
 
     def lease_age(self, instance_id: str) -> float:
         lease = self._lease_by_instance.get(instance_id)
@@ -123,30 +121,19 @@ class RegistryStore:
         return self._clock() - lease.renewed_at
 
     def instances(self, service: str = "") -> list[Instance]:
-        if not service:
-            return list(self._instances.values())
-        return [self._instances[i] for i in self._by_service.get(service, ())]
+        return self._table.instances(service)
 
     def discover(self, service: str, grpc_service: str, include_unhealthy: bool) -> list[Instance]:
         """Instances of ``service`` and/or serving ``grpc_service``; healthy ones unless asked."""
-        if grpc_service:
-            ids: Iterable[str] = self._by_grpc.get(grpc_service, ())
-            found = [self._instances[i] for i in ids]
-            if service:
-                found = [inst for inst in found if inst.spec.service == service]
-        else:
-            found = self.instances(service)
-        if not include_unhealthy:
-            found = [inst for inst in found if inst.healthy]
-        return found
+        return self._table.discover(service, grpc_service, include_unhealthy)
 
     def grpc_owners(self, grpc_service: str) -> set[str]:
         """The services whose instances say they serve ``grpc_service``."""
-        return {self._instances[i].spec.service for i in self._by_grpc.get(grpc_service, ())}
+        return self._table.grpc_owners(grpc_service)
 
     def address_owners(self, address: str) -> set[str]:
         """The services with an instance registered at ``address``."""
-        return {self._instances[i].spec.service for i in self._by_address.get(address, ())}
+        return self._table.address_owners(address)
 
     def events_since(self, revision: int, service: str = "") -> Replay | None:
         """Events after ``revision`` up to now, read lazily in order; None when the history
@@ -156,13 +143,7 @@ class RegistryStore:
         return self.history.replay(after=revision, until=self._revision, service=service)
 
     def services(self) -> list[ServiceSummary]:
-        out = []
-        for name in sorted(self._by_service):
-            members = [self._instances[i] for i in self._by_service[name]]
-            grpc_names = sorted({g for inst in members for g in inst.spec.grpc_services})
-            healthy = sum(1 for inst in members if inst.healthy)
-            out.append(ServiceSummary(name, len(members), healthy, tuple(grpc_names)))
-        return out
+        return self._table.services()
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -172,26 +153,20 @@ class RegistryStore:
     def register(self, spec: InstanceSpec, ttl_requested: float, status: ServingStatus) -> Instance:
         """Grant a new lease; re-registering from the same address replaces the old lease."""
         now = self._clock()
-        old = self._instances.get(spec.instance_id)
+        old = self._table.get(spec.instance_id)
         if old is not None:
             if old.spec.address != spec.address and old.lease_ok:
                 raise AlreadyExists(
                     f"instance {spec.instance_id!r} is registered from {old.spec.address} "
                     f"with a live lease; {spec.address} cannot take it over"
                 )
-        size = spec.retained_bytes()
-        self._check_room(spec, size, old)
+        check_room(self.config, self._table, spec)
         if old is not None:
             self._drop(old, publish=old.spec.service != spec.service)
-        self.instances_bytes += size
         ttl = self.config.clamp_ttl(ttl_requested)
         lease = _Lease(uuid.uuid4().hex, spec.instance_id, ttl, now, float("-inf"))
         self._leases[lease.lease_id] = lease
         self._lease_by_instance[spec.instance_id] = lease
-        self._by_service[spec.service].add(spec.instance_id)
-        for name in spec.grpc_services:
-            self._by_grpc[name].add(spec.instance_id)
-        self._by_address[spec.address].add(spec.instance_id)
         self.stats.registrations += 1
         return self._publish(EventKind.UPSERT, Instance(spec, lease.lease_id, ttl, status))
 
@@ -204,7 +179,7 @@ class RegistryStore:
         now = self._clock()
         lease.renewed_at = now
         self.stats.heartbeats += 1
-        inst = self._instances[lease.instance_id]
+        inst = self._held(lease.instance_id)
         if status is not inst.status or (
             load != inst.load and now - lease.load_published_at >= self.config.load_publish_interval
         ):
@@ -219,7 +194,7 @@ class RegistryStore:
         if lease is None:
             raise LeaseNotFound(f"lease {lease_id!r} is unknown or expired")
         self.stats.deregistrations += 1
-        self._drop(self._instances[lease.instance_id], publish=True)
+        self._drop(self._held(lease.instance_id), publish=True)
 
     def sweep(self) -> None:
         """Mark lapsed leases unhealthy, then remove those lapsed longer than the grace."""
@@ -232,50 +207,27 @@ class RegistryStore:
             elif lease.pending_load is not None and lease.load_published_at <= due:
                 self._publish_load(lease, lease.pending_load, now)
         overdue_ids = [lease.instance_id for lease in overdue]
-        if not self.preservation.allow_evictions(now, overdue_ids, len(self._instances)):
+        if not self.preservation.allow_evictions(now, overdue_ids, len(self._table)):
             return
         for lease in overdue:
             del self._leases[lease.lease_id]
             del self._lease_by_instance[lease.instance_id]
             self._lapsed_at[lease.instance_id] = now
             self.stats.lapses += 1
-            inst = self._instances[lease.instance_id]
+            inst = self._held(lease.instance_id)
             self._publish(EventKind.UPSERT, replace(inst, lease_ok=False))
         grace = self.config.removal_grace
         expired = [i for i, at in self._lapsed_at.items() if now - at >= grace]
         for instance_id in expired:
             self.stats.removals += 1
-            self._drop(self._instances[instance_id], publish=True)
+            self._drop(self._held(instance_id), publish=True)
 
     # -- internals -----------------------------------------------------------
-
-    def _check_room(self, spec: InstanceSpec, size: int, old: Instance | None) -> None:
-        """Raise ``LimitReached`` unless registering ``spec`` (replacing ``old``) fits."""
-        cfg = self.config
-        if old is None and len(self._instances) >= cfg.max_instances:
-            raise LimitReached(
-                f"the registry holds {len(self._instances)} instances, its limit; "
-                "the operator can raise it with shoal registry --max-instances"
-            )
-        members = self._by_service.get(spec.service, ())
-        if spec.instance_id not in members and len(members) >= cfg.max_instances_per_service:
-            raise LimitReached(
-                f"service {spec.service!r} has {len(members)} instances, the limit per "
-                "service; the operator can raise it with shoal registry "
-                "--max-instances-per-service"
-            )
-        freed = 0 if old is None else old.spec.retained_bytes()
-        if self.instances_bytes - freed + size > cfg.max_instances_bytes:
-            raise LimitReached(
-                f"instance data would pass the registry's limit of {cfg.max_instances_bytes} "
-                f"bytes (this instance holds {size}); send less metadata, or the operator "
-                "can raise it with shoal registry --max-instances-bytes"
-            )
 
     def _publish_load(self, lease: _Lease, load: LoadReport, now: float) -> None:
         lease.load_published_at = now
         lease.pending_load = None
-        inst = self._instances[lease.instance_id]
+        inst = self._held(lease.instance_id)
         self._publish(EventKind.UPSERT, replace(inst, load=load))
 
     def _drop(self, inst: Instance, *, publish: bool) -> None:
@@ -284,21 +236,7 @@ class RegistryStore:
         if lease is not None:
             del self._leases[lease.lease_id]
         self._lapsed_at.pop(spec.instance_id, None)
-        del self._instances[spec.instance_id]
-        self.instances_bytes -= spec.retained_bytes()
-        members = self._by_service[spec.service]
-        members.discard(spec.instance_id)
-        if not members:
-            del self._by_service[spec.service]
-        for name in spec.grpc_services:
-            ids = self._by_grpc[name]
-            ids.discard(spec.instance_id)
-            if not ids:
-                del self._by_grpc[name]
-        at = self._by_address[spec.address]
-        at.discard(spec.instance_id)
-        if not at:
-            del self._by_address[spec.address]
+        self._table.pop(spec.instance_id)
         if publish:
             self._publish(EventKind.REMOVE, inst)
 
@@ -306,7 +244,7 @@ class RegistryStore:
         self._revision += 1
         inst = replace(inst, revision=self._revision)
         if kind is EventKind.UPSERT:
-            self._instances[inst.spec.instance_id] = inst
+            self._table.put(inst)
         event = Event(kind, self._revision, inst)
         self.history.append(event)
         for listener in self._listeners:

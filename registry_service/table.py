@@ -2,8 +2,8 @@
 
 ``InstanceTable`` holds the current ``Instance`` of each id and answers every read the
 servicer makes of it. ``check_room`` says whether one more registration fits the
-config's bounds, in the same words whichever backend asks. The etcd mirror is built on
-these; the memory store keeps its own copy of the same logic for now.
+config's bounds, in the same words whichever backend asks. Both backends hold their
+instances in one: the memory store, and the etcd mirror of every replica.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from collections.abc import Collection, Iterable, Sequence
 
 from registry_service.config import RegistryConfig
 from registry_service.errors import LimitReached
-from registry_service.model import Instance, InstanceSpec
-from registry_service.store import ServiceSummary
+from registry_service.model import Instance, InstanceSpec, ServiceSummary
 
 __all__ = ["InstanceTable", "check_room"]
 

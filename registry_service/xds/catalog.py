@@ -83,9 +83,8 @@ def _by_name(type_url: str, service: str, policy: XdsPolicy, trust_domain: str |
 
 def registered_hosts(view: RegistryView) -> Iterator[str]:
     """The host of every instance's address (``names`` keeps those resolved)."""
-    for summary in view.services():
-        for inst in view.instances(summary.name):
-            yield parse_address(inst.spec.address).host
+    for inst in view.instances():
+        yield parse_address(inst.spec.address).host
 
 
 class Catalog:
