@@ -34,7 +34,17 @@ from .procs import Child, nginx, shoal
 from .stacks import Target, ready
 from .wire import SERVICE
 
-__all__ = ["MTLS", "NGINX", "NGINX_TLS", "SIDECAR", "ClientFiles", "TlsPort", "TlsStacks", "tls"]
+__all__ = [
+    "MTLS",
+    "NGINX",
+    "NGINX_TLS",
+    "SIDECAR",
+    "ClientFiles",
+    "TlsPort",
+    "TlsStacks",
+    "inbound_address",
+    "tls",
+]
 
 SIDECAR = "sidecar x2"
 MTLS = "sidecar x2 mTLS"
@@ -107,7 +117,7 @@ def _leaf(ca: CA, service: str, directory: Path) -> ClientFiles:
     )
 
 
-def _inbound(child: Child) -> str:
+def inbound_address(child: Child) -> str:
     found = re.search(r"inbound on (\S+?)\)", child.ready_line)
     if found is None:
         raise RuntimeError(f"no inbound address in {child.ready_line.strip()!r}")
@@ -177,7 +187,7 @@ async def tls(stack: contextlib.AsyncExitStack, tmp: Path, worker: Child) -> Tls
     targets = await ready(procs)
     # After the first calls, so nginx's worker is there to be measured with its master.
     ports = {
-        MTLS: TlsPort(_inbound(mtls[1]), server_name, Meter([mtls[1].pid])),
+        MTLS: TlsPort(inbound_address(mtls[1]), server_name, Meter([mtls[1].pid])),
         NGINX_TLS: TlsPort(ngx_tls_b.address, server_name, Meter([ngx_tls_b.pid])),
     }
     return TlsStacks(targets, ports, client, procs)
