@@ -122,9 +122,9 @@ class Client:
         self.proc.stdout.close()
 
 
-async def register(stub: Any, n: int, port: int) -> str:
+async def register(stub: Any, n: int, port: int, host: str = "127.0.0.1") -> str:
     reply = await stub.Register(
-        pb.RegisterRequest(instance=instance(n, address=f"127.0.0.1:{port}"), ttl_ms=LONG_TTL_MS)
+        pb.RegisterRequest(instance=instance(n, address=f"{host}:{port}"), ttl_ms=LONG_TTL_MS)
     )
     return str(reply.lease_id)
 
@@ -187,12 +187,7 @@ async def test_instances_registered_by_host_name_are_served_as_addresses_grpc_ta
     async with grpc.aio.insecure_channel(registry.address) as channel:
         stub = pb_grpc.RegistryStub(channel)
         for n in (1, 2):
-            port = await echoes.start(f"echo-{n}")
-            await stub.Register(
-                pb.RegisterRequest(
-                    instance=instance(n, address=f"localhost:{port}"), ttl_ms=LONG_TTL_MS
-                )
-            )
+            await register(stub, n, await echoes.start(f"echo-{n}"), host="localhost")
         await register(stub, 3, await echoes.start("echo-3"))  # beside an IP literal
         write_bootstrap(registry.address, tmp_path / "bootstrap.json")
         client = Client(tmp_path / "bootstrap.json")
