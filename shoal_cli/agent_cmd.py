@@ -40,6 +40,7 @@ class IdentityAgent(ServiceBase):
         super().__init__()
         self.files = files
         self._expected = expected
+        self._started = False
         self.keeper = CertificateKeeper(lambda held: certify_as(mesh, held), on_change=self._write)
 
     def _write(self, held: Credentials) -> None:
@@ -48,6 +49,8 @@ class IdentityAgent(ServiceBase):
         try:
             self.files.write(held)
         except OSError as exc:
+            if not self._started:
+                raise  # nothing on disk at all: the agent must not say it keeps a leaf
             # The files on disk still hold the last leaf; the next renewal tries again.
             logger.error("cannot write %s: %s", self.files.directory, exc.strerror or exc)
             return
@@ -65,6 +68,7 @@ class IdentityAgent(ServiceBase):
         except CertifyFailed:
             await self.keeper.close()
             raise
+        self._started = True
 
     async def close(self, grace: float | None = None) -> None:
         await self.keeper.close()

@@ -81,6 +81,8 @@ def test_agent_user_errors_are_one_line_and_exit_2(tmp_path: Path):
              "not-a-token", "cannot certify at"),
             (["--identity-server", identity_at, "--trust-bundle", bundle, "--out", out,
               "--service", "bad name"], token, "--service"),
+            (["--identity-server", identity_at, "--trust-bundle", bundle,
+              "--out", str(tmp_path / "ca" / "bundle.crt" / "certs")], token, "--out"),
         ]  # fmt: skip
         for args, given, says in cases:
             got = _agent(args, given)
