@@ -20,10 +20,9 @@ from identity.cert_files import CertFiles
 from identity.spiffe import SpiffeError, SpiffeId
 from identity.workload import Credentials
 from shoal_cli.errors import UserError
-from shoal_cli.mesh_tls import identity_options, mesh_identity
+from shoal_cli.mesh_tls import identity_options, mesh_identity, start_keeper
 from shoal_cli.options import log_level_option
-from shoal_core.certify_client import certify_as
-from shoal_core.certifying import CertifyFailed, MeshIdentity, check_admitted
+from shoal_core.certifying import MeshIdentity
 from shoal_core.lifecycle import ServiceBase, serve
 from shoal_core.logs import setup_logging
 from shoal_core.renewal import CertificateKeeper
@@ -39,9 +38,14 @@ class IdentityAgent(ServiceBase):
     def __init__(self, mesh: MeshIdentity, files: CertFiles, expected: SpiffeId | None) -> None:
         super().__init__()
         self.files = files
+        self._mesh = mesh
         self._expected = expected
         self._started = False
-        self.keeper = CertificateKeeper(lambda held: certify_as(mesh, held), on_change=self._write)
+        self._keeper: CertificateKeeper | None = None
+
+    def current(self) -> Credentials:
+        assert self._keeper is not None, "the agent has not started"
+        return self._keeper.current()
 
     def _write(self, held: Credentials) -> None:
         if self._expected is not None and held.identity != self._expected:
@@ -62,16 +66,12 @@ class IdentityAgent(ServiceBase):
         )
 
     async def start(self) -> None:
-        held = await self.keeper.start()
-        try:
-            check_admitted(held, self._expected)
-        except CertifyFailed:
-            await self.keeper.close()
-            raise
+        self._keeper = await start_keeper(self._mesh, self._expected, on_change=self._write)
         self._started = True
 
     async def close(self, grace: float | None = None) -> None:
-        await self.keeper.close()
+        if self._keeper is not None:
+            await self._keeper.close()
         self._closed_now()
 
 
@@ -117,7 +117,7 @@ def identity_agent(
     agent = IdentityAgent(mesh, CertFiles(out), expected)
 
     def ready() -> None:
-        held = agent.keeper.current()
+        held = agent.current()
         click.echo(f"shoal identity-agent keeping {held.identity} in {out}", nl=True)
 
     try:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from identity.spiffe import SpiffeId
+from identity.workload import Credentials
 from shoal_cli.errors import UserError
 from shoal_cli.options import ADDRESS
 from shoal_core.certifying import CertifyFailed, MeshIdentity, check_admitted
@@ -86,12 +87,17 @@ def join_token(token_file: Path | None) -> str:
     return token_file.read_text().strip() if token_file else os.environ.get("SHOAL_TOKEN", "")
 
 
-async def start_keeper(mesh: MeshIdentity, expected: SpiffeId | None = None) -> CertificateKeeper:
-    """Certified through grpcio and renewing; a refused token (``CertifyFailed``) is a
-    user error, in one line, and so is a token for another identity than ``expected``."""
+async def start_keeper(
+    mesh: MeshIdentity,
+    expected: SpiffeId | None = None,
+    on_change: Callable[[Credentials], None] | None = None,
+) -> CertificateKeeper:
+    """Certified through grpcio and renewing, telling ``on_change`` of each leaf; a
+    refused token (``CertifyFailed``) is a user error, in one line, and so is a token
+    for another identity than ``expected``."""
     from shoal_core.certify_client import certify_as
 
-    keeper = CertificateKeeper(lambda held: certify_as(mesh, held))
+    keeper = CertificateKeeper(lambda held: certify_as(mesh, held), on_change=on_change)
     held = await keeper.start()
     try:
         check_admitted(held, expected)
