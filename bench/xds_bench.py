@@ -105,7 +105,7 @@ async def throughput(
     sidecar present that leaf, and ``workers`` are the worker sidecars' inbound ports."""
     bootstrap = tmp / "xds.json"
     files = None if certs is None else CertFiles(certs)
-    document = bootstrap_document(registry, "bench", "", "", files)
+    document = bootstrap_document([registry], "bench", "", "", files)
     bootstrap.write_text(json.dumps(document))
     service = SERVICE if certs is None else MTLS_SERVICE
     targets = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from registry_service.errors import InvalidArgument
 from registry_service.validation import check_service_name
 from registry_service.xds.tls import CERTIFICATE_PROVIDER
 from shoal_cli.errors import UserError
-from shoal_cli.options import ADDRESS
+from shoal_cli.options import REGISTRIES
 from shoal_core.files import write_atomic
 
 __all__ = ["bootstrap_document", "xds_bootstrap"]
@@ -30,15 +31,17 @@ DEFAULT_REFRESH = 60.0
 
 
 def bootstrap_document(
-    registry: str,
+    registries: Sequence[str],
     node_id: str,
     cluster: str,
     zone: str,
     certs: CertFiles | None = None,
     refresh: float = DEFAULT_REFRESH,
 ) -> dict[str, Any]:
-    """The bootstrap gRPC's xDS client reads (gRFC A27), for a registry at ``registry``:
-    on plaintext, or with ``certs`` on mTLS to the registry and to every instance."""
+    """The bootstrap gRPC's xDS client reads (gRFC A27), for the replicas of a registry
+    at ``registries``: on plaintext, or with ``certs`` on mTLS to the registry and to
+    every instance. gRPC reads the first, and one after it if that one cannot be reached
+    (its xDS fallback, gRFC A71)."""
     node: dict[str, Any] = {"id": node_id}
     if cluster:
         node["cluster"] = cluster
@@ -69,6 +72,7 @@ def bootstrap_document(
             # Without it an older gRPC speaks xDS v2, which the registry does not serve.
             "server_features": ["xds_v3"],
         }
+        for registry in registries
     ]
     return document
 
@@ -93,11 +97,12 @@ def _checked(field: str, value: str) -> str:
 @click.command("xds-bootstrap")
 @click.option(
     "--registry",
-    type=ADDRESS,
+    type=REGISTRIES,
     default="127.0.0.1:7700",
     show_default=True,
     envvar="SHOAL_REGISTRY",
-    help="The registry whose xDS the client reads (env SHOAL_REGISTRY).",
+    help="The registry whose xDS the client reads; several replicas of one, "
+    "comma-separated: gRPC reads the first it can reach (env SHOAL_REGISTRY).",
 )
 @click.option(
     "--node-id",
@@ -129,7 +134,7 @@ def _checked(field: str, value: str) -> str:
     help="Where to write the bootstrap file.",
 )
 def xds_bootstrap(
-    registry: str,
+    registry: tuple[str, ...],
     node_id: str,
     cluster: str,
     zone: str,

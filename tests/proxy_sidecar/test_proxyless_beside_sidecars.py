@@ -33,7 +33,7 @@ async def test_one_mesh_serves_sidecar_users_and_proxyless_clients_at_once(
 ) -> None:
     mesh = await make_mesh()
     bootstrap = tmp_path / "xds.json"
-    bootstrap.write_text(json.dumps(bootstrap_document(registry.address, "app-1", "", "")))
+    bootstrap.write_text(json.dumps(bootstrap_document([registry.address], "app-1", "", "")))
     proxyless = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CLIENT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

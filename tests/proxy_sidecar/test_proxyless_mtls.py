@@ -126,7 +126,7 @@ async def run_client(
 ) -> list[dict[str, str]]:
     """What each call of ``CLIENT`` saw, with a bootstrap for ``certs`` (None: plaintext)."""
     bootstrap = tmp_path / f"xds-{os.urandom(4).hex()}.json"
-    document = bootstrap_document(registry.address, "app-1", "", "", certs, refresh=1.0)
+    document = bootstrap_document([registry.address], "app-1", "", "", certs, refresh=1.0)
     bootstrap.write_text(json.dumps(document))
     client = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CLIENT, str(seconds), str(calls), "xds" if secure else "plain",

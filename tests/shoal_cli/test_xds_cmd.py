@@ -58,6 +58,14 @@ def test_with_a_cert_dir_it_reads_the_agents_files_for_the_registry_and_the_inst
     }
 
 
+def test_replicas_of_the_registry_are_each_an_xds_server_in_order(tmp_path: Path) -> None:
+    out = tmp_path / "xds.json"
+    done = run("--registry", "10.0.0.1:7700,10.0.0.2:7700", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    servers = json.loads(out.read_text())["xds_servers"]
+    assert [s["server_uri"] for s in servers] == ["10.0.0.1:7700", "10.0.0.2:7700"]
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
