@@ -22,6 +22,7 @@ import pytest
 
 from tests.e2e.cgroups import main_pid, short_lived_cpu, snapshot
 from tests.e2e.conftest import ALL_FILES, ComposeMesh
+from tests.e2e.inside import metric, page, proxyless
 from tests.e2e.load import Load, served, wait_until
 
 # Building the image (about 2 minutes on a fresh machine) counts towards the first test.
@@ -111,17 +112,7 @@ def _files(mesh: ComposeMesh, service: str) -> set[str]:
 
 def _healthz(mesh: ComposeMesh, service: str, port: int) -> dict[str, object]:
     """The /healthz page of ``service``, read inside its container."""
-    read = (
-        "import sys, urllib.request, urllib.error\n"
-        f"try: page = urllib.request.urlopen('http://127.0.0.1:{port}/healthz', timeout=5)\n"
-        "except urllib.error.HTTPError as exc: page = exc\n"
-        "sys.stdout.write(page.read().decode())"
-    )
-    got = subprocess.run(
-        ["docker", "exec", mesh.container(service), "python", "-c", read],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return dict(json.loads(got.stdout))
+    return dict(json.loads(page(mesh.container(service), port, "/healthz")))
 
 
 def _operator_cli(
@@ -199,47 +190,12 @@ async def test_every_mesh_hop_is_mtls_and_each_container_holds_only_its_secrets(
     assert _files(compose_mesh, "client") == set()
 
 
-# Plain grpcio in the client's pod, no sidecar on its path: `upper` on xds:///worker.
-PROXYLESS = """
-import grpc, grpc.experimental, sys
-from protos import worker_pb2, worker_pb2_grpc
-creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
-with grpc.secure_channel("xds:///worker", creds) as channel:
-    stub = worker_pb2_grpc.WorkerStub(channel)
-    for _ in range(int(sys.argv[1])):
-        request = worker_pb2.CallRequest(function="upper", payload=b"proxyless")
-        print(stub.Call(request, timeout=10, wait_for_ready=True).result.decode())
-"""
-# The user's steps, in the client sidecar's container (it holds the client's token).
-PROXYLESS_STEPS = """set -e
-shoal identity-agent --token-file "$SHOAL_TOKEN_FILE" --service client --out /tmp/certs \
-    > /tmp/agent.log 2>&1 &
-agent=$!
-for _ in $(seq 100); do [ -f /tmp/certs/svid.pem ] && break; sleep 0.1; done
-shoal xds-bootstrap --registry registry:7700 --node-id e2e --cert-dir /tmp/certs \
-    --out /tmp/xds.json > /dev/null
-GRPC_XDS_BOOTSTRAP=/tmp/xds.json python -c "$PROXYLESS" 60
-kill $agent
-"""
-
-
-def _inbound_ok(mesh: ComposeMesh, service: str) -> int:
+def _inbound_ok(mesh: ComposeMesh, service: str) -> float:
     """Calls ``service``'s sidecar carried in to its app that ended OK."""
-    read = (
-        "import urllib.request\n"
-        "print(urllib.request.urlopen('http://127.0.0.1:7902/metrics', timeout=5).read().decode())"
-    )
-    text = subprocess.run(
-        ["docker", "exec", mesh.container(service), "python", "-c", read],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    return sum(
-        int(float(line.rsplit(" ", 1)[1]))
-        for line in text.splitlines()
-        if line.startswith("shoal_sidecar_requests_total{")
-        and 'direction="inbound"' in line
-        and 'code="OK"' in line
-    )
+    return metric(
+        mesh.container(service), 7902, "shoal_sidecar_requests_total",
+        direction="inbound", code="OK",
+    )  # fmt: skip
 
 
 async def test_a_proxyless_client_calls_every_worker_on_mtls_by_the_registrys_xds(
@@ -248,13 +204,16 @@ async def test_a_proxyless_client_calls_every_worker_on_mtls_by_the_registrys_xd
     await mesh_ready(compose_mesh)
     sidecars = [f"worker{n}-sidecar" for n in (1, 2, 3)]
     before = [_inbound_ok(compose_mesh, s) for s in sidecars]
-    done = subprocess.run(
-        ["docker", "exec", "-e", f"PROXYLESS={PROXYLESS}", compose_mesh.container("client-sidecar"),
-         "bash", "-c", PROXYLESS_STEPS],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
-    assert done.stdout.split() == ["PROXYLESS"] * 60
+    # Plain grpcio in the client's pod, no sidecar on its path.
+    client = proxyless(compose_mesh.container("client-sidecar"), "proxyless", calls=60)
+    try:
+        out, err = client.communicate(timeout=120)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0, (out[-2000:], err[-3000:])
+    assert out.splitlines() == ["PROXYLESS"] * 60
     # The workers registered as worker1:7900 and so on: the registry resolved the names,
     # and each worker's own sidecar carried some of the calls.
     after = [_inbound_ok(compose_mesh, s) for s in sidecars]

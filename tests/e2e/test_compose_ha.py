@@ -26,6 +26,7 @@ from protos import registry_pb2 as rpb
 from protos import registry_pb2_grpc as rpb_grpc
 from shoal_core.tls import channel_credentials, target_options
 from tests.e2e.conftest import HAComposeMesh
+from tests.e2e.inside import metric, proxyless
 from tests.e2e.load import Load, served, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
@@ -257,50 +258,9 @@ async def test_killing_a_registry_replica_fails_no_call_and_watches_resume(
     assert watchdog.lost == [], watchdog.lost[:5]
 
 
-# Plain grpcio in the client's pod, reading xDS from "registry", the name both
-# replicas answer to: `upper` on xds:///worker for SECONDS, a line per call.
-PROXYLESS = """
-import grpc, grpc.experimental, sys, time
-from protos import worker_pb2, worker_pb2_grpc
-creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
-end = time.monotonic() + float(sys.argv[1])
-with grpc.secure_channel("xds:///worker", creds) as channel:
-    stub = worker_pb2_grpc.WorkerStub(channel)
-    while time.monotonic() < end:
-        try:
-            stub.Call(worker_pb2.CallRequest(function="upper", payload=b"x"), timeout=10,
-                      wait_for_ready=True)
-            print("OK", flush=True)
-        except grpc.RpcError as exc:
-            print("ERR", exc.code().name, exc.details(), flush=True)
-        time.sleep(0.05)
-"""
-PROXYLESS_STEPS = """set -e
-shoal identity-agent --token-file "$SHOAL_TOKEN_FILE" --service client --out /tmp/certs \
-    > /tmp/agent.log 2>&1 &
-agent=$!
-for _ in $(seq 100); do [ -f /tmp/certs/svid.pem ] && break; sleep 0.1; done
-shoal xds-bootstrap --registry registry:7700 --node-id e2e-ha --cert-dir /tmp/certs \
-    --out /tmp/xds.json > /dev/null
-GRPC_XDS_BOOTSTRAP=/tmp/xds.json python -c "$PROXYLESS" "$SECONDS_TO_RUN"
-kill $agent
-"""
-
-
-def _xds_streams(mesh: HAComposeMesh, service: str) -> int:
+def _xds_streams(mesh: HAComposeMesh, service: str) -> float:
     """The ADS streams ``service`` (a registry replica) serves, from its metrics."""
-    read = (
-        "import urllib.request\n"
-        "print(urllib.request.urlopen('http://127.0.0.1:7703/metrics', timeout=5).read().decode())"
-    )
-    done = subprocess.run(
-        ["docker", "exec", mesh.container(service), "python", "-c", read],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    for line in done.stdout.splitlines():
-        if line.startswith("shoal_registry_xds_streams "):
-            return int(float(line.split()[1]))
-    return 0
+    return metric(mesh.container(service), 7703, "shoal_registry_xds_streams")
 
 
 async def test_a_proxyless_client_moves_to_the_other_replica_and_fails_no_call(
@@ -308,11 +268,8 @@ async def test_a_proxyless_client_moves_to_the_other_replica_and_fails_no_call(
 ) -> None:
     mesh = ha_compose_mesh
     await mesh_ready(mesh)
-    client = subprocess.Popen(
-        ["docker", "exec", "-e", f"PROXYLESS={PROXYLESS}", "-e", "SECONDS_TO_RUN=40",
-         mesh.container("client-sidecar"), "bash", "-c", PROXYLESS_STEPS],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # It reads xDS from "registry", the name both replicas answer to.
+    client = proxyless(mesh.container("client-sidecar"), "x", seconds=40)
     try:
         names = ("registry1", "registry2")
         await wait_until(
@@ -332,7 +289,7 @@ async def test_a_proxyless_client_moves_to_the_other_replica_and_fails_no_call(
             client.wait()
     assert client.returncode == 0, (out[-2000:], err[-3000:])
     lines = out.splitlines()
-    failed = [line for line in lines if line != "OK"]
+    failed = [line for line in lines if line != "X"]
     print(f"proxyless across the loss of {holder}: {len(lines)} calls, {len(failed)} failed")
     assert failed == [], failed[:5]
     assert len(lines) >= 100
