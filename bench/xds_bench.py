@@ -50,6 +50,7 @@ from grpc.aio import EOF  # type: ignore[attr-defined]
 from bench.sidecar_bench.procs import process, shoal
 from bench.sidecar_bench.tlsstacks import inbound_address
 from identity.cert_files import CertFiles
+from identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from protos import registry_pb2 as pb
 from protos import registry_pb2_grpc as pb_grpc
 from registry_service.xds.resources import ENDPOINTS
@@ -79,7 +80,9 @@ async def load(
     target: str, seconds: float, concurrency: int, env: dict[str, str], certs: Path | None
 ) -> float:
     """Calls/s of one `bench.xds_load` process; any failed call fails the run."""
-    tls = [] if certs is None else [str(certs)]
+    # The worker sidecars' leaves name their service's identity in its DNS form.
+    server_name = SpiffeId.service(DEFAULT_TRUST_DOMAIN, MTLS_SERVICE).dns_name
+    tls = [] if certs is None else [str(certs), server_name]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.xds_load", target, str(seconds), str(concurrency), *tls,
         stdout=asyncio.subprocess.PIPE, env={**os.environ, **env},

@@ -102,7 +102,8 @@ class Catalog:
         self._view = view
         self._policies = policies or XdsPolicies({})
         self._trust_domain = trust_domain
-        self._names = names
+        # How endpoints get IP literals from registered hosts (None: they are IPs).
+        self._address_of = None if names is None else names.address_of
         # service -> its ClusterLoadAssignment; absent: not built since the last change.
         self._endpoints: dict[str, Resource] = {}
 
@@ -128,8 +129,7 @@ class Catalog:
             members = self._view.instances(service)
             if not members:
                 return _by_name(ENDPOINTS, service, DEFAULT, None)
-            address_of = None if self._names is None else self._names.address_of
             built = self._endpoints[service] = _resource(
-                resources.load_assignment(service, members, address_of)
+                resources.load_assignment(service, members, self._address_of)
             )
         return built
