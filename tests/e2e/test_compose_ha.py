@@ -258,43 +258,6 @@ async def test_killing_a_registry_replica_fails_no_call_and_watches_resume(
     assert watchdog.lost == [], watchdog.lost[:5]
 
 
-def _xds_streams(mesh: HAComposeMesh, service: str) -> float:
-    """The ADS streams ``service`` (a registry replica) serves, from its metrics."""
-    return metric(mesh.container(service), 7703, "shoal_registry_xds_streams")
-
-
-async def test_a_proxyless_client_moves_to_the_other_replica_and_fails_no_call(
-    ha_compose_mesh: HAComposeMesh,
-) -> None:
-    mesh = ha_compose_mesh
-    await mesh_ready(mesh)
-    # It reads xDS from "registry", the name both replicas answer to.
-    client = proxyless(mesh.container("client-sidecar"), "x", seconds=40)
-    try:
-        names = ("registry1", "registry2")
-        await wait_until(
-            lambda: any(_xds_streams(mesh, r) for r in names), 30, "the client's ADS stream"
-        )
-        holder = next(r for r in names if _xds_streams(mesh, r))
-        other = next(r for r in names if r != holder)
-        victim = mesh.container(holder)
-        _docker("kill", victim)
-        await wait_until(lambda: _xds_streams(mesh, other) >= 1, 30, f"its stream on {other}")
-        _docker("start", victim)
-        await wait_until(lambda: _healthy_container(victim), 60, f"{holder} to serve again")
-        out, err = client.communicate(timeout=120)
-    finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
-    assert client.returncode == 0, (out[-2000:], err[-3000:])
-    lines = out.splitlines()
-    failed = [line for line in lines if line != "X"]
-    print(f"proxyless across the loss of {holder}: {len(lines)} calls, {len(failed)} failed")
-    assert failed == [], failed[:5]
-    assert len(lines) >= 100
-
-
 def _healthy_container(cid: str) -> bool:
     got = subprocess.run(
         ["docker", "inspect", "--format", "{{.State.Health.Status}}", cid],
@@ -388,6 +351,43 @@ def test_etcd_refuses_callers_without_a_certificate_of_its_ca(
     assert refused.returncode != 0 and "/shoal/" not in refused.stdout, refused
     plain = get("ETCDCTL_CERT=", "ETCDCTL_KEY=", "ETCDCTL_CACERT=", endpoint="http://etcd2:2379")
     assert plain.returncode != 0 and "/shoal/" not in plain.stdout, plain
+
+
+def _xds_streams(mesh: HAComposeMesh, service: str) -> float:
+    """The ADS streams ``service`` (a registry replica) serves, from its metrics."""
+    return metric(mesh.container(service), 7703, "shoal_registry_xds_streams")
+
+
+async def test_a_proxyless_client_moves_to_the_other_replica_and_fails_no_call(
+    ha_compose_mesh: HAComposeMesh,
+) -> None:
+    mesh = ha_compose_mesh
+    await mesh_ready(mesh)
+    # It reads xDS from "registry", the name both replicas answer to.
+    client = proxyless(mesh.container("client-sidecar"), "x", seconds=40)
+    try:
+        names = ("registry1", "registry2")
+        await wait_until(
+            lambda: any(_xds_streams(mesh, r) for r in names), 30, "the client's ADS stream"
+        )
+        holder = next(r for r in names if _xds_streams(mesh, r))
+        other = next(r for r in names if r != holder)
+        victim = mesh.container(holder)
+        _docker("kill", victim)
+        await wait_until(lambda: _xds_streams(mesh, other) >= 1, 30, f"its stream on {other}")
+        _docker("start", victim)
+        await wait_until(lambda: _healthy_container(victim), 60, f"{holder} to serve again")
+        out, err = client.communicate(timeout=120)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0, (out[-2000:], err[-3000:])
+    lines = out.splitlines()
+    failed = [line for line in lines if line != "X"]
+    print(f"proxyless across the loss of {holder}: {len(lines)} calls, {len(failed)} failed")
+    assert failed == [], failed[:5]
+    assert len(lines) >= 100
 
 
 def test_compose_down_leaves_nothing(ha_compose_mesh: HAComposeMesh) -> None:
